@@ -1,0 +1,215 @@
+"""One typed configuration tree for every command, validated at the edge.
+
+A config comes from defaults, then an optional YAML file, then dotted `key=value` overrides whose
+values are parsed as YAML (`loss.alpha=0.9`, `data.eval_files=[a.parquet]`). Anything wrong -- an
+unknown key, a value of the wrong type or range, a missing file -- raises `ConfigError` with one line
+that names the key; the CLI prints it and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+EMBEDDED_MODEL = "hdpo-ray/tiny-llama"
+"""Model id of the embedded default: a tiny Llama built from a config (see hdpo_ray.models)."""
+
+
+class ConfigError(ValueError):
+    """A configuration the run cannot start with; the message is one line meant for the user."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    name_or_path: str = Field(EMBEDDED_MODEL, description="Policy: a Hugging Face causal LM (local directory or hub id), or the embedded default.")
+    ref_name_or_path: str | None = Field(None, description="Reference model; null means the same as name_or_path.")
+    trust_remote_code: bool = Field(False, description="Allow model code from the hub. Off unless you trust the repository.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    logprob_chunk_tokens: int = Field(1024, gt=0, description="Completion tokens per chunk when projecting onto the vocabulary; bounds the fp32 logits held at once.")
+
+    @property
+    def reference(self) -> str:
+        return self.ref_name_or_path or self.name_or_path
+
+
+class DataConfig(_Section):
+    train_files: list[str] = Field(default_factory=lambda: ["embedded:ultrafeedback/train_prefs-900.parquet"], description="Preference data: parquet/jsonl/json paths, globs or URIs (s3://, gs://, hf://), or hub ids `owner/name:split`.")
+    eval_files: list[str] = Field(default_factory=list, description="Held-out preference data, evaluated every train.eval_steps and at the end.")
+    on_invalid: Literal["error", "skip"] = Field("error", description="A bad row stops the run (error) or is skipped and counted in data_report.json (skip).")
+    max_length: int = Field(512, gt=1, description="Longest prompt+completion in tokens; longer pairs are truncated.")
+    max_prompt_length: int = Field(256, gt=0, description="Longest prompt in tokens, cut from the left when a pair is too long.")
+    chat_template: str | None = Field(None, description="Jinja chat template; null uses the tokenizer's own, or hdpo_ray's default when it has none.")
+
+    @model_validator(mode="after")
+    def _prompt_fits(self) -> "DataConfig":
+        if self.max_prompt_length >= self.max_length:
+            raise ValueError(f"data.max_prompt_length ({self.max_prompt_length}) must be below data.max_length ({self.max_length})")
+        return self
+
+
+class LossConfig(_Section):
+    alpha: float = Field(1.0, gt=0, description="H-DPO entropy coefficient: 1 is DPO, <1 sharpens the policy, >1 flattens it.")
+    beta: float = Field(0.1, gt=0, description="KL strength, as in DPO.")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="Conservative DPO: assumed probability that a preference label is flipped.")
+
+
+class ReferenceConfig(_Section):
+    num_actors: int = Field(1, gt=0, description="Actors in the reference pool, each holding one copy of the reference model.")
+    num_cpus_per_actor: float = Field(1.0, ge=0, description="CPUs each reference actor reserves.")
+    num_gpus_per_actor: float = Field(0.0, ge=0, description="GPUs each reference actor reserves.")
+    batch_size: int = Field(8, gt=0, description="Pairs per reference forward pass.")
+    cache_dir: str | None = Field("~/.cache/hdpo_ray/reference", description="Where prepared pairs with reference log-probs are kept (local path or URI), keyed by a hash of every input.")
+
+
+class TrainConfig(_Section):
+    num_workers: int = Field(2, gt=0, description="Ray Train workers, one DeepSpeed rank each.")
+    use_gpu: bool = Field(False, description="One GPU per worker, NCCL and bf16; otherwise CPU, gloo and fp32.")
+    cpus_per_worker: float = Field(0.5, gt=0, description="CPUs each worker reserves. Leave some for Ray Data, or the input pipeline cannot start.")
+    torch_threads: int | None = Field(None, gt=0, description="Intra-op threads per worker; null derives it from cpus_per_worker.")
+    max_steps: int = Field(-1, description="Optimizer steps to run; -1 runs train.epochs over the data.")
+    epochs: float = Field(1.0, gt=0, description="Passes over the training data when max_steps is -1.")
+    per_device_batch_size: int = Field(4, gt=0, description="Pairs per worker per micro-step.")
+    gradient_accumulation_steps: int = Field(1, gt=0, description="Micro-steps per optimizer step.")
+    lr: float = Field(5e-5, gt=0, description="Peak learning rate (AdamW).")
+    weight_decay: float = Field(0.0, ge=0)
+    adam_betas: tuple[float, float] = Field((0.9, 0.999))
+    max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping; 0 disables it.")
+    lr_scheduler: Literal["cosine", "linear", "constant"] = Field("cosine", description="Decay after warmup.")
+    warmup_ratio: float = Field(0.1, ge=0, le=1, description="Fraction of steps spent warming up linearly from 0.")
+    zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage.")
+    deepspeed_config: str | None = Field(None, description="A DeepSpeed JSON to use instead of the built one; 'auto' values are filled in.")
+    seed: int = Field(42, description="Seeds model init, shuffling and dropout.")
+    logging_steps: int = Field(10, gt=0, description="Write metrics every N optimizer steps.")
+    eval_steps: int = Field(0, ge=0, description="Evaluate every N steps; 0 evaluates only at the end.")
+    save_steps: int = Field(0, ge=0, description="Checkpoint every N steps; 0 saves only at the end.")
+    keep_checkpoints: int = Field(2, gt=0, description="Checkpoints kept; older ones are deleted.")
+    max_failures: int = Field(0, ge=-1, description="Worker-group failures to recover from by restoring the latest checkpoint; -1 retries forever.")
+    storage_path: str | None = Field(None, description="Ray Train storage (local path or cloud URI); null means OUTPUT_DIR/checkpoints.")
+
+
+class Config(_Section):
+    output_dir: str = Field("outputs/hdpo-tiny", description="Where metrics.jsonl, data_report.json and final/ go.")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    reference: ReferenceConfig = Field(default_factory=ReferenceConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    node = tree
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {dotted}: '{part}' is not a section")
+        node = child
+    node[leaf] = value
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """`["loss.alpha=0.9", "data.eval_files=[a.jsonl]"]` -> nested dict with YAML-parsed values."""
+    tree: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override '{pair}' is not key=value (for example loss.alpha=0.9)")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override {key}: '{raw}' is not a YAML value ({err.problem})") from None
+        _set_dotted(tree, key.strip(), value)
+    return tree
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _first_error_line(err: ValidationError) -> str:
+    first = err.errors()[0]
+    where = ".".join(str(p) for p in first["loc"]) or "config"
+    if first["type"] == "extra_forbidden":
+        return f"unknown key '{where}' (see `hdpo-ray train --help-config` for the keys)"
+    value = first.get("input")
+    shown = "" if isinstance(value, dict) else f" (got {value!r})"
+    return f"{where}: {first['msg']}{shown}"
+
+
+def load_config(path: str | None = None, overrides: list[str] | None = None, *, base: dict[str, Any] | None = None) -> Config:
+    """Defaults <- `base` <- YAML file at `path` <- dotted overrides; raises ConfigError on anything wrong."""
+    tree: dict[str, Any] = dict(base or {})
+    if path is not None:
+        if not Path(path).is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            loaded = yaml.safe_load(Path(path).read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of sections, not {type(loaded).__name__}")
+        tree = _merge(tree, loaded)
+    tree = _merge(tree, parse_overrides(overrides or []))
+    try:
+        config = Config.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_first_error_line(err)) from None
+    check_local_files(config)
+    return config
+
+
+def _is_local(spec: str) -> bool:
+    return "://" not in spec and not spec.startswith("embedded:")
+
+
+def check_local_files(config: Config) -> None:
+    """Missing local inputs fail before Ray starts; remote URIs and hub ids are checked when read."""
+    from glob import has_magic
+
+    for key in ("train_files", "eval_files"):
+        for spec in getattr(config.data, key):
+            if _is_local(spec) and not has_magic(spec) and not os.path.exists(os.path.expanduser(spec)) and not looks_like_hub_id(spec):
+                raise ConfigError(f"data.{key}: {spec} does not exist (give a parquet/jsonl/json file, a folder of them, a URI or a hub id owner/name:split)")
+    if config.train.deepspeed_config and not Path(config.train.deepspeed_config).is_file():
+        raise ConfigError(f"train.deepspeed_config: {config.train.deepspeed_config} does not exist")
+    if not config.data.train_files:
+        raise ConfigError("data.train_files is empty: give at least one file")
+
+
+def looks_like_hub_id(spec: str) -> bool:
+    """`owner/name` or `owner/name:split`, not a data file: a dataset on the Hugging Face hub."""
+    return bool(_HUB_ID.match(spec)) and not spec.endswith(DATA_SUFFIXES)
+
+
+DATA_SUFFIXES = (".parquet", ".jsonl", ".json")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(:[\w.-]+)?$")
+
+
+def describe_keys(model: type[BaseModel] = Config, prefix: str = "") -> list[str]:
+    """One line per key: `section.key (default): help` -- the text behind --help-config."""
+    lines = []
+    for name, field in model.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            lines.extend(describe_keys(annotation, f"{prefix}{name}."))
+            continue
+        default = field.default_factory() if field.default_factory else field.default
+        lines.append(f"{prefix}{name} = {default!r}: {field.description or ''}".rstrip(": "))
+    return lines

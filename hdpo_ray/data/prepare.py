@@ -1,0 +1,175 @@
+"""Read -> validate -> template/tokenize -> reference log-probs, as Ray Data passes with cached outputs.
+
+Two cache entries, each a folder of parquet files plus a manifest.json written last (an entry without
+its manifest is incomplete and is rebuilt, so an interrupted write is never read):
+- `encoded-<key>`: every row read, tokenized or marked with skip_reason; the key hashes the data
+  files' contents, the tokenizer, the chat template and the truncation settings. The report of what
+  was read, skipped and truncated comes from this pass, so it counts every row of every file.
+- `reference-<key>`: the valid pairs with ref_chosen_logps / ref_rejected_logps; the key adds a hash
+  of the reference weights. A run (or every trial of a sweep) with the same inputs finds it and runs
+  no reference forward pass. With `reference.cache_dir: null` the reference pool instead streams its
+  output straight into training and nothing is kept.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+import uuid
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+
+from hdpo_ray.config import Config
+from hdpo_ray.data.read import _filesystem, expand_sources, fingerprint_sources, read_raw_rows
+from hdpo_ray.data.reference import add_reference_logprobs
+from hdpo_ray.data.template import encode_rows_fn
+
+log = logging.getLogger("hdpo_ray")
+PREP_VERSION = "1"  # bump when the encoded layout or tokenization rules change
+TRAIN_COLUMNS = ["prompt_ids", "chosen_ids", "rejected_ids", "ref_chosen_logps", "ref_rejected_logps"]
+MAX_EXAMPLES = 20
+
+
+class DataError(ValueError):
+    """Input data the run cannot use; the message is one line for the user."""
+
+
+@dataclass
+class PreparedSplit:
+    dataset: Any  # lazy ray.data.Dataset of valid pairs with reference log-probs
+    num_pairs: int
+    report: dict[str, Any]
+    reference_forward_pairs: int  # pairs the reference model scored in this run (0 on a cache hit)
+    cache_entry: str | None
+
+
+def _hash(*parts: Any) -> str:
+    return hashlib.blake2b(json.dumps(parts, sort_keys=True, default=str).encode(), digest_size=10).hexdigest()
+
+
+def _cache_root(config: Config) -> str:
+    root = config.reference.cache_dir or os.path.join(config.output_dir, "prepared")
+    return root if "://" in root else os.path.abspath(os.path.expanduser(root))
+
+
+def _read_manifest(entry: str) -> dict | None:
+    fs, path = _filesystem(entry if "://" in entry else f"file://{entry}")
+    try:
+        with fs.open_input_stream(f"{path}/manifest.json") as f:
+            return json.loads(f.read())
+    except (FileNotFoundError, OSError):
+        return None
+
+
+def _write_manifest(entry: str, manifest: dict) -> None:
+    fs, path = _filesystem(entry if "://" in entry else f"file://{entry}")
+    with fs.open_output_stream(f"{path}/manifest.json") as f:
+        f.write(json.dumps(manifest, indent=2).encode())
+
+
+def _fresh_dir(entry: str) -> None:
+    """Empty a half-written entry so its stale parquet files are not mixed into the new one."""
+    fs, path = _filesystem(entry if "://" in entry else f"file://{entry}")
+    if fs.get_file_info(path).type != pafs.FileType.NotFound:
+        fs.delete_dir(path)
+    fs.create_dir(path)
+
+
+def summarize(entry: str) -> dict[str, Any]:
+    """Rows read, valid, skipped (by reason) and truncated, per file and in total, from an encoded entry."""
+    import pyarrow.dataset as pads
+
+    fs, path = _filesystem(entry if "://" in entry else f"file://{entry}")
+    table = pads.dataset(path, filesystem=fs, format="parquet").to_table(columns=["source_file", "source_row", "skip_reason", "skip_detail", "truncated"])
+    table = table.sort_by([("source_file", "ascending"), ("source_row", "ascending")])
+    files: dict[str, dict] = defaultdict(lambda: {"read": 0, "valid": 0, "skipped": 0, "truncated": 0, "skipped_by_reason": defaultdict(int)})
+    examples = []
+    for row in table.to_pylist():
+        stats = files[row["source_file"]]
+        stats["read"] += 1
+        if row["skip_reason"] is None:
+            stats["valid"] += 1
+            stats["truncated"] += int(row["truncated"])
+        else:
+            stats["skipped"] += 1
+            stats["skipped_by_reason"][row["skip_reason"]] += 1
+            if len(examples) < MAX_EXAMPLES:
+                examples.append({"file": row["source_file"], "row": row["source_row"], "reason": row["skip_reason"], "detail": row["skip_detail"]})
+    total = {key: sum(f[key] for f in files.values()) for key in ("read", "valid", "skipped", "truncated")}
+    by_reason: dict[str, int] = defaultdict(int)
+    for stats in files.values():
+        for reason, count in stats["skipped_by_reason"].items():
+            by_reason[reason] += count
+    return {**total, "skipped_by_reason": dict(by_reason), "files": {k: {**v, "skipped_by_reason": dict(v["skipped_by_reason"])} for k, v in files.items()}, "invalid_examples": examples}
+
+
+def _row_name(file: str, row: int) -> str:
+    return f"{file}, {'line' if file.endswith('.jsonl') else 'row'} {row}"
+
+
+def _valid_only(table: pa.Table) -> pa.Table:
+    return table.filter(pc.is_null(table["skip_reason"]))
+
+
+def _encode(config: Config, files: list[str], tokenizer, split: str) -> tuple[str, dict]:
+    from hdpo_ray.models import tokenizer_fingerprint
+
+    data = config.data
+    key = _hash(PREP_VERSION, fingerprint_sources(files), tokenizer_fingerprint(tokenizer), data.max_length, data.max_prompt_length)
+    entry = f"{_cache_root(config)}/encoded-{key}"
+    manifest = _read_manifest(entry)
+    if manifest is None:
+        start = time.perf_counter()
+        _fresh_dir(entry)
+        encode = encode_rows_fn(config.model.name_or_path, data.chat_template, data.max_length, data.max_prompt_length, config.model.trust_remote_code)
+        read_raw_rows(files).map_batches(encode, batch_format="pyarrow", batch_size=256).write_parquet(entry)
+        manifest = {"key": key, "files": files, "report": summarize(entry), "seconds": round(time.perf_counter() - start, 2)}
+        _write_manifest(entry, manifest)
+    log.info("%s data: %d rows read, %d valid, %d skipped, %d truncated (%s)", split, manifest["report"]["read"], manifest["report"]["valid"], manifest["report"]["skipped"], manifest["report"]["truncated"], entry)
+    return entry, manifest
+
+
+def prepare_split(config: Config, specs: list[str], split: str) -> PreparedSplit:
+    """Encode one split (cached), check it against data.on_invalid, and attach reference log-probs."""
+    import ray.data
+
+    from hdpo_ray.models import load_tokenizer, model_fingerprint
+
+    tokenizer = load_tokenizer(config.model.name_or_path, config.data.chat_template, config.model.trust_remote_code)
+    encoded, manifest = _encode(config, expand_sources(specs), tokenizer, split)
+    report = manifest["report"]
+    if report["skipped"] and config.data.on_invalid == "error":
+        first = report["invalid_examples"][0]
+        raise DataError(f"{_row_name(first['file'], first['row'])}: {first['reason']}: {first['detail']} ({report['skipped']} invalid rows in {split} data; fix them or set data.on_invalid=skip)")
+    if report["valid"] == 0:
+        raise DataError(f"no valid pairs in {split} data {specs}: {report['skipped_by_reason']}")
+
+    valid = ray.data.read_parquet(encoded, file_extensions=["parquet"]).map_batches(_valid_only, batch_format="pyarrow")
+    if config.reference.cache_dir is None:
+        scored = add_reference_logprobs(valid, config, tokenizer.pad_token_id).select_columns(TRAIN_COLUMNS)
+        return PreparedSplit(scored, report["valid"], report, report["valid"], None)
+
+    key = _hash(manifest["key"], model_fingerprint(config.model.reference), config.model.trust_remote_code)
+    entry = f"{_cache_root(config)}/reference-{key}"
+    ref_manifest = _read_manifest(entry)
+    forward_pairs = 0
+    if ref_manifest is None:
+        start = time.perf_counter()
+        _fresh_dir(entry)
+        add_reference_logprobs(valid, config, tokenizer.pad_token_id).select_columns(TRAIN_COLUMNS).write_parquet(entry)
+        forward_pairs = report["valid"]
+        ref_manifest = {"key": key, "encoded": encoded, "reference": config.model.reference, "pairs": forward_pairs, "seconds": round(time.perf_counter() - start, 2), "id": uuid.uuid4().hex}
+        _write_manifest(entry, ref_manifest)
+        log.info("%s reference log-probs: %d pairs scored in %.1f s -> %s", split, forward_pairs, ref_manifest["seconds"], entry)
+    else:
+        log.info("%s reference log-probs: cache hit, no reference forward pass (%s)", split, entry)
+    dataset = ray.data.read_parquet(entry, file_extensions=["parquet"])
+    return PreparedSplit(dataset, report["valid"], report, forward_pairs, entry)

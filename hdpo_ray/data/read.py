@@ -1,0 +1,169 @@
+"""Read preference files into a Ray Dataset of raw rows, one row per line or record, never failing a file.
+
+Each output row has `source_file`, `source_row` (1-based: the line number in a jsonl file, the record
+number in parquet/json) and `raw`, the record as a JSON string, so files of different layouts and
+schemas share one Arrow schema. A jsonl line that is not JSON becomes a row with `raw` = null and
+`read_error` set, so one bad line never makes the whole file unreadable; validation decides what to do.
+
+Sources: local files, folders and globs; any URI pyarrow reads (s3://, gs://, hdfs://) or fsspec
+reads (hf://, ...); `embedded:NAME` for the data shipped in the package; and Hugging Face hub
+dataset ids `owner/name:split` (resolved to the split's parquet files through hf://).
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import json
+import os
+from collections.abc import Iterator
+from importlib import resources
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+
+from hdpo_ray.config import DATA_SUFFIXES, looks_like_hub_id
+
+ROWS_PER_BLOCK = 512
+RAW_SCHEMA = pa.schema([("source_file", pa.string()), ("source_row", pa.int64()), ("raw", pa.string()), ("read_error", pa.string())])
+
+
+class SourceError(ValueError):
+    """A data source that cannot be listed or opened; one line for the user."""
+
+
+def _filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    try:
+        return pafs.FileSystem.from_uri(uri)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        import fsspec  # protocols Arrow lacks (hf://, http://, ...) go through fsspec
+
+        fs, path = fsspec.core.url_to_fs(uri)
+        return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
+
+
+def _hub_pattern(spec: str) -> str:
+    repo, _, split = spec.partition(":")
+    return f"hf://datasets/{repo}/**/{split or 'train'}[-_.]*parquet"
+
+
+def expand_sources(specs: list[str]) -> list[str]:
+    """Turn file specs into a sorted list of data files (local paths or URIs); raises SourceError."""
+    files: list[str] = []
+    for spec in specs:
+        if spec.startswith("embedded:"):
+            path = Path(str(resources.files("hdpo_ray") / "assets" / spec.removeprefix("embedded:")))
+            found = [str(path)] if path.is_file() else []
+        elif "://" in spec or (looks_like_hub_id(spec) and not os.path.exists(spec)):
+            uri = _hub_pattern(spec) if "://" not in spec else spec
+            found = _expand_remote(uri)
+        else:
+            local = os.path.expanduser(spec)
+            if os.path.isdir(local):
+                found = sorted(p for p in glob.glob(os.path.join(local, "**", "*"), recursive=True) if p.endswith(DATA_SUFFIXES))
+            else:
+                found = sorted(glob.glob(local)) if glob.has_magic(local) else ([local] if os.path.isfile(local) else [])
+        if not found:
+            raise SourceError(f"data source {spec} matched no parquet/jsonl/json file")
+        files.extend(found)
+    return files
+
+
+def _expand_remote(uri: str) -> list[str]:
+    scheme = uri.split("://", 1)[0]
+    try:
+        if glob.has_magic(uri):
+            import fsspec
+
+            fs, pattern = fsspec.core.url_to_fs(uri)
+            return sorted(f"{scheme}://{p}" for p in fs.glob(pattern) if p.endswith(DATA_SUFFIXES))
+        fs, path = _filesystem(uri)
+        info = fs.get_file_info(path)
+        if info.type == pafs.FileType.Directory:
+            listing = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+            return sorted(f"{scheme}://{i.path}" for i in listing if i.path.endswith(DATA_SUFFIXES))
+        return [uri] if info.type == pafs.FileType.File else []
+    except Exception as err:  # network, credentials, unknown protocol: say which source and why
+        raise SourceError(f"data source {uri} could not be listed: {type(err).__name__}: {str(err).splitlines()[0]}") from None
+
+
+def fingerprint_sources(files: list[str]) -> list[tuple[str, int, str]]:
+    """(file, size, content or version token) per file, for cache keys; local files are hashed."""
+    import hashlib
+
+    out = []
+    for file in files:
+        if "://" in file:
+            fs, path = _filesystem(file)
+            info = fs.get_file_info(path)
+            out.append((file, info.size or 0, str(info.mtime_ns)))
+        else:
+            digest = hashlib.blake2b(digest_size=16)
+            with open(file, "rb") as f:
+                while block := f.read(1 << 22):
+                    digest.update(block)
+            out.append((file, os.path.getsize(file), digest.hexdigest()))
+    return out
+
+
+def _open(file: str):
+    if "://" in file:
+        fs, path = _filesystem(file)
+        return fs.open_input_stream(path)
+    return open(file, "rb")
+
+
+def _records(file: str) -> Iterator[tuple[int, str | None, str | None]]:
+    """(row number, JSON text or None, read error or None) for every record of one file."""
+    if file.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        row = 0
+        with _open(file) as stream:
+            for batch in pq.ParquetFile(stream).iter_batches(batch_size=ROWS_PER_BLOCK):
+                for record in batch.to_pylist():
+                    row += 1
+                    yield row, json.dumps(record, ensure_ascii=False, default=str), None
+    elif file.endswith(".jsonl"):
+        with _open(file) as stream:
+            for line_no, line in enumerate(io.TextIOWrapper(stream, encoding="utf-8", errors="replace"), start=1):
+                if not line.strip():
+                    continue  # blank lines (a trailing newline) are not rows
+                try:
+                    json.loads(line)
+                except json.JSONDecodeError as err:
+                    yield line_no, None, f"line is not JSON ({err.msg} at column {err.colno})"
+                    continue
+                yield line_no, line.strip(), None
+    else:  # .json: one JSON array of records (the LLaMA-Factory layout)
+        with _open(file) as stream:
+            try:
+                records = json.load(io.TextIOWrapper(stream, encoding="utf-8"))
+            except json.JSONDecodeError as err:
+                yield 1, None, f"file is not JSON ({err.msg} at line {err.lineno})"
+                return
+        for row, record in enumerate(records if isinstance(records, list) else [records], start=1):
+            yield row, json.dumps(record, ensure_ascii=False), None
+
+
+def read_file_blocks(batch: dict) -> Iterator[pa.Table]:
+    """Ray Data generator UDF: one input row names a file; yields its records in blocks."""
+    for file in batch["file"]:
+        columns: dict[str, list] = {name: [] for name in RAW_SCHEMA.names}
+        for row, raw, error in _records(str(file)):
+            for name, value in zip(RAW_SCHEMA.names, (str(file), row, raw, error)):
+                columns[name].append(value)
+            if len(columns["raw"]) == ROWS_PER_BLOCK:
+                yield pa.table(columns, schema=RAW_SCHEMA)
+                columns = {name: [] for name in RAW_SCHEMA.names}
+        if columns["raw"]:
+            yield pa.table(columns, schema=RAW_SCHEMA)
+
+
+def read_raw_rows(files: list[str]):
+    """A lazy Ray Dataset of raw rows from `files` (already expanded), one read task per file."""
+    import ray.data
+
+    listing = ray.data.from_items([{"file": f} for f in files], override_num_blocks=len(files))
+    return listing.map_batches(read_file_blocks, batch_size=1, batch_format="pyarrow")

@@ -1,0 +1,55 @@
+"""The reference pool: a Ray Data actor pool that holds pi_ref and adds its log-probs to every pair.
+
+Training workers never load the reference model: its log-probs arrive as two columns,
+ref_chosen_logps and ref_rejected_logps, computed here with the same `completion_logprobs`
+function the policy uses.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import torch
+
+from hdpo_ray.config import Config
+from hdpo_ray.data.collate import collate_pairs
+from hdpo_ray.logprobs import completion_logprobs
+
+
+class ReferenceScorer:
+    """Callable class for `map_batches`: loads pi_ref once per actor, scores batches of pairs."""
+
+    def __init__(self, name_or_path: str, pad_id: int, chunk_tokens: int, trust_remote_code: bool = False, torch_threads: int | None = None):
+        from hdpo_ray.models import load_causal_lm
+
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if torch_threads:
+            torch.set_num_threads(torch_threads)
+        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        self.model = load_causal_lm(name_or_path, dtype=dtype, trust_remote_code=trust_remote_code).to(self.device).eval()
+        self.pad_id = pad_id
+        self.chunk_tokens = chunk_tokens
+
+    @torch.inference_mode()
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        n = batch.num_rows
+        tensors = collate_pairs(*(batch[k].to_pylist() for k in ("prompt_ids", "chosen_ids", "rejected_ids")), self.pad_id)
+        stats = completion_logprobs(self.model, *(tensors[k].to(self.device) for k in ("input_ids", "attention_mask", "completion_mask")), chunk_tokens=self.chunk_tokens, with_entropy=False)
+        logps = stats.logps.float().cpu().numpy()
+        return batch.append_column("ref_chosen_logps", pa.array(logps[:n])).append_column("ref_rejected_logps", pa.array(logps[n:]))
+
+
+def add_reference_logprobs(dataset, config: Config, pad_id: int):
+    """Lazy `map_batches` stage on its own actor pool (reference.num_actors x CPUs/GPUs per actor)."""
+    from ray.data import ActorPoolStrategy
+
+    ref = config.reference
+    threads = max(1, int(ref.num_cpus_per_actor)) if ref.num_gpus_per_actor == 0 else None
+    return dataset.map_batches(
+        ReferenceScorer,
+        fn_constructor_kwargs=dict(name_or_path=config.model.reference, pad_id=pad_id, chunk_tokens=config.model.logprob_chunk_tokens, trust_remote_code=config.model.trust_remote_code, torch_threads=threads),
+        compute=ActorPoolStrategy(size=ref.num_actors),
+        num_cpus=ref.num_cpus_per_actor,
+        num_gpus=ref.num_gpus_per_actor,
+        batch_size=ref.batch_size,
+        batch_format="pyarrow",
+    )

@@ -1,0 +1,104 @@
+"""Loading models and tokenizers, the embedded default, and content fingerprints for caching.
+
+Any Hugging Face causal LM works (a local directory or a hub id). The embedded default,
+`hdpo-ray/tiny-llama`, is a 2-layer Llama built deterministically from a config with the real GPT-2
+tokenizer shipped in the package, so the whole pipeline runs on a laptop with no network.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from hdpo_ray.config import EMBEDDED_MODEL
+
+ASSETS = Path(str(resources.files("hdpo_ray") / "assets"))
+EMBEDDED_TOKENIZER = ASSETS / "gpt2"
+
+# Zephyr's layout: every turn ends with EOS, so a completion's mask covers exactly one EOS.
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}{{ eos_token }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+TINY_LLAMA = dict(
+    vocab_size=50257, hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=4, max_position_embeddings=1024, tie_word_embeddings=True, bos_token_id=50256,
+    eos_token_id=50256, pad_token_id=50256, initializer_range=0.02,
+)  # fmt: skip
+TINY_LLAMA_SEED = 1234
+
+
+def build_tiny_llama() -> torch.nn.Module:
+    """The embedded default policy/reference: same weights in every process, seeded from TINY_LLAMA_SEED."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(TINY_LLAMA_SEED)
+        return LlamaForCausalLM(LlamaConfig(**TINY_LLAMA)).float()
+
+
+def load_causal_lm(name_or_path: str, *, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False) -> torch.nn.Module:
+    """A causal LM from a local directory, a hub id, or the embedded default."""
+    if name_or_path == EMBEDDED_MODEL:
+        return build_tiny_llama().to(dtype)
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(os.path.expanduser(name_or_path), dtype=dtype, trust_remote_code=trust_remote_code)
+
+
+@lru_cache(maxsize=4)
+def load_tokenizer(name_or_path: str, chat_template: str | None = None, trust_remote_code: bool = False):
+    """The model's tokenizer with a chat template and a pad token always set (cached per process)."""
+    from transformers import AutoTokenizer
+
+    source = EMBEDDED_TOKENIZER if name_or_path == EMBEDDED_MODEL else os.path.expanduser(name_or_path)
+    tokenizer = AutoTokenizer.from_pretrained(str(source), trust_remote_code=trust_remote_code)
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template
+    elif not tokenizer.chat_template:
+        tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _hash_files(paths: list[Path]) -> str:
+    digest = hashlib.blake2b(digest_size=16)
+    for path in sorted(paths):
+        digest.update(path.name.encode())
+        with open(path, "rb") as f:
+            while block := f.read(1 << 22):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def model_fingerprint(name_or_path: str) -> str:
+    """A hash of the model's weights and config, so a changed checkpoint misses every cache."""
+    if name_or_path == EMBEDDED_MODEL:
+        digest = hashlib.blake2b(digest_size=16)
+        for name, tensor in build_tiny_llama().state_dict().items():
+            digest.update(name.encode())
+            digest.update(tensor.numpy().tobytes())
+        return digest.hexdigest()
+    path = Path(os.path.expanduser(name_or_path))
+    if not path.is_dir():
+        from huggingface_hub import snapshot_download  # a hub id: its files are needed by the pool anyway
+
+        path = Path(snapshot_download(name_or_path))
+    files = [p for p in path.iterdir() if p.suffix in {".safetensors", ".bin", ".json", ".py"} and "tokenizer" not in p.name]
+    return _hash_files(files)
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """Vocabulary, merges, special tokens and chat template of a loaded tokenizer."""
+    digest = hashlib.blake2b(digest_size=16)
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    digest.update(backend.to_str().encode() if backend is not None else repr(sorted(tokenizer.get_vocab().items())).encode())
+    digest.update(repr((tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.chat_template)).encode())
+    return digest.hexdigest()

@@ -1,0 +1,73 @@
+"""`hdpo-ray train` end to end: Ray -> prepared data -> TorchTrainer -> OUTPUT_DIR/final."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+from hdpo_ray.config import Config
+from hdpo_ray.train.trainer import TrainResult, check_resources, export_final, fit
+
+log = logging.getLogger("hdpo_ray")
+
+
+def init_ray(config: Config) -> None:
+    """Join the cluster at RAY_ADDRESS if set (ray job submit, KubeRay), else start a local Ray
+    whose dashboard listens on loopback only."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    env = {"env_vars": {"DS_ACCELERATOR": "cuda" if config.train.use_gpu else "cpu", "TOKENIZERS_PARALLELISM": "false"}}
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(runtime_env=env, log_to_driver=True)
+    else:
+        # The dashboard process also serves the State API, which Ray Train's placement-group cleaner needs.
+        ray.init(runtime_env=env, include_dashboard=True, dashboard_host="127.0.0.1", logging_level=logging.WARNING)
+    _quiet_ray_data()
+
+
+def _quiet_ray_data() -> None:
+    import ray.data
+
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    context.print_on_execution_start = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+
+
+def run_training(config: Config) -> TrainResult:
+    import ray
+
+    from hdpo_ray.data.prepare import prepare_split
+
+    started = time.perf_counter()
+    output_dir = os.path.abspath(config.output_dir)
+    Path(output_dir).mkdir(parents=True, exist_ok=True)
+    Path(output_dir, "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+    init_ray(config)
+    check_resources(config, ray.cluster_resources())
+
+    train_split = prepare_split(config, config.data.train_files, "train")
+    eval_split = prepare_split(config, config.data.eval_files, "eval") if config.data.eval_files else None
+    report = {"train": train_split.report} | ({"eval": eval_split.report} if eval_split else {})
+    Path(output_dir, "data_report.json").write_text(json.dumps(report, indent=2))
+
+    result, total_steps, name = fit(config, train_split, eval_split)
+    final = export_final(result, output_dir)
+    Path(output_dir, "run.json").write_text(json.dumps({"name": name, "status": "finished", "steps": total_steps}))
+    metrics = _last_metrics(Path(output_dir, "metrics.jsonl"))
+    forward_pairs = train_split.reference_forward_pairs + (eval_split.reference_forward_pairs if eval_split else 0)
+    return TrainResult(output_dir, final, metrics, total_steps, forward_pairs, time.perf_counter() - started)
+
+
+def _last_metrics(path: Path) -> dict:
+    """The last logged train metrics merged with the last eval metrics."""
+    merged: dict = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            merged.update(json.loads(line))
+    return merged

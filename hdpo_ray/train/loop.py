@@ -1,0 +1,188 @@
+"""The per-worker training loop that Ray Train runs on every rank.
+
+Each rank reads its shard of the prepared pairs (Ray Train's streaming split), computes policy
+log-probs with the same function the reference pool used, takes the H-DPO loss and steps DeepSpeed.
+Metrics are summed over a logging window and all-reduced, so what rank 0 reports covers all ranks.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from hdpo_ray.config import Config
+from hdpo_ray.data.collate import collate_pairs
+from hdpo_ray.loss import hdpo_loss
+from hdpo_ray.train.engine import build_engine, export_model, load_checkpoint, save_checkpoint
+
+SUMS = ("seconds", "loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "logps/chosen", "logps/rejected", "pairs", "entropy", "entropy_tokens", "tokens")
+
+
+@dataclass
+class Window:
+    """Sums over a logging window; `averages` all-reduces them across ranks."""
+
+    sums: dict[str, float] = field(default_factory=lambda: dict.fromkeys(SUMS, 0.0))
+    seconds: float = 0.0  # time in training micro-steps (data wait included, eval and checkpoints not)
+
+    def add(self, out, stats, n: int, tokens: int, seconds: float = 0.0) -> None:
+        s = self.sums
+        s["seconds"] += seconds
+        s["loss"] += out.loss.item() * n
+        s["rewards/chosen"] += out.chosen_rewards.sum().item()
+        s["rewards/rejected"] += out.rejected_rewards.sum().item()
+        s["rewards/accuracies"] += (out.chosen_rewards > out.rejected_rewards).float().sum().item()
+        s["logps/chosen"] += stats.logps[:n].detach().sum().item()
+        s["logps/rejected"] += stats.logps[n:].detach().sum().item()
+        s["entropy"] += stats.entropy_sum.sum().item()
+        s["entropy_tokens"] += stats.num_tokens.sum().item()
+        s["pairs"] += n
+        s["tokens"] += tokens
+
+    def averages(self, device: torch.device, prefix: str = "") -> dict[str, float]:
+        totals = torch.tensor([self.sums[k] for k in SUMS], dtype=torch.float64, device=device)
+        if dist.is_initialized():
+            dist.all_reduce(totals)
+        t = dict(zip(SUMS, totals.tolist()))
+        pairs = max(t["pairs"], 1.0)
+        metrics = {k: t[k] / pairs for k in ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "logps/chosen", "logps/rejected")}
+        metrics["rewards/margins"] = metrics["rewards/chosen"] - metrics["rewards/rejected"]
+        metrics["entropy"] = t["entropy"] / max(t["entropy_tokens"], 1.0)
+        # Ranks run concurrently: tokens of all ranks over the mean rank's busy time.
+        metrics["tokens_per_s"] = t["tokens"] / max(t["seconds"] / dist.get_world_size() if dist.is_initialized() else t["seconds"], 1e-9)
+        metrics["pairs"] = t["pairs"]
+        return {f"{prefix}{k}": v for k, v in metrics.items()}
+
+
+def _forward_loss(engine, batch: dict, config: Config, device: torch.device):
+    """One micro-batch of B pairs -> (HDPOLoss, CompletionStats over 2B sequences, real tokens)."""
+    tensors = collate_pairs(batch["prompt_ids"], batch["chosen_ids"], batch["rejected_ids"], config_pad_id(config))
+    tensors = {k: v.to(device) for k, v in tensors.items()}
+    stats = engine(**tensors)
+    n = len(batch["prompt_ids"])
+    ref_c = torch.as_tensor(batch["ref_chosen_logps"], dtype=torch.float32, device=device)
+    ref_r = torch.as_tensor(batch["ref_rejected_logps"], dtype=torch.float32, device=device)
+    out = hdpo_loss(stats.logps[:n], stats.logps[n:], ref_c, ref_r, alpha=config.loss.alpha, beta=config.loss.beta, label_smoothing=config.loss.label_smoothing)
+    return out, stats, int(tensors["attention_mask"].sum())
+
+
+def config_pad_id(config: Config) -> int:
+    from hdpo_ray.models import load_tokenizer
+
+    return load_tokenizer(config.model.name_or_path, config.data.chat_template, config.model.trust_remote_code).pad_token_id
+
+
+def _batches(iterator, batch_size: int):
+    """Lists of Python ints per pair; pyarrow keeps ragged token lists as lists."""
+    for table in iterator.iter_batches(batch_size=batch_size, batch_format="pyarrow", prefetch_batches=2):
+        yield {name: table[name].to_pylist() for name in table.column_names}
+
+
+@torch.no_grad()
+def evaluate(engine, config: Config, device: torch.device, num_pairs: int) -> dict[str, float]:
+    """Every rank scores every world_size-th eval batch; ranks with fewer batches repeat a forward
+    (not counted) so that ZeRO-3's collective forwards stay in step."""
+    import ray.train
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    batch_size = config.train.per_device_batch_size
+    per_rank = math.ceil(math.ceil(num_pairs / batch_size) / world)
+    window, done, spare = Window(), 0, None
+    engine.eval()
+    for i, batch in enumerate(_batches(ray.train.get_dataset_shard("eval"), batch_size)):
+        spare = spare or batch
+        if i % world == rank:
+            out, stats, tokens = _forward_loss(engine, batch, config, device)
+            window.add(out, stats, len(batch["prompt_ids"]), tokens)
+            done += 1
+    for _ in range(per_rank - done):
+        _forward_loss(engine, spare, config, device)
+    engine.train()
+    metrics = window.averages(device, prefix="eval/")
+    metrics.pop("eval/tokens_per_s")
+    return metrics
+
+
+def train_loop_per_worker(loop_config: dict) -> dict:
+    """Ray Train entry point. loop_config: {"config": Config dict, "total_steps", "num_eval_pairs"}."""
+    import ray.train
+
+    logging.getLogger("ray.train").setLevel(logging.WARNING)  # our progress line replaces per-report logs
+    config = Config.model_validate(loop_config["config"])
+    total_steps, num_eval_pairs = loop_config["total_steps"], loop_config["num_eval_pairs"]
+    train = config.train
+    torch.manual_seed(train.seed)
+    torch.set_num_threads(train.torch_threads or max(1, int(train.cpus_per_worker)))
+    context = ray.train.get_context()
+    device = torch.device("cuda", torch.cuda.current_device()) if train.use_gpu else torch.device("cpu")
+    engine = build_engine(config, total_steps=total_steps, world_size=context.get_world_size())
+
+    state = {"step": 0, "epoch": 0, "micro_batches_in_epoch": 0}
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as directory:
+            state = load_checkpoint(engine, directory)
+
+    def report(metrics: dict, *, save: bool = False, export: bool = False) -> None:
+        if not save:
+            ray.train.report(metrics)
+            return
+        with tempfile.TemporaryDirectory() as directory:
+            save_checkpoint(engine, directory, state)
+            if export:
+                export_model(engine, config, directory)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+
+    window, last = Window(), time.perf_counter()
+    micro_batches = _resumable_micro_batches(ray.train.get_dataset_shard("train"), train.per_device_batch_size, state)
+    while state["step"] < total_steps:
+        batch = next(micro_batches)
+        boundary = engine.is_gradient_accumulation_boundary()
+        out, stats, tokens = _forward_loss(engine, batch, config, device)
+        engine.backward(out.loss)
+        engine.step()
+        now = time.perf_counter()
+        window.add(out, stats, len(batch["prompt_ids"]), tokens, now - last)
+        last = now
+        if not boundary:
+            continue
+        state["step"] = step = engine.global_steps
+        final = step >= total_steps
+        metrics = {}
+        if step % train.logging_steps == 0 or final:
+            grad_norm = engine.get_global_grad_norm()
+            metrics = window.averages(device) | {"lr": engine.get_lr()[0], "grad_norm": float(grad_norm) if grad_norm is not None else float("nan")}
+            window = Window()
+        if num_eval_pairs and (final or (train.eval_steps and step % train.eval_steps == 0)):
+            metrics |= evaluate(engine, config, device, num_eval_pairs)
+        save = final or bool(train.save_steps and step % train.save_steps == 0)
+        if metrics or save:
+            report({"step": step, "epoch": state["epoch"], **metrics}, save=save, export=final)
+            last = time.perf_counter()  # throughput counts training time, not eval or checkpointing
+    return {"step": state["step"], "epoch": state["epoch"]}
+
+
+def _resumable_micro_batches(shard, batch_size: int, state: dict):
+    """Micro-batches over endless epochs, keeping state["epoch"] and state["micro_batches_in_epoch"].
+
+    After a restore, the epoch's stream is replayed and the batches the checkpoint had already
+    consumed are skipped (read, not computed), so no pair is trained on twice within an epoch.
+    """
+    while True:
+        seen = 0
+        for index, batch in enumerate(_batches(shard, batch_size)):
+            seen += 1
+            if index < state["micro_batches_in_epoch"]:
+                continue
+            state["micro_batches_in_epoch"] = index + 1
+            yield batch
+        if seen == 0:
+            raise RuntimeError("this worker's shard of the training data is empty")
+        state["epoch"] += 1
+        state["micro_batches_in_epoch"] = 0
