@@ -148,6 +148,8 @@ def _first_error_line(err: ValidationError) -> str:
     where = ".".join(str(p) for p in first["loc"]) or "config"
     if first["type"] == "extra_forbidden":
         return f"unknown key '{where}' (see `hdpo-ray train --help-config` for the keys)"
+    if first["type"] == "value_error":  # our own model validators: the message already names the keys
+        return str(first["ctx"]["error"])
     value = first.get("input")
     shown = "" if isinstance(value, dict) else f" (got {value!r})"
     return f"{where}: {first['msg']}{shown}"

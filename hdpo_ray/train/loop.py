@@ -109,11 +109,24 @@ def evaluate(engine, config: Config, device: torch.device, num_pairs: int) -> di
     return metrics
 
 
+def _quiet_worker_logs() -> None:
+    """Our progress line replaces Ray Train's per-report log lines; torch's collective-API renames are noise."""
+    import warnings
+
+    from ray.train.v2._internal.execution import context as train_context
+
+    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)  # Ray names this logger by its file path
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def train_loop_per_worker(loop_config: dict) -> dict:
     """Ray Train entry point. loop_config: {"config": Config dict, "total_steps", "num_eval_pairs"}."""
     import ray.train
 
-    logging.getLogger("ray.train").setLevel(logging.WARNING)  # our progress line replaces per-report logs
+    _quiet_worker_logs()
     config = Config.model_validate(loop_config["config"])
     total_steps, num_eval_pairs = loop_config["total_steps"], loop_config["num_eval_pairs"]
     train = config.train

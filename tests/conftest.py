@@ -1,0 +1,82 @@
+"""One Ray cluster for the whole test session: a real head started with `ray start`, on loopback.
+
+In-process tests connect to it with ray.init(address=...); CLI tests pass RAY_ADDRESS, so the
+driver's join-a-running-cluster path (as under `ray job submit`) is what they exercise.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+RAY_PORT = "6390"
+
+
+def shared(relative: str) -> Path:
+    path = SHARED_DATA / relative
+    if not path.exists():
+        pytest.skip(f"{path} is missing: the tests read the real samples in ../shared/data")
+    return path
+
+
+def _ray_cli() -> str:
+    return shutil.which("ray") or str(Path(sys.executable).with_name("ray"))
+
+
+@pytest.fixture(scope="session")
+def ray_address(tmp_path_factory):
+    env = os.environ | {"RAY_AUTH_MODE": "disabled"}
+    temp = tmp_path_factory.mktemp("ray")
+    subprocess.run([_ray_cli(), "stop", "--force"], capture_output=True, env=env)
+    subprocess.run(
+        [_ray_cli(), "start", "--head", "--port", RAY_PORT, "--num-cpus", "2", "--node-ip-address", "127.0.0.1",
+         "--dashboard-host", "127.0.0.1", "--include-dashboard", "true", "--disable-usage-stats"],
+        check=True, capture_output=True, env=env,
+    )  # fmt: skip
+    address = f"127.0.0.1:{RAY_PORT}"
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    yield address
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    subprocess.run([_ray_cli(), "stop", "--force"], capture_output=True, env=env)
+    del temp
+
+
+@pytest.fixture(scope="session")
+def ray_session(ray_address):
+    """This test process connected to the session's cluster as a Ray driver."""
+    import ray
+
+    from hdpo_ray.pipeline import _quiet_ray_data
+
+    ray.init(address=ray_address, runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false"}}, log_to_driver=False)
+    _quiet_ray_data()
+    yield ray_address
+
+
+def run_cli(args: list[str], ray_address: str | None, timeout: int = 600, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    """The real console script in a subprocess, joined to the session cluster when ray_address is given."""
+    env = os.environ | {"RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+    env.pop("RAY_ADDRESS", None)
+    if ray_address:
+        env["RAY_ADDRESS"] = ray_address
+    exe = shutil.which("hdpo-ray") or str(Path(sys.executable).with_name("hdpo-ray"))
+    return subprocess.run([exe, *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd)
+
+
+@pytest.fixture
+def small_pairs(tmp_path) -> Path:
+    """The first 24 real UltraFeedback pairs in the flat jsonl layout."""
+    lines = shared("ultrafeedback/train_flat-1000.jsonl").read_text().splitlines()[:24]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
