@@ -42,7 +42,7 @@ def _quiet_ray_data() -> None:
 def run_training(config: Config) -> TrainResult:
     import ray
 
-    from hdpo_ray.data.prepare import prepare_split
+    from hdpo_ray.data.prepare import DataError, prepare_split
 
     started = time.perf_counter()
     output_dir = os.path.abspath(config.output_dir)
@@ -51,10 +51,17 @@ def run_training(config: Config) -> TrainResult:
     init_ray(config)
     check_resources(config, ray.cluster_resources())
 
-    train_split = prepare_split(config, config.data.train_files, "train")
-    eval_split = prepare_split(config, config.data.eval_files, "eval") if config.data.eval_files else None
-    report = {"train": train_split.report} | ({"eval": eval_split.report} if eval_split else {})
-    Path(output_dir, "data_report.json").write_text(json.dumps(report, indent=2))
+    report_file = Path(output_dir, "data_report.json")
+    report_file.unlink(missing_ok=True)
+    try:
+        train_split = prepare_split(config, config.data.train_files, "train")
+        eval_split = prepare_split(config, config.data.eval_files, "eval") if config.data.eval_files else None
+    except DataError as err:  # invalid rows in error mode: still say which rows, all of them, before stopping
+        if err.report:
+            report_file.write_text(json.dumps({"on_invalid": config.data.on_invalid, "stopped": True} | err.report, indent=2))
+        raise
+    report = {"on_invalid": config.data.on_invalid, "stopped": False, "train": train_split.report} | ({"eval": eval_split.report} if eval_split else {})
+    report_file.write_text(json.dumps(report, indent=2))
 
     result, total_steps, name = fit(config, train_split, eval_split)
     final = export_final(result, output_dir)

@@ -39,7 +39,11 @@ MAX_EXAMPLES = 20
 
 
 class DataError(ValueError):
-    """Input data the run cannot use; the message is one line for the user."""
+    """Input data the run cannot use; the message is one line for the user, `report` what was read."""
+
+    def __init__(self, message: str, report: dict | None = None):
+        super().__init__(message)
+        self.report = report
 
 
 @dataclass
@@ -148,7 +152,7 @@ def prepare_split(config: Config, specs: list[str], split: str) -> PreparedSplit
     report = manifest["report"]
     if report["skipped"] and config.data.on_invalid == "error":
         first = report["invalid_examples"][0]
-        raise DataError(f"{_row_name(first['file'], first['row'])}: {first['reason']}: {first['detail']} ({report['skipped']} invalid rows in {split} data; fix them or set data.on_invalid=skip)")
+        raise DataError(f"{_row_name(first['file'], first['row'])}: {first['reason']}: {first['detail']} ({report['skipped']} invalid rows in {split} data, listed in data_report.json; fix them or set data.on_invalid=skip)", {split: report})
     if report["valid"] == 0:
         raise DataError(f"no valid pairs in {split} data {specs}: {report['skipped_by_reason']}")
 
