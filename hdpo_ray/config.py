@@ -66,6 +66,7 @@ class ReferenceConfig(_Section):
     num_cpus_per_actor: float = Field(1.0, ge=0, description="CPUs each reference actor reserves.")
     num_gpus_per_actor: float = Field(0.0, ge=0, description="GPUs each reference actor reserves.")
     batch_size: int = Field(8, gt=0, description="Pairs per reference forward pass.")
+    torch_threads: int | None = Field(None, gt=0, description="Intra-op threads per CPU actor; null derives it from num_cpus_per_actor.")
     cache_dir: str | None = Field("~/.cache/hdpo_ray/reference", description="Where prepared pairs with reference log-probs are kept (local path or URI), keyed by a hash of every input.")
 
 

@@ -65,6 +65,7 @@ def load_tokenizer(name_or_path: str, chat_template: str | None = None, trust_re
         tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.model_max_length = 10**9  # we truncate pairs ourselves; silence the per-text length warning
     return tokenizer
 
 
@@ -87,12 +88,13 @@ def model_fingerprint(name_or_path: str) -> str:
             digest.update(tensor.numpy().tobytes())
         return digest.hexdigest()
     path = Path(os.path.expanduser(name_or_path))
-    if not path.is_dir():
-        from huggingface_hub import snapshot_download  # a hub id: its files are needed by the pool anyway
+    if path.is_dir():
+        files = [p for p in path.iterdir() if p.suffix in {".safetensors", ".bin", ".json", ".py"} and "tokenizer" not in p.name]
+        return _hash_files(files)
+    # A hub id: the commit it resolves to names its content, without downloading the weights here.
+    from huggingface_hub import HfApi
 
-        path = Path(snapshot_download(name_or_path))
-    files = [p for p in path.iterdir() if p.suffix in {".safetensors", ".bin", ".json", ".py"} and "tokenizer" not in p.name]
-    return _hash_files(files)
+    return f"hub:{name_or_path}@{HfApi().model_info(name_or_path).sha}"
 
 
 def tokenizer_fingerprint(tokenizer) -> str:

@@ -36,6 +36,7 @@ log = logging.getLogger("hdpo_ray")
 PREP_VERSION = "1"  # bump when the encoded layout or tokenization rules change
 TRAIN_COLUMNS = ["prompt_ids", "chosen_ids", "rejected_ids", "ref_chosen_logps", "ref_rejected_logps"]
 MAX_EXAMPLES = 20
+READ_CPUS = 0.25  # parquet reads and writes are I/O: a small CPU claim lets them run beside the reference pool and the workers
 
 
 class DataError(ValueError):
@@ -156,7 +157,7 @@ def prepare_split(config: Config, specs: list[str], split: str) -> PreparedSplit
     if report["valid"] == 0:
         raise DataError(f"no valid pairs in {split} data {specs}: {report['skipped_by_reason']}")
 
-    valid = ray.data.read_parquet(encoded, file_extensions=["parquet"]).map_batches(_valid_only, batch_format="pyarrow")
+    valid = ray.data.read_parquet(encoded, file_extensions=["parquet"], num_cpus=READ_CPUS).map_batches(_valid_only, batch_format="pyarrow", num_cpus=READ_CPUS)
     if config.reference.cache_dir is None:
         scored = add_reference_logprobs(valid, config, tokenizer.pad_token_id).select_columns(TRAIN_COLUMNS)
         return PreparedSplit(scored, report["valid"], report, report["valid"], None)
@@ -168,12 +169,12 @@ def prepare_split(config: Config, specs: list[str], split: str) -> PreparedSplit
     if ref_manifest is None:
         start = time.perf_counter()
         _fresh_dir(entry)
-        add_reference_logprobs(valid, config, tokenizer.pad_token_id).select_columns(TRAIN_COLUMNS).write_parquet(entry)
+        add_reference_logprobs(valid, config, tokenizer.pad_token_id).select_columns(TRAIN_COLUMNS).write_parquet(entry, ray_remote_args={"num_cpus": READ_CPUS})
         forward_pairs = report["valid"]
         ref_manifest = {"key": key, "encoded": encoded, "reference": config.model.reference, "pairs": forward_pairs, "seconds": round(time.perf_counter() - start, 2), "id": uuid.uuid4().hex}
         _write_manifest(entry, ref_manifest)
         log.info("%s reference log-probs: %d pairs scored in %.1f s -> %s", split, forward_pairs, ref_manifest["seconds"], entry)
     else:
         log.info("%s reference log-probs: cache hit, no reference forward pass (%s)", split, entry)
-    dataset = ray.data.read_parquet(entry, file_extensions=["parquet"])
+    dataset = ray.data.read_parquet(entry, file_extensions=["parquet"], num_cpus=READ_CPUS)
     return PreparedSplit(dataset, report["valid"], report, forward_pairs, entry)

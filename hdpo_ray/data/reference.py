@@ -43,7 +43,7 @@ def add_reference_logprobs(dataset, config: Config, pad_id: int):
     from ray.data import ActorPoolStrategy
 
     ref = config.reference
-    threads = max(1, int(ref.num_cpus_per_actor)) if ref.num_gpus_per_actor == 0 else None
+    threads = ref.torch_threads or max(1, int(ref.num_cpus_per_actor))
     return dataset.map_batches(
         ReferenceScorer,
         fn_constructor_kwargs=dict(name_or_path=config.model.reference, pad_id=pad_id, chunk_tokens=config.model.logprob_chunk_tokens, trust_remote_code=config.model.trust_remote_code, torch_threads=threads),

@@ -114,8 +114,10 @@ def _quiet_worker_logs() -> None:
     import warnings
 
     from ray.train.v2._internal.execution import context as train_context
+    from ray.train.v2._internal.execution import storage as train_storage
 
     logging.getLogger(train_context.__file__).setLevel(logging.WARNING)  # Ray names this logger by its file path
+    logging.getLogger(train_storage.__name__).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
     from transformers.utils import logging as hf_logging
 
@@ -170,7 +172,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
         metrics = {}
         if step % train.logging_steps == 0 or final:
             grad_norm = engine.get_global_grad_norm()
-            metrics = window.averages(device) | {"lr": engine.get_lr()[0], "grad_norm": float(grad_norm) if grad_norm is not None else float("nan")}
+            metrics = window.averages(device) | {"lr": engine.get_lr()[0], "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"), "peak_memory_mb": _peak_memory_mb(device)}
             window = Window()
         if num_eval_pairs and (final or (train.eval_steps and step % train.eval_steps == 0)):
             metrics |= evaluate(engine, config, device, num_eval_pairs)
@@ -179,6 +181,15 @@ def train_loop_per_worker(loop_config: dict) -> dict:
             report({"step": step, "epoch": state["epoch"], **metrics}, save=save, export=final)
             last = time.perf_counter()  # throughput counts training time, not eval or checkpointing
     return {"step": state["step"], "epoch": state["epoch"]}
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    """Rank 0's peak: allocated GPU memory on GPU, resident set size of the worker process on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _resumable_micro_batches(shard, batch_size: int, state: dict):

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from hdpo_ray.config import Config
+from hdpo_ray.data.prepare import READ_CPUS
 from hdpo_ray.train.engine import EXPORT_DIR
 
 log = logging.getLogger("hdpo_ray")
@@ -65,10 +66,10 @@ def check_resources(config: Config, cluster: dict[str, float]) -> None:
         )  # fmt: skip
     if train.use_gpu and train.num_workers > gpus:
         raise ResourceError(f"train.use_gpu with {train.num_workers} workers needs {train.num_workers} GPUs; the cluster has {gpus:g}")
-    if ref.num_actors * ref.num_cpus_per_actor > cpus or ref.num_actors * ref.num_gpus_per_actor > gpus:
+    if ref.num_actors * ref.num_cpus_per_actor > cpus - 2 * READ_CPUS + 1e-9 or ref.num_actors * ref.num_gpus_per_actor > gpus + 1e-9:
         raise ResourceError(
-            f"reference pool of {ref.num_actors} actors x ({ref.num_cpus_per_actor:g} CPU, {ref.num_gpus_per_actor:g} GPU) does not fit the cluster "
-            f"({cpus:g} CPU, {gpus:g} GPU); lower reference.num_actors or its per-actor resources"
+            f"reference pool of {ref.num_actors} actors x ({ref.num_cpus_per_actor:g} CPU, {ref.num_gpus_per_actor:g} GPU) plus {2 * READ_CPUS:g} CPU to read and write "
+            f"does not fit the cluster ({cpus:g} CPU, {gpus:g} GPU); lower reference.num_actors or its per-actor resources"
         )  # fmt: skip
     if config.reference.cache_dir is None:  # streaming: the pool runs beside the training workers
         if need_cpu + ref.num_actors * ref.num_cpus_per_actor > cpus or (train.num_workers if train.use_gpu else 0) + ref.num_actors * ref.num_gpus_per_actor > gpus + 1e-9:

@@ -43,6 +43,14 @@ def test_help_config_lists_keys():
     assert result.returncode == 0 and "loss.alpha = 1.0: H-DPO entropy coefficient" in result.stdout
 
 
+def test_python_dash_m_is_the_same_cli(tmp_path):
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "hdpo_ray", "train", f"output_dir={tmp_path}", "loss.beta=-1"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stderr.startswith("hdpo-ray: error: loss.beta")
+
+
 def test_invalid_row_stops_the_run_with_one_line(ray_address, tmp_path, small_pairs):
     lines = small_pairs.read_text().splitlines()
     lines.insert(5, json.dumps({"prompt": "p", "chosen": "same", "rejected": "same"}))
@@ -73,7 +81,7 @@ def test_train_end_to_end(ray_address, tmp_path, small_pairs, zero_stage):
     eval_file.write_text("\n".join(small_pairs.read_text().splitlines()[-6:]) + "\n")
     args = ["train", f"output_dir={out}", f"reference.cache_dir={tmp_path}/cache", f"data.train_files=[{small_pairs}]", f"data.eval_files=[{eval_file}]",
             "train.num_workers=2", f"train.zero_stage={zero_stage}", "train.epochs=4", "train.lr=2e-3", "train.logging_steps=2", "train.save_steps=5",
-            "train.eval_steps=6", "train.keep_checkpoints=2", "train.warmup_ratio=0", *FAST]  # fmt: skip
+            "train.eval_steps=6", "train.keep_checkpoints=2", "train.warmup_ratio=0", f"model.gradient_checkpointing={zero_stage == 3}", *FAST]  # fmt: skip
     result = run_cli(args, ray_address)
     assert result.returncode == 0, result.stderr[-4000:]
     assert "[hdpo-ray] step 2/" in result.stdout + result.stderr  # the progress display
