@@ -1,4 +1,4 @@
-"""`hdpo-ray train [--config FILE.yaml] [key=value ...]` (also `python -m hdpo_ray`).
+"""`hdpo-ray train [--config FILE.yaml] [key=value ...]` and `hdpo-ray toy` (also `python -m hdpo_ray`).
 
 Bad input -- an unknown key, a value out of range, a missing file, an invalid data row -- prints one
 line `hdpo-ray: error: ...` and exits with status 2; no traceback.
@@ -25,7 +25,24 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--config", help="YAML file of config sections (see jobs/)")
     train.add_argument("--help-config", action="store_true", help="list every config key with its default and meaning")
     train.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides with YAML values, e.g. loss.alpha=0.9")
+    toy = commands.add_parser("toy", help="the paper's toy: fit one Gaussian to a two-mode mixture under the alpha-weighted reverse KL")
+    toy.add_argument("--output-dir", default="outputs/toy", help="where toy.png, toy.md and toy.json go")
+    toy.add_argument("--d", type=float, default=None, help="the modes sit at -d and +d (default: where alpha=1 covers both and alpha<=0.9 picks one)")
+    toy.add_argument("--alphas", default=None, help="comma-separated alphas, e.g. 0.8,0.9,1.0")
     return parser
+
+
+def _toy(args: argparse.Namespace) -> int:
+    from hdpo_ray.toy import DEFAULT_ALPHAS, DEFAULT_D, run_toy
+
+    try:
+        alphas = [float(a) for a in args.alphas.split(",")] if args.alphas else list(DEFAULT_ALPHAS)
+    except ValueError:
+        raise ConfigError(f"--alphas {args.alphas!r} is not a comma-separated list of numbers") from None
+    if any(a <= 0 for a in alphas) or (args.d is not None and args.d <= 0):
+        raise ConfigError("--alphas and --d must be positive")
+    run_toy(args.output_dir, alphas, DEFAULT_D if args.d is None else args.d)
+    return 0
 
 
 def _bad_input_message(err: BaseException) -> str | None:
@@ -46,6 +63,12 @@ def _bad_input_message(err: BaseException) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "toy":
+        try:
+            return _toy(args)
+        except ConfigError as err:
+            print(f"hdpo-ray: error: {err}", file=sys.stderr)
+            return EXIT_BAD_INPUT
     if args.help_config:
         print("\n".join(describe_keys()))
         return 0

@@ -73,10 +73,12 @@ def completion_logprobs(
 
     lm_head = model.get_output_embeddings()
     softcap = getattr(model.config, "final_logit_softcapping", None)
+    # Keep at most one chunk of logits alive for backward: with several chunks, recompute each in backward.
+    recompute = torch.is_grad_enabled() and rows.shape[0] > chunk_tokens
     token_logps, token_entropy = [], []
     for start in range(0, rows.shape[0], chunk_tokens):
         chunk = (lm_head, rows[start : start + chunk_tokens], targets[start : start + chunk_tokens], softcap, with_entropy)
-        logps, entropy = checkpoint(_token_stats, *chunk, use_reentrant=False) if torch.is_grad_enabled() else _token_stats(*chunk)
+        logps, entropy = checkpoint(_token_stats, *chunk, use_reentrant=False) if recompute else _token_stats(*chunk)
         token_logps.append(logps)
         token_entropy.append(entropy)
 

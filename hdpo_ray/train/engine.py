@@ -31,8 +31,8 @@ class PolicyLogprobs(torch.nn.Module):
         self.model = model
         self.chunk_tokens = chunk_tokens
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_mask: torch.Tensor) -> CompletionStats:
-        return completion_logprobs(self.model, input_ids, attention_mask, completion_mask, chunk_tokens=self.chunk_tokens)
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_mask: torch.Tensor, with_entropy: bool = True) -> CompletionStats:
+        return completion_logprobs(self.model, input_ids, attention_mask, completion_mask, chunk_tokens=self.chunk_tokens, with_entropy=with_entropy)
 
 
 def build_engine(config: Config, *, total_steps: int, world_size: int):

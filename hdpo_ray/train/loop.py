@@ -31,7 +31,7 @@ class Window:
     sums: dict[str, float] = field(default_factory=lambda: dict.fromkeys(SUMS, 0.0))
     seconds: float = 0.0  # time in training micro-steps (data wait included, eval and checkpoints not)
 
-    def add(self, out, stats, n: int, tokens: int, seconds: float = 0.0) -> None:
+    def add(self, out, stats, n: int, tokens: int, seconds: float = 0.0, with_entropy: bool = True) -> None:
         s = self.sums
         s["seconds"] += seconds
         s["loss"] += out.loss.item() * n
@@ -40,8 +40,9 @@ class Window:
         s["rewards/accuracies"] += (out.chosen_rewards > out.rejected_rewards).float().sum().item()
         s["logps/chosen"] += stats.logps[:n].detach().sum().item()
         s["logps/rejected"] += stats.logps[n:].detach().sum().item()
-        s["entropy"] += stats.entropy_sum.sum().item()
-        s["entropy_tokens"] += stats.num_tokens.sum().item()
+        if with_entropy:
+            s["entropy"] += stats.entropy_sum.sum().item()
+            s["entropy_tokens"] += stats.num_tokens.sum().item()
         s["pairs"] += n
         s["tokens"] += tokens
 
@@ -60,11 +61,11 @@ class Window:
         return {f"{prefix}{k}": v for k, v in metrics.items()}
 
 
-def _forward_loss(engine, batch: dict, config: Config, device: torch.device):
+def _forward_loss(engine, batch: dict, config: Config, device: torch.device, with_entropy: bool = True):
     """One micro-batch of B pairs -> (HDPOLoss, CompletionStats over 2B sequences, real tokens)."""
     tensors = collate_pairs(batch["prompt_ids"], batch["chosen_ids"], batch["rejected_ids"], config_pad_id(config))
     tensors = {k: v.to(device) for k, v in tensors.items()}
-    stats = engine(**tensors)
+    stats = engine(**tensors, with_entropy=with_entropy)
     n = len(batch["prompt_ids"])
     ref_c = torch.as_tensor(batch["ref_chosen_logps"], dtype=torch.float32, device=device)
     ref_r = torch.as_tensor(batch["ref_rejected_logps"], dtype=torch.float32, device=device)
@@ -159,11 +160,14 @@ def train_loop_per_worker(loop_config: dict) -> dict:
     while state["step"] < total_steps:
         batch = next(micro_batches)
         boundary = engine.is_gradient_accumulation_boundary()
-        out, stats, tokens = _forward_loss(engine, batch, config, device)
+        # Entropy costs one more pass over the logits: measure it on the optimizer steps that get logged.
+        next_step = engine.global_steps + 1
+        with_entropy = next_step % train.logging_steps == 0 or next_step >= total_steps
+        out, stats, tokens = _forward_loss(engine, batch, config, device, with_entropy)
         engine.backward(out.loss)
         engine.step()
         now = time.perf_counter()
-        window.add(out, stats, len(batch["prompt_ids"]), tokens, now - last)
+        window.add(out, stats, len(batch["prompt_ids"]), tokens, now - last, with_entropy)
         last = now
         if not boundary:
             continue
