@@ -48,8 +48,8 @@ def plain_loop(cache_entry: str, steps: int, threads: int, batch: int, lr: float
         tensors = collate_pairs(rows["prompt_ids"][sl], rows["chosen_ids"][sl], rows["rejected_ids"][sl], 50256)
         if naive:
             logps = naive_completion_logprobs(model, **tensors)
-        else:
-            logps = completion_logprobs(model, **tensors).logps
+        else:  # entropy at the project's cadence: only on the steps it logs (every WARMUP_STEPS-th)
+            logps = completion_logprobs(model, **tensors, with_entropy=(step + 1) % WARMUP_STEPS == 0).logps
         out = hdpo_loss(logps[:batch], logps[batch:], torch.tensor(rows["ref_chosen_logps"][sl]), torch.tensor(rows["ref_rejected_logps"][sl]), alpha=1.0, beta=0.1)
         optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
@@ -80,7 +80,7 @@ def run_project(workdir: Path, args, workers: int) -> dict:
     out = workdir / f"project-{workers}w"
     config = load_config(str(ASSETS / "tiny.yaml"), [
         f"output_dir={out}", f"reference.cache_dir={workdir}/cache", "data.eval_files=[]", f"data.max_length={args.max_length}",
-        f"data.max_prompt_length={args.max_length // 2}", f"train.num_workers={workers}", f"train.cpus_per_worker={args.threads / workers * 0.75}",
+        f"data.max_prompt_length={args.max_length // 2}", f"train.num_workers={workers}", f"train.cpus_per_worker={max(0.5, (args.threads - 1) / workers)}",
         f"train.torch_threads={max(1, args.threads // workers)}", f"train.max_steps={args.steps}", f"train.per_device_batch_size={args.batch // workers}",
         f"train.logging_steps={WARMUP_STEPS}", f"train.lr={args.lr}", "train.zero_stage=2", "train.save_steps=0",
     ])  # fmt: skip

@@ -18,7 +18,11 @@ from pathlib import Path
 from typing import Any
 
 from hdpo_ray.config import Config
-from hdpo_ray.data.prepare import READ_CPUS
+
+# Ray Data's file listing runs as a task that asks for one whole CPU (Ray 2.60 gives it no knob), and
+# reads/writes ask for READ_CPUS each: one CPU must stay free beside the workers or the reference pool,
+# or the pipeline waits forever.
+DATA_CPUS = 1.0
 from hdpo_ray.train.engine import EXPORT_DIR
 
 log = logging.getLogger("hdpo_ray")
@@ -59,20 +63,20 @@ def check_resources(config: Config, cluster: dict[str, float]) -> None:
     train, ref = config.train, config.reference
     cpus, gpus = cluster.get("CPU", 0.0), cluster.get("GPU", 0.0)
     need_cpu = train.num_workers * train.cpus_per_worker
-    if need_cpu > cpus - 0.25 + 1e-9:
+    if need_cpu > cpus - DATA_CPUS + 1e-9:
         raise ResourceError(
-            f"train.num_workers={train.num_workers} x train.cpus_per_worker={train.cpus_per_worker} needs {need_cpu:g} CPUs and Ray Data needs some too, "
-            f"but the cluster has {cpus:g}; lower train.cpus_per_worker (fractions are fine) or add nodes"
+            f"train.num_workers={train.num_workers} x train.cpus_per_worker={train.cpus_per_worker:g} needs {need_cpu:g} CPUs and Ray Data needs {DATA_CPUS:g} "
+            f"beside them, but the cluster has {cpus:g}; lower train.cpus_per_worker (fractions are fine) or add nodes"
         )  # fmt: skip
     if train.use_gpu and train.num_workers > gpus:
         raise ResourceError(f"train.use_gpu with {train.num_workers} workers needs {train.num_workers} GPUs; the cluster has {gpus:g}")
-    if ref.num_actors * ref.num_cpus_per_actor > cpus - 2 * READ_CPUS + 1e-9 or ref.num_actors * ref.num_gpus_per_actor > gpus + 1e-9:
+    if ref.num_actors * ref.num_cpus_per_actor > cpus - DATA_CPUS + 1e-9 or ref.num_actors * ref.num_gpus_per_actor > gpus + 1e-9:
         raise ResourceError(
-            f"reference pool of {ref.num_actors} actors x ({ref.num_cpus_per_actor:g} CPU, {ref.num_gpus_per_actor:g} GPU) plus {2 * READ_CPUS:g} CPU to read and write "
+            f"reference pool of {ref.num_actors} actors x ({ref.num_cpus_per_actor:g} CPU, {ref.num_gpus_per_actor:g} GPU) plus {DATA_CPUS:g} CPU for Ray Data "
             f"does not fit the cluster ({cpus:g} CPU, {gpus:g} GPU); lower reference.num_actors or its per-actor resources"
         )  # fmt: skip
     if config.reference.cache_dir is None:  # streaming: the pool runs beside the training workers
-        if need_cpu + ref.num_actors * ref.num_cpus_per_actor > cpus or (train.num_workers if train.use_gpu else 0) + ref.num_actors * ref.num_gpus_per_actor > gpus + 1e-9:
+        if need_cpu + ref.num_actors * ref.num_cpus_per_actor > cpus - DATA_CPUS + 1e-9 or (train.num_workers if train.use_gpu else 0) + ref.num_actors * ref.num_gpus_per_actor > gpus + 1e-9:
             raise ResourceError("reference.cache_dir is null, so the reference pool streams beside the training workers, but both do not fit the cluster at once; set a cache_dir or lower their resources")
 
 

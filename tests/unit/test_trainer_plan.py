@@ -1,0 +1,51 @@
+"""Driver-side planning: resource fit (the Ray Data deadlock) and the optimizer step count."""
+
+from __future__ import annotations
+
+import pytest
+
+from hdpo_ray.config import load_config
+from hdpo_ray.train.trainer import ResourceError, check_resources, total_optimizer_steps
+
+TWO_CORES = {"CPU": 2.0}
+
+
+def _config(*overrides):
+    return load_config(None, list(overrides))
+
+
+def test_default_fits_two_cores():
+    check_resources(_config("train.num_workers=2", "train.cpus_per_worker=0.5"), TWO_CORES)
+
+
+def test_workers_holding_every_cpu_are_refused_before_they_deadlock_ray_data():
+    with pytest.raises(ResourceError, match=r"needs 2 CPUs and Ray Data needs 1 beside them, but the cluster has 2"):
+        check_resources(_config("train.num_workers=2", "train.cpus_per_worker=1"), TWO_CORES)
+
+
+def test_reference_pool_must_leave_a_cpu_for_ray_data():
+    with pytest.raises(ResourceError, match="reference pool of 2 actors"):
+        check_resources(_config("reference.num_actors=2", "reference.num_cpus_per_actor=0.75"), TWO_CORES)
+
+
+def test_gpus_are_required_for_gpu_training_and_gpu_reference():
+    with pytest.raises(ResourceError, match="needs 2 GPUs; the cluster has 0"):
+        check_resources(_config("train.use_gpu=true"), {"CPU": 16.0})
+    with pytest.raises(ResourceError, match="reference pool"):
+        check_resources(_config("reference.num_gpus_per_actor=1"), {"CPU": 16.0})
+    check_resources(_config("train.use_gpu=true", "reference.num_gpus_per_actor=1", "reference.num_actors=2"), {"CPU": 16.0, "GPU": 2.0})
+
+
+def test_streaming_reference_must_fit_beside_the_workers():
+    with pytest.raises(ResourceError, match="streams beside the training workers"):
+        check_resources(_config("reference.cache_dir=null"), TWO_CORES)
+    check_resources(_config("reference.cache_dir=null", "reference.num_cpus_per_actor=0.5", "train.cpus_per_worker=0.25"), TWO_CORES)
+
+
+def test_steps_from_epochs_account_for_the_equal_split():
+    # 896 pairs over 2 workers = 448 each; 4 per micro-batch = 112 micro-batches; accumulation 2 -> 56 steps per epoch
+    assert total_optimizer_steps(_config("train.per_device_batch_size=4", "train.gradient_accumulation_steps=2"), 896) == 56
+    assert total_optimizer_steps(_config("train.epochs=2.5"), 897) == 280  # 897 // 2 = 448 pairs per rank, 112 batches
+    assert total_optimizer_steps(_config("train.max_steps=7"), 896) == 7
+    with pytest.raises(ResourceError, match="make no optimizer step"):
+        total_optimizer_steps(_config("train.gradient_accumulation_steps=8"), 10)
