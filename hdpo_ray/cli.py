@@ -10,10 +10,7 @@ import argparse
 import logging
 import sys
 
-from hdpo_ray.config import ConfigError, describe_keys, load_config
-from hdpo_ray.models import ASSETS
-
-EMBEDDED_DEFAULT = ASSETS / "tiny.yaml"  # jobs/tiny.yaml links here
+from hdpo_ray.config import EMBEDDED_DEFAULT, ConfigError, describe_keys, load_config
 
 EXIT_BAD_INPUT = 2
 
@@ -50,12 +47,13 @@ def _bad_input_message(err: BaseException) -> str | None:
     from hdpo_ray.data.prepare import DataError
     from hdpo_ray.data.read import SourceError
     from hdpo_ray.data.template import TemplateError
+    from hdpo_ray.models import ModelSourceError
     from hdpo_ray.train.trainer import ResourceError
 
     seen = set()
     while err is not None and id(err) not in seen:
         seen.add(id(err))
-        if isinstance(err, (ConfigError, DataError, SourceError, TemplateError, ResourceError)):
+        if isinstance(err, (ConfigError, DataError, SourceError, TemplateError, ResourceError, ModelSourceError)):
             return str(err)
         err = getattr(err, "cause", None) or err.__cause__
     return None

@@ -18,6 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 EMBEDDED_MODEL = "hdpo-ray/tiny-llama"
 """Model id of the embedded default: a tiny Llama built from a config (see hdpo_ray.models)."""
+EMBEDDED_DEFAULT = Path(__file__).parent / "assets" / "tiny.yaml"
+"""What `hdpo-ray train` runs with no --config; jobs/tiny.yaml links here."""
 
 
 class ConfigError(ValueError):
@@ -75,7 +77,7 @@ class TrainConfig(_Section):
     use_gpu: bool = Field(False, description="One GPU per worker, NCCL and bf16; otherwise CPU, gloo and fp32.")
     cpus_per_worker: float = Field(0.5, gt=0, description="CPUs each worker reserves. Leave some for Ray Data, or the input pipeline cannot start.")
     torch_threads: int | None = Field(None, gt=0, description="Intra-op threads per worker; null derives it from cpus_per_worker.")
-    max_steps: int = Field(-1, description="Optimizer steps to run; -1 runs train.epochs over the data.")
+    max_steps: int = Field(-1, ge=-1, description="Optimizer steps to run; -1 runs train.epochs over the data.")
     epochs: float = Field(1.0, gt=0, description="Passes over the training data when max_steps is -1.")
     per_device_batch_size: int = Field(4, gt=0, description="Pairs per worker per micro-step.")
     gradient_accumulation_steps: int = Field(1, gt=0, description="Micro-steps per optimizer step.")
@@ -84,10 +86,10 @@ class TrainConfig(_Section):
     adam_betas: tuple[float, float] = Field((0.9, 0.999))
     max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping; 0 disables it.")
     lr_scheduler: Literal["cosine", "linear", "constant"] = Field("cosine", description="Decay after warmup.")
-    warmup_ratio: float = Field(0.1, ge=0, le=1, description="Fraction of steps spent warming up linearly from 0.")
+    warmup_ratio: float = Field(0.1, ge=0, le=1, description="Fraction of steps spent warming up linearly (step s of W uses (s+1)/(W+1) of lr).")
     zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage.")
     deepspeed_config: str | None = Field(None, description="A DeepSpeed JSON to use instead of the built one; 'auto' values are filled in.")
-    seed: int = Field(42, description="Seeds model init, shuffling and dropout.")
+    seed: int = Field(42, description="Seeds torch on every worker (dropout, any random init of new weights).")
     logging_steps: int = Field(10, gt=0, description="Write metrics every N optimizer steps.")
     eval_steps: int = Field(0, ge=0, description="Evaluate every N steps; 0 evaluates only at the end.")
     save_steps: int = Field(0, ge=0, description="Checkpoint every N steps; 0 saves only at the end.")
@@ -190,8 +192,17 @@ def check_local_files(config: Config) -> None:
         for spec in getattr(config.data, key):
             if _is_local(spec) and not has_magic(spec) and not os.path.exists(os.path.expanduser(spec)) and not looks_like_hub_id(spec):
                 raise ConfigError(f"data.{key}: {spec} does not exist (give a parquet/jsonl/json file, a folder of them, a URI or a hub id owner/name:split)")
-    if config.train.deepspeed_config and not Path(config.train.deepspeed_config).is_file():
-        raise ConfigError(f"train.deepspeed_config: {config.train.deepspeed_config} does not exist")
+    if config.train.max_steps == 0:
+        raise ConfigError("train.max_steps: 0 runs nothing; give a positive number, or -1 to run train.epochs")
+    if config.train.deepspeed_config:
+        if not Path(config.train.deepspeed_config).is_file():
+            raise ConfigError(f"train.deepspeed_config: {config.train.deepspeed_config} does not exist")
+        from hdpo_ray.train.deepspeed_config import build_deepspeed_config
+
+        try:  # fail here, not in every worker after the data pass
+            build_deepspeed_config(config.train, world_size=config.train.num_workers, on_gpu=config.train.use_gpu)
+        except (ValueError, OSError) as err:
+            raise ConfigError(f"train.deepspeed_config: {str(err).splitlines()[0]}") from None
     if not config.data.train_files:
         raise ConfigError("data.train_files is empty: give at least one file")
 

@@ -45,6 +45,7 @@ def completion_logprobs(
     *,
     chunk_tokens: int = 1024,
     with_entropy: bool = True,
+    num_chunks: int | None = None,
 ) -> CompletionStats:
     """Log-probs of the completion tokens of N right-padded sequences under a Hugging Face causal LM.
 
@@ -55,6 +56,8 @@ def completion_logprobs(
         completion_mask: (N, T) True on completion tokens (the targets), False on prompt and padding.
         chunk_tokens: completion tokens projected onto the vocabulary at once.
         with_entropy: also compute per-token entropy (one more pass over the logits; the reference skips it).
+        num_chunks: run the LM head exactly this many times (>= the chunks needed; extra chunks are
+            empty). Under ZeRO-3 every call is a collective, so all ranks must agree on it.
 
     Returns:
         CompletionStats with logps (N,), entropy_sum (N,) and num_tokens (N,).
@@ -73,10 +76,14 @@ def completion_logprobs(
 
     lm_head = model.get_output_embeddings()
     softcap = getattr(model.config, "final_logit_softcapping", None)
+    needed = -(-rows.shape[0] // chunk_tokens)
+    if num_chunks is not None and num_chunks < needed:
+        raise ValueError(f"num_chunks={num_chunks} cannot hold {rows.shape[0]} completion tokens at {chunk_tokens} per chunk")
+    num_chunks = needed if num_chunks is None else num_chunks
     # Keep at most one chunk of logits alive for backward: with several chunks, recompute each in backward.
-    recompute = torch.is_grad_enabled() and rows.shape[0] > chunk_tokens
+    recompute = torch.is_grad_enabled() and num_chunks > 1
     token_logps, token_entropy = [], []
-    for start in range(0, rows.shape[0], chunk_tokens):
+    for start in range(0, num_chunks * chunk_tokens, chunk_tokens):
         chunk = (lm_head, rows[start : start + chunk_tokens], targets[start : start + chunk_tokens], softcap, with_entropy)
         logps, entropy = checkpoint(_token_stats, *chunk, use_reentrant=False) if recompute else _token_stats(*chunk)
         token_logps.append(logps)

@@ -34,6 +34,10 @@ TINY_LLAMA = dict(
 TINY_LLAMA_SEED = 1234
 
 
+class ModelSourceError(ValueError):
+    """A model that cannot be found; one line for the user."""
+
+
 def build_tiny_llama() -> torch.nn.Module:
     """The embedded default policy/reference: same weights in every process, seeded from TINY_LLAMA_SEED."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -53,8 +57,11 @@ def load_causal_lm(name_or_path: str, *, dtype: torch.dtype = torch.float32, tru
 
 
 @lru_cache(maxsize=4)
-def load_tokenizer(name_or_path: str, chat_template: str | None = None, trust_remote_code: bool = False):
-    """The model's tokenizer with a chat template and a pad token always set (cached per process)."""
+def load_tokenizer(name_or_path: str, chat_template: str | None = None, trust_remote_code: bool = False, for_export: bool = False):
+    """The model's tokenizer with a chat template and a pad token always set (cached per process).
+
+    `for_export` keeps the tokenizer's own model_max_length (training lifts it: we truncate ourselves).
+    """
     from transformers import AutoTokenizer
 
     source = EMBEDDED_TOKENIZER if name_or_path == EMBEDDED_MODEL else os.path.expanduser(name_or_path)
@@ -65,7 +72,8 @@ def load_tokenizer(name_or_path: str, chat_template: str | None = None, trust_re
         tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.model_max_length = 10**9  # we truncate pairs ourselves; silence the per-text length warning
+    if not for_export:
+        tokenizer.model_max_length = 10**9  # we truncate pairs ourselves; silence the per-text length warning
     return tokenizer
 
 
@@ -94,7 +102,10 @@ def model_fingerprint(name_or_path: str) -> str:
     # A hub id: the commit it resolves to names its content, without downloading the weights here.
     from huggingface_hub import HfApi
 
-    return f"hub:{name_or_path}@{HfApi().model_info(name_or_path).sha}"
+    try:
+        return f"hub:{name_or_path}@{HfApi().model_info(name_or_path).sha}"
+    except Exception as err:  # offline, unknown repo, no access: one line, not a traceback
+        raise ModelSourceError(f"model {name_or_path} is neither a local directory nor a reachable hub id ({type(err).__name__}); give a local path or check the network/HF_TOKEN") from None
 
 
 def tokenizer_fingerprint(tokenizer) -> str:

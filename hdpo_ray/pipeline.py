@@ -42,7 +42,7 @@ def _quiet_ray_data() -> None:
 def run_training(config: Config) -> TrainResult:
     import ray
 
-    from hdpo_ray.data.prepare import DataError, prepare_split
+    from hdpo_ray.data.prepare import DataError, encode_split, score_split
 
     started = time.perf_counter()
     output_dir = os.path.abspath(config.output_dir)
@@ -53,13 +53,17 @@ def run_training(config: Config) -> TrainResult:
 
     report_file = Path(output_dir, "data_report.json")
     report_file.unlink(missing_ok=True)
-    try:
-        train_split = prepare_split(config, config.data.train_files, "train")
-        eval_split = prepare_split(config, config.data.eval_files, "eval") if config.data.eval_files else None
+    encoded = {}
+    try:  # validate every split before any reference forward pass is spent
+        for split, specs in (("train", config.data.train_files), ("eval", config.data.eval_files)):
+            if specs:
+                encoded[split] = encode_split(config, specs, split)
     except DataError as err:  # invalid rows in error mode: still say which rows, all of them, before stopping
-        if err.report:
-            report_file.write_text(json.dumps({"on_invalid": config.data.on_invalid, "stopped": True} | err.report, indent=2))
+        reports = {name: e.report for name, e in encoded.items()} | (err.report or {})
+        report_file.write_text(json.dumps({"on_invalid": config.data.on_invalid, "stopped": True} | reports, indent=2))
         raise
+    train_split = score_split(config, encoded["train"])
+    eval_split = score_split(config, encoded["eval"], stream=False) if "eval" in encoded else None
     report = {"on_invalid": config.data.on_invalid, "stopped": False, "train": train_split.report} | ({"eval": eval_split.report} if eval_split else {})
     report_file.write_text(json.dumps(report, indent=2))
 

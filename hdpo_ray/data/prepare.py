@@ -29,7 +29,7 @@ import pyarrow.fs as pafs
 
 from hdpo_ray.config import Config
 from hdpo_ray.data.read import _filesystem, expand_sources, fingerprint_sources, read_raw_rows
-from hdpo_ray.data.reference import add_reference_logprobs
+from hdpo_ray.data.reference import add_reference_logprobs, reference_dtype
 from hdpo_ray.data.template import encode_rows_fn
 
 log = logging.getLogger("hdpo_ray")
@@ -142,39 +142,78 @@ def _encode(config: Config, files: list[str], tokenizer, split: str) -> tuple[st
     return entry, manifest
 
 
-def prepare_split(config: Config, specs: list[str], split: str) -> PreparedSplit:
-    """Encode one split (cached), check it against data.on_invalid, and attach reference log-probs."""
-    import ray.data
+@dataclass
+class EncodedSplit:
+    name: str  # "train" or "eval"
+    entry: str  # the encoded-<key> cache entry
+    manifest: dict[str, Any]
 
-    from hdpo_ray.models import load_tokenizer, model_fingerprint
+    @property
+    def report(self) -> dict[str, Any]:
+        return self.manifest["report"]
+
+
+def encode_split(config: Config, specs: list[str], split: str) -> EncodedSplit:
+    """Read, validate and tokenize one split (cached); raise DataError per data.on_invalid."""
+    from hdpo_ray.models import load_tokenizer
 
     tokenizer = load_tokenizer(config.model.name_or_path, config.data.chat_template, config.model.trust_remote_code)
-    encoded, manifest = _encode(config, expand_sources(specs), tokenizer, split)
+    entry, manifest = _encode(config, expand_sources(specs), tokenizer, split)
     report = manifest["report"]
     if report["skipped"] and config.data.on_invalid == "error":
         first = report["invalid_examples"][0]
         raise DataError(f"{_row_name(first['file'], first['row'])}: {first['reason']}: {first['detail']} ({report['skipped']} invalid rows in {split} data, listed in data_report.json; fix them or set data.on_invalid=skip)", {split: report})
     if report["valid"] == 0:
-        raise DataError(f"no valid pairs in {split} data {specs}: {report['skipped_by_reason']}")
+        raise DataError(f"no valid pairs in {split} data {specs}: {report['skipped_by_reason']}", {split: report})
+    return EncodedSplit(split, entry, manifest)
 
-    valid = ray.data.read_parquet(encoded, file_extensions=["parquet"], num_cpus=READ_CPUS).map_batches(_valid_only, batch_format="pyarrow", num_cpus=READ_CPUS)
-    if config.reference.cache_dir is None:
-        scored = add_reference_logprobs(valid, config, tokenizer.pad_token_id).select_columns(TRAIN_COLUMNS)
+
+def _parquet_rows(entry: str) -> int:
+    import pyarrow.dataset as pads
+
+    fs, path = _filesystem(entry if "://" in entry else f"file://{entry}")
+    return pads.dataset(path, filesystem=fs, format="parquet", exclude_invalid_files=True).count_rows()
+
+
+def score_split(config: Config, encoded: EncodedSplit, *, stream: bool = True) -> PreparedSplit:
+    """Attach reference log-probs to the valid pairs of an encoded split, from the cache or the pool.
+
+    With reference.cache_dir null and `stream`, the reference pool's output is returned lazily to be
+    streamed into training. Eval data is never streamed (stream=False): Ray Train hands unsplit
+    datasets to every worker, so a streamed eval split would start one reference pool per worker.
+    """
+    import ray.data
+
+    from hdpo_ray.models import load_tokenizer, model_fingerprint
+
+    split, report = encoded.name, encoded.report
+    pad_id = load_tokenizer(config.model.name_or_path, config.data.chat_template, config.model.trust_remote_code).pad_token_id
+    valid = ray.data.read_parquet(encoded.entry, file_extensions=["parquet"], num_cpus=READ_CPUS).map_batches(_valid_only, batch_format="pyarrow", num_cpus=READ_CPUS)
+    if config.reference.cache_dir is None and stream:
+        scored = add_reference_logprobs(valid, config, pad_id).select_columns(TRAIN_COLUMNS)
         return PreparedSplit(scored, report["valid"], report, report["valid"], None)
 
-    key = _hash(manifest["key"], model_fingerprint(config.model.reference), config.model.trust_remote_code)
+    key = _hash(encoded.manifest["key"], model_fingerprint(config.model.reference), reference_dtype(config), config.model.trust_remote_code)
     entry = f"{_cache_root(config)}/reference-{key}"
     ref_manifest = _read_manifest(entry)
     forward_pairs = 0
     if ref_manifest is None:
         start = time.perf_counter()
         _fresh_dir(entry)
-        add_reference_logprobs(valid, config, tokenizer.pad_token_id).select_columns(TRAIN_COLUMNS).write_parquet(entry, ray_remote_args={"num_cpus": READ_CPUS})
+        add_reference_logprobs(valid, config, pad_id).select_columns(TRAIN_COLUMNS).write_parquet(entry, ray_remote_args={"num_cpus": READ_CPUS})
+        written = _parquet_rows(entry)
+        if written != report["valid"]:  # e.g. parts written to node-local disks of other nodes
+            raise DataError(f"reference pass wrote {written} of {report['valid']} pairs to {entry}; on a multi-node cluster reference.cache_dir must be shared storage (a URI or a shared mount)")
         forward_pairs = report["valid"]
-        ref_manifest = {"key": key, "encoded": encoded, "reference": config.model.reference, "pairs": forward_pairs, "seconds": round(time.perf_counter() - start, 2), "id": uuid.uuid4().hex}
+        ref_manifest = {"key": key, "encoded": encoded.entry, "reference": config.model.reference, "pairs": forward_pairs, "seconds": round(time.perf_counter() - start, 2), "id": uuid.uuid4().hex}
         _write_manifest(entry, ref_manifest)
         log.info("%s reference log-probs: %d pairs scored in %.1f s -> %s", split, forward_pairs, ref_manifest["seconds"], entry)
     else:
         log.info("%s reference log-probs: cache hit, no reference forward pass (%s)", split, entry)
     dataset = ray.data.read_parquet(entry, file_extensions=["parquet"], num_cpus=READ_CPUS)
     return PreparedSplit(dataset, report["valid"], report, forward_pairs, entry)
+
+
+def prepare_split(config: Config, specs: list[str], split: str, *, stream: bool = True) -> PreparedSplit:
+    """encode_split then score_split: one split from files to pairs with reference log-probs."""
+    return score_split(config, encode_split(config, specs, split), stream=stream)

@@ -43,9 +43,11 @@ def _filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
         return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
 
 
-def _hub_pattern(spec: str) -> str:
+def _hub_patterns(spec: str) -> list[str]:
+    """The hub's parquet layouts for one split: data/{split}-00000-of-N.parquet, {split}.parquet, {split}/*.parquet."""
     repo, _, split = spec.partition(":")
-    return f"hf://datasets/{repo}/**/{split or 'train'}[-_.]*parquet"
+    split = split or "train"
+    return [f"hf://datasets/{repo}/**/{split}-*.parquet", f"hf://datasets/{repo}/**/{split}.parquet", f"hf://datasets/{repo}/**/{split}/*.parquet"]
 
 
 def expand_sources(specs: list[str]) -> list[str]:
@@ -55,9 +57,10 @@ def expand_sources(specs: list[str]) -> list[str]:
         if spec.startswith("embedded:"):
             path = Path(str(resources.files("hdpo_ray") / "assets" / spec.removeprefix("embedded:")))
             found = [str(path)] if path.is_file() else []
-        elif "://" in spec or (looks_like_hub_id(spec) and not os.path.exists(spec)):
-            uri = _hub_pattern(spec) if "://" not in spec else spec
-            found = _expand_remote(uri)
+        elif "://" in spec:
+            found = _expand_remote(spec)
+        elif looks_like_hub_id(spec) and not os.path.exists(spec):
+            found = next((files for pattern in _hub_patterns(spec) if (files := _expand_remote(pattern))), [])
         else:
             local = os.path.expanduser(spec)
             if os.path.isdir(local):
@@ -147,11 +150,19 @@ def _records(file: str) -> Iterator[tuple[int, str | None, str | None]]:
             yield row, json.dumps(record, ensure_ascii=False), None
 
 
+def _records_or_error(file: str) -> Iterator[tuple[int, str | None, str | None]]:
+    """_records, but a file that cannot be opened or decoded ends in one error row (row 0) naming why."""
+    try:
+        yield from _records(file)
+    except (OSError, UnicodeDecodeError, pa.ArrowException) as err:
+        yield 0, None, f"file could not be read ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
+
+
 def read_file_blocks(batch: dict) -> Iterator[pa.Table]:
     """Ray Data generator UDF: one input row names a file; yields its records in blocks."""
     for file in batch["file"]:
         columns: dict[str, list] = {name: [] for name in RAW_SCHEMA.names}
-        for row, raw, error in _records(str(file)):
+        for row, raw, error in _records_or_error(str(file)):
             for name, value in zip(RAW_SCHEMA.names, (str(file), row, raw, error)):
                 columns[name].append(value)
             if len(columns["raw"]) == ROWS_PER_BLOCK:

@@ -18,14 +18,13 @@ from hdpo_ray.logprobs import completion_logprobs
 class ReferenceScorer:
     """Callable class for `map_batches`: loads pi_ref once per actor, scores batches of pairs."""
 
-    def __init__(self, name_or_path: str, pad_id: int, chunk_tokens: int, trust_remote_code: bool = False, torch_threads: int | None = None):
+    def __init__(self, name_or_path: str, pad_id: int, chunk_tokens: int, dtype: str, trust_remote_code: bool = False, torch_threads: int | None = None):
         from hdpo_ray.models import load_causal_lm
 
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = torch.device("cuda" if dtype == "bfloat16" else "cpu")
         if torch_threads:
             torch.set_num_threads(torch_threads)
-        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        self.model = load_causal_lm(name_or_path, dtype=dtype, trust_remote_code=trust_remote_code).to(self.device).eval()
+        self.model = load_causal_lm(name_or_path, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code).to(self.device).eval()
         self.pad_id = pad_id
         self.chunk_tokens = chunk_tokens
 
@@ -38,6 +37,11 @@ class ReferenceScorer:
         return batch.append_column("ref_chosen_logps", pa.array(logps[:n])).append_column("ref_rejected_logps", pa.array(logps[n:]))
 
 
+def reference_dtype(config: Config) -> str:
+    """bf16 on GPU actors, fp32 on CPU: part of the cache key, since the log-probs differ."""
+    return "bfloat16" if config.reference.num_gpus_per_actor > 0 else "float32"
+
+
 def add_reference_logprobs(dataset, config: Config, pad_id: int):
     """Lazy `map_batches` stage on its own actor pool (reference.num_actors x CPUs/GPUs per actor)."""
     from ray.data import ActorPoolStrategy
@@ -46,7 +50,7 @@ def add_reference_logprobs(dataset, config: Config, pad_id: int):
     threads = ref.torch_threads or max(1, int(ref.num_cpus_per_actor))
     return dataset.map_batches(
         ReferenceScorer,
-        fn_constructor_kwargs=dict(name_or_path=config.model.reference, pad_id=pad_id, chunk_tokens=config.model.logprob_chunk_tokens, trust_remote_code=config.model.trust_remote_code, torch_threads=threads),
+        fn_constructor_kwargs=dict(name_or_path=config.model.reference, pad_id=pad_id, chunk_tokens=config.model.logprob_chunk_tokens, dtype=reference_dtype(config), trust_remote_code=config.model.trust_remote_code, torch_threads=threads),
         compute=ActorPoolStrategy(size=ref.num_actors),
         num_cpus=ref.num_cpus_per_actor,
         num_gpus=ref.num_gpus_per_actor,

@@ -14,6 +14,8 @@ Exactness rules, each a bug seen in other DPO tools:
 from __future__ import annotations
 
 import json
+
+import jinja2
 from typing import Any, NamedTuple
 
 import pyarrow as pa
@@ -95,10 +97,13 @@ class EncodeRows:
     def _encode(self, raw: str | None, read_error: str | None) -> tuple[Any, ...]:
         try:
             if raw is None:
-                raise InvalidRow("not_json", read_error or "unreadable record")
+                reason = "unreadable_file" if read_error and read_error.startswith("file could not be read") else "not_json"
+                raise InvalidRow(reason, read_error or "unreadable record")
             encoded = encode_pair(normalize_pair(json.loads(raw)), self.tokenizer, max_length=self.max_length, max_prompt_length=self.max_prompt_length)
         except InvalidRow as err:
             return err.reason, err.detail, False, None, None, None
+        except (TemplateError, jinja2.TemplateError) as err:  # e.g. a template that refuses system turns
+            return "template_error", f"the chat template failed on this row: {err}", False, None, None, None
         return None, None, encoded.truncated, encoded.prompt_ids, encoded.chosen_ids, encoded.rejected_ids
 
     def __call__(self, batch: pa.Table) -> pa.Table:

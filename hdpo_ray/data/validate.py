@@ -21,6 +21,7 @@ from typing import Any
 ROLES = frozenset({"system", "user", "assistant"})
 
 REASONS: tuple[str, ...] = (
+    "unreadable_file",  # set by the reader: the whole file could not be opened or decoded
     "not_json",
     "not_object",
     "missing_field",
@@ -32,6 +33,7 @@ REASONS: tuple[str, ...] = (
     "not_ending_on_assistant",
     "prompt_mismatch",
     "identical_completions",
+    "template_error",  # set by the tokenizer stage: the chat template raised on this row
 )
 
 _SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}

@@ -36,7 +36,10 @@ def build_deepspeed_config(train: TrainConfig, *, world_size: int, on_gpu: bool)
     if train.deepspeed_config is None:
         return built
     with open(train.deepspeed_config) as f:
-        user = json.load(f)
+        try:
+            user = json.load(f)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{train.deepspeed_config} is not JSON ({err.msg} at line {err.lineno})") from None
     return fill_auto(user, built)
 
 
@@ -48,7 +51,7 @@ def fill_auto(user: dict[str, Any], built: dict[str, Any]) -> dict[str, Any]:
             filled[key] = fill_auto(value, built.get(key, {}) if isinstance(built.get(key), dict) else {})
         elif value == "auto":
             if key not in built:
-                raise ValueError(f"train.deepspeed_config: no value to fill in for '{key}: auto'")
+                raise ValueError(f"no value to fill in for '{key}: auto'")
             filled[key] = built[key]
         else:
             filled[key] = value

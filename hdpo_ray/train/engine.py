@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import json
 import os
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from hdpo_ray.config import Config
 from hdpo_ray.logprobs import CompletionStats, completion_logprobs
@@ -26,13 +26,21 @@ EXPORT_DIR = "final_model"
 class PolicyLogprobs(torch.nn.Module):
     """The policy as DeepSpeed sees it: forward returns completion log-probs and entropy, not logits."""
 
-    def __init__(self, model: torch.nn.Module, chunk_tokens: int):
+    def __init__(self, model: torch.nn.Module, chunk_tokens: int, zero3: bool = False):
         super().__init__()
         self.model = model
         self.chunk_tokens = chunk_tokens
+        self.zero3 = zero3
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_mask: torch.Tensor, with_entropy: bool = True) -> CompletionStats:
-        return completion_logprobs(self.model, input_ids, attention_mask, completion_mask, chunk_tokens=self.chunk_tokens, with_entropy=with_entropy)
+        num_chunks = None
+        if self.zero3 and dist.is_initialized():
+            # Under ZeRO-3 each LM-head call gathers its weights collectively: every rank must make the
+            # same number of calls, so all take the largest chunk count of any rank.
+            needed = torch.tensor([-(-int(completion_mask[:, 1:].sum()) // self.chunk_tokens)], device=input_ids.device)
+            dist.all_reduce(needed, op=dist.ReduceOp.MAX)
+            num_chunks = int(needed)
+        return completion_logprobs(self.model, input_ids, attention_mask, completion_mask, chunk_tokens=self.chunk_tokens, with_entropy=with_entropy, num_chunks=num_chunks)
 
 
 def build_engine(config: Config, *, total_steps: int, world_size: int):
@@ -44,11 +52,15 @@ def build_engine(config: Config, *, total_steps: int, world_size: int):
     from hdpo_ray.models import load_causal_lm
 
     train = config.train
+    ds_config = build_deepspeed_config(train, world_size=world_size, on_gpu=on_gpu)
+    # Under ZeRO-3, transformers reads this object while loading and partitions the weights as they
+    # arrive (zero.Init), so no rank ever holds the whole model; it must stay alive until initialize.
+    zero3_loading = _hf_deepspeed_config(ds_config) if train.zero_stage == 3 else None
     model = load_causal_lm(config.model.name_or_path, dtype=torch.float32, trust_remote_code=config.model.trust_remote_code)
     if config.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
-    policy = PolicyLogprobs(model, config.model.logprob_chunk_tokens)
+    policy = PolicyLogprobs(model, config.model.logprob_chunk_tokens, zero3=train.zero_stage == 3)
     decay = [p for n, p in policy.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in policy.named_parameters() if p.ndim < 2]
     optimizer = torch.optim.AdamW(
@@ -57,9 +69,15 @@ def build_engine(config: Config, *, total_steps: int, world_size: int):
     )  # fmt: skip
     warmup = round(train.warmup_ratio * total_steps)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps=total_steps, warmup_steps=warmup, kind=train.lr_scheduler))
-    ds_config = build_deepspeed_config(train, world_size=world_size, on_gpu=on_gpu)
     engine, *_ = deepspeed.initialize(model=policy, optimizer=optimizer, lr_scheduler=schedule, config=ds_config, dist_init_required=False)
+    del zero3_loading
     return engine
+
+
+def _hf_deepspeed_config(ds_config: dict):
+    from transformers.integrations import HfDeepSpeedConfig
+
+    return HfDeepSpeedConfig(ds_config)
 
 
 def save_checkpoint(engine, directory: str, state: dict[str, Any]) -> None:
@@ -80,19 +98,19 @@ def load_checkpoint(engine, directory: str) -> dict[str, Any]:
 def export_model(engine, config: Config, directory: str) -> None:
     """Consolidated Hugging Face model + tokenizer (with its chat template) into directory/final_model.
 
-    Called by all ranks: under ZeRO-3 the shards are gathered first, which is a collective.
+    Called by all ranks: under ZeRO-3 the shards are gathered layer by layer onto rank 0 (a
+    collective), so no rank needs room for the whole model at once.
     """
-    import deepspeed
-
     from hdpo_ray.models import load_tokenizer
 
     model = engine.module.model
-    params = list(model.parameters())
-    gather = deepspeed.zero.GatheredParameters(params, modifier_rank=None) if config.train.zero_stage == 3 else nullcontext()
-    with gather:
-        if engine.global_rank == 0:
-            state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+    if config.train.zero_stage == 3:
+        gathered = engine._zero3_consolidated_16bit_state_dict()  # DeepSpeed's own consolidation (as HF Trainer uses)
+        state = {k.removeprefix("model."): v for k, v in gathered.items()} if gathered is not None else None
+    elif engine.global_rank == 0:
+        state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
     if engine.global_rank == 0:
         target = Path(directory, EXPORT_DIR)
+        model.config.use_cache = True  # training turned the KV cache off; generation wants it
         model.save_pretrained(target, state_dict=state, safe_serialization=True)
-        load_tokenizer(config.model.name_or_path, config.data.chat_template, config.model.trust_remote_code).save_pretrained(target)
+        load_tokenizer(config.model.name_or_path, config.data.chat_template, config.model.trust_remote_code, for_export=True).save_pretrained(target)

@@ -12,6 +12,7 @@ import math
 import tempfile
 import time
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 import torch
 import torch.distributed as dist
@@ -28,8 +29,7 @@ SUMS = ("seconds", "loss", "rewards/chosen", "rewards/rejected", "rewards/accura
 class Window:
     """Sums over a logging window; `averages` all-reduces them across ranks."""
 
-    sums: dict[str, float] = field(default_factory=lambda: dict.fromkeys(SUMS, 0.0))
-    seconds: float = 0.0  # time in training micro-steps (data wait included, eval and checkpoints not)
+    sums: dict[str, float] = field(default_factory=lambda: dict.fromkeys(SUMS, 0.0))  # "seconds": time in training micro-steps
 
     def add(self, out, stats, n: int, tokens: int, seconds: float = 0.0, with_entropy: bool = True) -> None:
         s = self.sums
@@ -63,7 +63,7 @@ class Window:
 
 def _forward_loss(engine, batch: dict, config: Config, device: torch.device, with_entropy: bool = True):
     """One micro-batch of B pairs -> (HDPOLoss, CompletionStats over 2B sequences, real tokens)."""
-    tensors = collate_pairs(batch["prompt_ids"], batch["chosen_ids"], batch["rejected_ids"], config_pad_id(config))
+    tensors = collate_pairs(batch["prompt_ids"], batch["chosen_ids"], batch["rejected_ids"], _pad_id(config))
     tensors = {k: v.to(device) for k, v in tensors.items()}
     stats = engine(**tensors, with_entropy=with_entropy)
     n = len(batch["prompt_ids"])
@@ -73,10 +73,15 @@ def _forward_loss(engine, batch: dict, config: Config, device: torch.device, wit
     return out, stats, int(tensors["attention_mask"].sum())
 
 
-def config_pad_id(config: Config) -> int:
+@lru_cache(maxsize=1)
+def _pad_id_for(name_or_path: str, chat_template: str | None, trust_remote_code: bool) -> int:
     from hdpo_ray.models import load_tokenizer
 
-    return load_tokenizer(config.model.name_or_path, config.data.chat_template, config.model.trust_remote_code).pad_token_id
+    return load_tokenizer(name_or_path, chat_template, trust_remote_code).pad_token_id
+
+
+def _pad_id(config: Config) -> int:
+    return _pad_id_for(config.model.name_or_path, config.data.chat_template, config.model.trust_remote_code)
 
 
 def _batches(iterator, batch_size: int):
@@ -155,7 +160,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
                 export_model(engine, config, directory)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
 
-    window, last = Window(), time.perf_counter()
+    window, last, stage0_grad_norm = Window(), time.perf_counter(), float("nan")
     micro_batches = _resumable_micro_batches(ray.train.get_dataset_shard("train"), train.per_device_batch_size, state)
     while state["step"] < total_steps:
         batch = next(micro_batches)
@@ -165,6 +170,8 @@ def train_loop_per_worker(loop_config: dict) -> dict:
         with_entropy = next_step % train.logging_steps == 0 or next_step >= total_steps
         out, stats, tokens = _forward_loss(engine, batch, config, device, with_entropy)
         engine.backward(out.loss)
+        if boundary and train.zero_stage == 0:  # DeepSpeed's plain fp32 path clips without keeping the norm
+            stage0_grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in engine.module.parameters() if p.grad is not None])).item()
         engine.step()
         now = time.perf_counter()
         window.add(out, stats, len(batch["prompt_ids"]), tokens, now - last, with_entropy)
@@ -175,7 +182,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
         final = step >= total_steps
         metrics = {}
         if step % train.logging_steps == 0 or final:
-            grad_norm = engine.get_global_grad_norm()
+            grad_norm = stage0_grad_norm if train.zero_stage == 0 else engine.get_global_grad_norm()
             metrics = window.averages(device) | {"lr": engine.get_lr()[0], "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"), "peak_memory_mb": _peak_memory_mb(device)}
             window = Window()
         if num_eval_pairs and (final or (train.eval_steps and step % train.eval_steps == 0)):

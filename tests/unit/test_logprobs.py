@@ -195,3 +195,14 @@ def test_tiny_llama_default_matches_naive():
         naive = naive_completion_logprobs(m, **batch)
     torch.testing.assert_close(stats.logps, naive, atol=1e-4, rtol=0)
     assert stats.num_tokens.tolist() == [3, 5]
+
+
+def test_extra_empty_chunks_change_nothing_and_too_few_raise(model):
+    """ZeRO-3 ranks pad to the same number of LM-head calls; the padding must be inert."""
+    batch = make_batch()
+    with torch.no_grad():
+        base = completion_logprobs(model, **batch, chunk_tokens=4)
+        padded = completion_logprobs(model, **batch, chunk_tokens=4, num_chunks=int(base.num_tokens.sum()) // 4 + 3)
+    assert torch.allclose(base.logps, padded.logps) and torch.allclose(base.entropy_sum, padded.entropy_sum)
+    with pytest.raises(ValueError, match="cannot hold"):
+        completion_logprobs(model, **batch, chunk_tokens=4, num_chunks=1)

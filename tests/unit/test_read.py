@@ -29,6 +29,15 @@ def test_parquet_rows_are_numbered_from_one_and_complete():
     assert first["chosen"][0]["role"] == "user" and first["prompt"] == pq.read_table(path).column("prompt")[0].as_py()
 
 
+def test_unreadable_file_becomes_one_error_row(tmp_path):
+    from hdpo_ray.data.read import _records_or_error
+
+    path = tmp_path / "broken.parquet"
+    path.write_bytes(b"not a parquet file")
+    rows = list(_records_or_error(str(path)))
+    assert len(rows) == 1 and rows[0][0] == 0 and rows[0][1] is None and rows[0][2].startswith("file could not be read")
+
+
 def test_json_array_layout():
     records = list(_records(str(shared("llamafactory_dpo/dpo_en_demo.json"))))
     assert len(records) == 300 and "conversations" in json.loads(records[0][1])
