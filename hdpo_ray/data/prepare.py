@@ -65,8 +65,13 @@ def _cache_root(config: Config) -> str:
     return root if "://" in root else os.path.abspath(os.path.expanduser(root))
 
 
+def _entry_fs(entry: str) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path) of a cache entry given as a URI or a local absolute path."""
+    return _filesystem(entry if "://" in entry else f"file://{entry}")
+
+
 def _read_manifest(entry: str) -> dict | None:
-    fs, path = _filesystem(entry if "://" in entry else f"file://{entry}")
+    fs, path = _entry_fs(entry)
     try:
         with fs.open_input_stream(f"{path}/manifest.json") as f:
             return json.loads(f.read())
@@ -75,14 +80,14 @@ def _read_manifest(entry: str) -> dict | None:
 
 
 def _write_manifest(entry: str, manifest: dict) -> None:
-    fs, path = _filesystem(entry if "://" in entry else f"file://{entry}")
+    fs, path = _entry_fs(entry)
     with fs.open_output_stream(f"{path}/manifest.json") as f:
         f.write(json.dumps(manifest, indent=2).encode())
 
 
 def _fresh_dir(entry: str) -> None:
     """Empty a half-written entry so its stale parquet files are not mixed into the new one."""
-    fs, path = _filesystem(entry if "://" in entry else f"file://{entry}")
+    fs, path = _entry_fs(entry)
     if fs.get_file_info(path).type != pafs.FileType.NotFound:
         fs.delete_dir(path)
     fs.create_dir(path)
@@ -92,7 +97,7 @@ def summarize(entry: str) -> dict[str, Any]:
     """Rows read, valid, skipped (by reason) and truncated, per file and in total, from an encoded entry."""
     import pyarrow.dataset as pads
 
-    fs, path = _filesystem(entry if "://" in entry else f"file://{entry}")
+    fs, path = _entry_fs(entry)
     table = pads.dataset(path, filesystem=fs, format="parquet").to_table(columns=["source_file", "source_row", "skip_reason", "skip_detail", "truncated"])
     table = table.sort_by([("source_file", "ascending"), ("source_row", "ascending")])
     files: dict[str, dict] = defaultdict(lambda: {"read": 0, "valid": 0, "skipped": 0, "truncated": 0, "skipped_by_reason": defaultdict(int)})
@@ -171,7 +176,7 @@ def encode_split(config: Config, specs: list[str], split: str) -> EncodedSplit:
 def _parquet_rows(entry: str) -> int:
     import pyarrow.dataset as pads
 
-    fs, path = _filesystem(entry if "://" in entry else f"file://{entry}")
+    fs, path = _entry_fs(entry)
     return pads.dataset(path, filesystem=fs, format="parquet", exclude_invalid_files=True).count_rows()
 
 
