@@ -131,3 +131,13 @@ def test_train_end_to_end(ray_address, tmp_path, small_pairs, zero_stage):
     from hdpo_ray.models import build_tiny_llama
 
     assert not torch.equal(exported["model.norm.weight"], build_tiny_llama().state_dict()["model.norm.weight"])  # it did train
+
+
+def test_toy_command(tmp_path):
+    result = run_cli(["toy", "--output-dir", str(tmp_path), "--alphas", "0.9,1.0"], ray_address=None, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "toy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = json.loads((tmp_path / "toy.json").read_text())["results"]
+    assert [r["regime"] for r in rows] == ["single mode", "covers both"]
+    bad = run_cli(["toy", "--alphas", "0,1"], ray_address=None, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.startswith("hdpo-ray: error: --alphas")
