@@ -78,12 +78,12 @@ def load_tokenizer(name_or_path: str, chat_template: str | None = None, trust_re
 
 
 def _hash_files(paths: list[Path]) -> str:
+    from hdpo_ray.data.read import update_with_file
+
     digest = hashlib.blake2b(digest_size=16)
     for path in sorted(paths):
         digest.update(path.name.encode())
-        with open(path, "rb") as f:
-            while block := f.read(1 << 22):
-                digest.update(block)
+        update_with_file(digest, path)
     return digest.hexdigest()
 
 

@@ -91,6 +91,13 @@ def _expand_remote(uri: str) -> list[str]:
         raise SourceError(f"data source {uri} could not be listed: {type(err).__name__}: {str(err).splitlines()[0]}") from None
 
 
+def update_with_file(digest, path: str | os.PathLike) -> None:
+    """Feed a local file's bytes into a hashlib object, 4 MiB at a time."""
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            digest.update(block)
+
+
 def fingerprint_sources(files: list[str]) -> list[tuple[str, int, str]]:
     """(file, size, content or version token) per file, for cache keys; local files are hashed."""
     import hashlib
@@ -103,9 +110,7 @@ def fingerprint_sources(files: list[str]) -> list[tuple[str, int, str]]:
             out.append((file, info.size or 0, str(info.mtime_ns)))
         else:
             digest = hashlib.blake2b(digest_size=16)
-            with open(file, "rb") as f:
-                while block := f.read(1 << 22):
-                    digest.update(block)
+            update_with_file(digest, file)
             out.append((file, os.path.getsize(file), digest.hexdigest()))
     return out
 

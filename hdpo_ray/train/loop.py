@@ -12,7 +12,6 @@ import math
 import tempfile
 import time
 from dataclasses import dataclass, field
-from functools import lru_cache
 
 import torch
 import torch.distributed as dist
@@ -73,15 +72,10 @@ def _forward_loss(engine, batch: dict, config: Config, device: torch.device, wit
     return out, stats, int(tensors["attention_mask"].sum())
 
 
-@lru_cache(maxsize=1)
-def _pad_id_for(name_or_path: str, chat_template: str | None, trust_remote_code: bool) -> int:
-    from hdpo_ray.models import load_tokenizer
-
-    return load_tokenizer(name_or_path, chat_template, trust_remote_code).pad_token_id
-
-
 def _pad_id(config: Config) -> int:
-    return _pad_id_for(config.model.name_or_path, config.data.chat_template, config.model.trust_remote_code)
+    from hdpo_ray.models import load_tokenizer  # cached per process: a dict lookup per micro-batch
+
+    return load_tokenizer(config.model.name_or_path, config.data.chat_template, config.model.trust_remote_code).pad_token_id
 
 
 def _batches(iterator, batch_size: int):
