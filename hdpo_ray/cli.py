@@ -1,4 +1,4 @@
-"""`hdpo-ray train [--config FILE.yaml] [key=value ...]` and `hdpo-ray toy` (also `python -m hdpo_ray`).
+"""`hdpo-ray train|sweep [--config FILE.yaml] [key=value ...]` and `hdpo-ray toy` (also `python -m hdpo_ray`).
 
 Bad input -- an unknown key, a value out of range, a missing file, an invalid data row -- prints one
 line `hdpo-ray: error: ...` and exits with status 2; no traceback.
@@ -22,6 +22,9 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--config", help="YAML file of config sections (see jobs/)")
     train.add_argument("--help-config", action="store_true", help="list every config key with its default and meaning")
     train.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides with YAML values, e.g. loss.alpha=0.9")
+    sweep = commands.add_parser("sweep", help="train one policy per alpha (x beta x lr) on Ray Tune, sharing one reference pass; rerun to resume")
+    sweep.add_argument("--config", help="YAML file of config sections; the sweep: section holds the grid")
+    sweep.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. sweep.alphas=[0.8,1.0,1.2]")
     toy = commands.add_parser("toy", help="the paper's toy: fit one Gaussian to a two-mode mixture under the alpha-weighted reverse KL")
     toy.add_argument("--output-dir", default="outputs/toy", help="where toy.png, toy.md and toy.json go")
     toy.add_argument("--d", type=float, default=None, help="the modes sit at -d and +d (default: where alpha=1 covers both and alpha<=0.9 picks one)")
@@ -40,6 +43,15 @@ def _toy(args: argparse.Namespace) -> int:
         raise ConfigError("--alphas and --d must be positive")
     run_toy(args.output_dir, alphas, DEFAULT_D if args.d is None else args.d)
     return 0
+
+
+def _report_sweep(config, outcome: dict) -> int:
+    best = outcome["best"]
+    finished = sum(r["status"] == "finished" for r in outcome["rows"])
+    print(f"[hdpo-ray] sweep done in {outcome['wall_s']:.0f} s: {finished}/{len(outcome['rows'])} trials finished, {outcome['reference_forward_pairs']} reference forward passes (pairs) in all; table in {config.output_dir}/results.md")
+    if best:
+        print(f"[hdpo-ray] best by {config.sweep.metric}: {best['trial']} ({best[config.sweep.metric]:.4f}); model in {best['final_model']}")
+    return 0 if finished == len(outcome["rows"]) or config.sweep.early_stopping else 1
 
 
 def _bad_input_message(err: BaseException) -> str | None:
@@ -67,12 +79,16 @@ def main(argv: list[str] | None = None) -> int:
         except ConfigError as err:
             print(f"hdpo-ray: error: {err}", file=sys.stderr)
             return EXIT_BAD_INPUT
-    if args.help_config:
+    if getattr(args, "help_config", False):
         print("\n".join(describe_keys()))
         return 0
     logging.basicConfig(level=logging.INFO, format="[hdpo-ray] %(message)s")
     try:
         config = load_config(args.config or str(EMBEDDED_DEFAULT), args.overrides)
+        if args.command == "sweep":
+            from hdpo_ray.sweep.tuner import run_sweep
+
+            return _report_sweep(config, run_sweep(config))
         from hdpo_ray.pipeline import run_training
 
         result = run_training(config)

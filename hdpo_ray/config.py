@@ -17,7 +17,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 EMBEDDED_MODEL = "hdpo-ray/tiny-llama"
-"""Model id of the embedded default: a tiny Llama built from a config (see hdpo_ray.models)."""
+"""A tiny random-init Llama built from a config (see hdpo_ray.models): the fastest model for tests."""
+EMBEDDED_SFT_MODEL = "hdpo-ray/tiny-llama-sft"
+"""The embedded default's model: EMBEDDED_MODEL after one SFT epoch on the embedded data (hdpo_ray.sft)."""
 EMBEDDED_DEFAULT = Path(__file__).parent / "assets" / "tiny.yaml"
 """What `hdpo-ray train` runs with no --config; jobs/tiny.yaml links here."""
 
@@ -98,6 +100,36 @@ class TrainConfig(_Section):
     storage_path: str | None = Field(None, description="Ray Train storage (local path or cloud URI); null means OUTPUT_DIR/checkpoints.")
 
 
+PAPER_ALPHAS = (0.8, 0.9, 0.95, 1.0, 1.1, 1.2)
+"""The alphas the H-DPO paper sweeps."""
+
+
+def _positive(values: list[float] | None, key: str) -> None:
+    if values is not None and (not values or any(v <= 0 for v in values)):
+        raise ValueError(f"sweep.{key} must be a non-empty list of positive numbers (got {values})")
+
+
+class SweepConfig(_Section):
+    alphas: list[float] = Field(default_factory=lambda: list(PAPER_ALPHAS), description="loss.alpha values, one trial each (default: the paper's grid).")
+    betas: list[float] | None = Field(None, description="Cross the alphas with these loss.beta values; null keeps loss.beta.")
+    lrs: list[float] | None = Field(None, description="Cross with these train.lr values; null keeps train.lr.")
+    max_concurrent_trials: int | None = Field(None, gt=0, description="Trials at once; null fits as many as the cluster holds (each needs train.num_workers x train.cpus_per_worker CPUs, and GPUs if train.use_gpu).")
+    metric: str = Field("eval/policy_accuracy", description="Selects the best trial; must compare across alphas (the H-DPO loss and implied rewards do not). See README, 'Sweeps'.")
+    mode: Literal["max", "min"] = Field("max", description="Whether a larger or smaller sweep.metric is better.")
+    early_stopping: bool = Field(False, description="ASHA: stop trials whose sweep.metric lags at an evaluation (needs train.eval_steps and an eval/ metric).")
+    grace_steps: int = Field(0, ge=0, description="ASHA: optimizer steps every trial runs before it can be stopped; 0 means train.eval_steps.")
+    entropy_prompts: int = Field(128, gt=0, description="Held-out pairs on which each trained policy's entropy is measured (teacher-forced and sampled).")
+    entropy_max_new_tokens: int = Field(64, gt=0, description="Tokens sampled per prompt for the sampled-entropy measure (temperature 1.0).")
+    entropy_seed: int = Field(0, description="Seed of the sampled-entropy measure; the same for every trial.")
+
+    @model_validator(mode="after")
+    def _grid(self) -> "SweepConfig":
+        _positive(self.alphas, "alphas")
+        _positive(self.betas, "betas")
+        _positive(self.lrs, "lrs")
+        return self
+
+
 class Config(_Section):
     output_dir: str = Field("outputs/hdpo-tiny", description="Where metrics.jsonl, data_report.json and final/ go.")
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -105,6 +137,7 @@ class Config(_Section):
     loss: LossConfig = Field(default_factory=LossConfig)
     reference: ReferenceConfig = Field(default_factory=ReferenceConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    sweep: SweepConfig = Field(default_factory=SweepConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

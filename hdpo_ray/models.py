@@ -1,8 +1,9 @@
 """Loading models and tokenizers, the embedded default, and content fingerprints for caching.
 
-Any Hugging Face causal LM works (a local directory or a hub id). The embedded default,
-`hdpo-ray/tiny-llama`, is a 2-layer Llama built deterministically from a config with the real GPT-2
-tokenizer shipped in the package, so the whole pipeline runs on a laptop with no network.
+Any Hugging Face causal LM works (a local directory or a hub id). Two embedded models need no
+network: `hdpo-ray/tiny-llama`, a 2-layer Llama built deterministically from a config with the real
+GPT-2 tokenizer shipped in the package, and `hdpo-ray/tiny-llama-sft`, the same model after one SFT
+epoch on the embedded data (built on first use and cached, see hdpo_ray.sft): the embedded default.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from hdpo_ray.config import EMBEDDED_MODEL
+from hdpo_ray.config import EMBEDDED_MODEL, EMBEDDED_SFT_MODEL
 
 ASSETS = Path(str(resources.files("hdpo_ray") / "assets"))
 EMBEDDED_TOKENIZER = ASSETS / "gpt2"
@@ -47,10 +48,20 @@ def build_tiny_llama() -> torch.nn.Module:
         return LlamaForCausalLM(LlamaConfig(**TINY_LLAMA)).float()
 
 
+def resolve_model(name_or_path: str) -> str:
+    """The embedded SFT id becomes its cached directory (built on first use); anything else is unchanged."""
+    if name_or_path == EMBEDDED_SFT_MODEL:
+        from hdpo_ray.sft import ensure_tiny_sft
+
+        return str(ensure_tiny_sft())
+    return name_or_path
+
+
 def load_causal_lm(name_or_path: str, *, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False) -> torch.nn.Module:
-    """A causal LM from a local directory, a hub id, or the embedded default."""
+    """A causal LM from a local directory, a hub id, or an embedded model."""
     if name_or_path == EMBEDDED_MODEL:
         return build_tiny_llama().to(dtype)
+    name_or_path = resolve_model(name_or_path)
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(os.path.expanduser(name_or_path), dtype=dtype, trust_remote_code=trust_remote_code)
@@ -64,7 +75,7 @@ def load_tokenizer(name_or_path: str, chat_template: str | None = None, trust_re
     """
     from transformers import AutoTokenizer
 
-    source = EMBEDDED_TOKENIZER if name_or_path == EMBEDDED_MODEL else os.path.expanduser(name_or_path)
+    source = EMBEDDED_TOKENIZER if name_or_path in (EMBEDDED_MODEL, EMBEDDED_SFT_MODEL) else os.path.expanduser(name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(str(source), trust_remote_code=trust_remote_code)
     if chat_template is not None:
         tokenizer.chat_template = chat_template
@@ -95,7 +106,7 @@ def model_fingerprint(name_or_path: str) -> str:
             digest.update(name.encode())
             digest.update(tensor.numpy().tobytes())
         return digest.hexdigest()
-    path = Path(os.path.expanduser(name_or_path))
+    path = Path(os.path.expanduser(resolve_model(name_or_path)))
     if path.is_dir():
         files = [p for p in path.iterdir() if p.suffix in {".safetensors", ".bin", ".json", ".py"} and "tokenizer" not in p.name]
         return _hash_files(files)

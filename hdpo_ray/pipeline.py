@@ -6,9 +6,11 @@ import json
 import logging
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from hdpo_ray.config import Config
+from hdpo_ray.data.prepare import EncodedSplit, PreparedSplit
 from hdpo_ray.train.trainer import TrainResult, check_resources, export_final, fit
 
 log = logging.getLogger("hdpo_ray")
@@ -39,17 +41,23 @@ def _quiet_ray_data() -> None:
     logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
-def run_training(config: Config) -> TrainResult:
-    import ray
+@dataclass
+class PreparedData:
+    train: PreparedSplit
+    eval: PreparedSplit | None
+    eval_encoded: EncodedSplit | None  # the eval split's tokenized pairs (prompts for sampling)
 
+    @property
+    def reference_forward_pairs(self) -> int:
+        return self.train.reference_forward_pairs + (self.eval.reference_forward_pairs if self.eval else 0)
+
+
+def prepare_data(config: Config, output_dir: str, *, stream: bool = True) -> PreparedData:
+    """Read, validate and tokenize every split, then attach reference log-probs; writes data_report.json.
+
+    stream=False always goes through the reference cache (a sweep's trials all read it).
+    """
     from hdpo_ray.data.prepare import DataError, encode_split, score_split
-
-    started = time.perf_counter()
-    output_dir = os.path.abspath(config.output_dir)
-    Path(output_dir).mkdir(parents=True, exist_ok=True)
-    Path(output_dir, "config.json").write_text(json.dumps(config.to_dict(), indent=2))
-    init_ray(config)
-    check_resources(config, ray.cluster_resources())
 
     report_file = Path(output_dir, "data_report.json")
     report_file.unlink(missing_ok=True)
@@ -62,20 +70,32 @@ def run_training(config: Config) -> TrainResult:
         reports = {name: e.report for name, e in encoded.items()} | (err.report or {})
         report_file.write_text(json.dumps({"on_invalid": config.data.on_invalid, "stopped": True} | reports, indent=2))
         raise
-    train_split = score_split(config, encoded["train"])
+    train_split = score_split(config, encoded["train"], stream=stream)
     eval_split = score_split(config, encoded["eval"], stream=False) if "eval" in encoded else None
     report = {"on_invalid": config.data.on_invalid, "stopped": False, "train": train_split.report} | ({"eval": eval_split.report} if eval_split else {})
     report_file.write_text(json.dumps(report, indent=2))
+    return PreparedData(train_split, eval_split, encoded.get("eval"))
 
-    result, total_steps, name = fit(config, train_split, eval_split)
+
+def run_training(config: Config) -> TrainResult:
+    import ray
+
+    started = time.perf_counter()
+    output_dir = os.path.abspath(config.output_dir)
+    Path(output_dir).mkdir(parents=True, exist_ok=True)
+    Path(output_dir, "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+    init_ray(config)
+    check_resources(config, ray.cluster_resources())
+    data = prepare_data(config, output_dir)
+
+    result, total_steps, name = fit(config, data.train, data.eval)
     final = export_final(result, output_dir)
     Path(output_dir, "run.json").write_text(json.dumps({"name": name, "status": "finished", "steps": total_steps}))
-    metrics = _last_metrics(Path(output_dir, "metrics.jsonl"))
-    forward_pairs = train_split.reference_forward_pairs + (eval_split.reference_forward_pairs if eval_split else 0)
-    return TrainResult(output_dir, final, metrics, total_steps, forward_pairs, time.perf_counter() - started)
+    metrics = last_metrics(Path(output_dir, "metrics.jsonl"))
+    return TrainResult(output_dir, final, metrics, total_steps, data.reference_forward_pairs, time.perf_counter() - started)
 
 
-def _last_metrics(path: Path) -> dict:
+def last_metrics(path: Path) -> dict:
     """The last logged train metrics merged with the last eval metrics."""
     merged: dict = {}
     if path.exists():

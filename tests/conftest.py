@@ -63,14 +63,17 @@ def ray_session(ray_address):
     yield ray_address
 
 
+def hdpo_ray_exe() -> str:
+    return shutil.which("hdpo-ray") or str(Path(sys.executable).with_name("hdpo-ray"))
+
+
 def run_cli(args: list[str], ray_address: str | None, timeout: int = 600, cwd: Path = REPO) -> subprocess.CompletedProcess:
     """The real console script in a subprocess, joined to the session cluster when ray_address is given."""
     env = os.environ | {"RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
     env.pop("RAY_ADDRESS", None)
     if ray_address:
         env["RAY_ADDRESS"] = ray_address
-    exe = shutil.which("hdpo-ray") or str(Path(sys.executable).with_name("hdpo-ray"))
-    return subprocess.run([exe, *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd)
+    return subprocess.run([hdpo_ray_exe(), *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd)
 
 
 @pytest.fixture

@@ -14,11 +14,17 @@ def collate_pairs(prompt_ids: Sequence[Sequence[int]], chosen_ids: Sequence[Sequ
     where rows [0, B) are prompt+chosen and rows [B, 2B) prompt+rejected, and completion_mask is True
     exactly on the completion tokens.
     """
+    if not (len(prompt_ids) == len(chosen_ids) == len(rejected_ids)):
+        raise ValueError(f"{len(prompt_ids)} prompts, {len(chosen_ids)} chosen and {len(rejected_ids)} rejected completions")
+    return collate_completions([*prompt_ids, *prompt_ids], [*chosen_ids, *rejected_ids], pad_id)
+
+
+def collate_completions(prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Sequence[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """N (prompt, completion) -> N right-padded prompt+completion rows (input_ids, attention_mask, completion_mask), each (N, T)."""
     sequences, starts = [], []
-    for completions in (chosen_ids, rejected_ids):
-        for prompt, completion in zip(prompt_ids, completions, strict=True):
-            sequences.append(list(prompt) + list(completion))
-            starts.append(len(prompt))
+    for prompt, completion in zip(prompt_ids, completion_ids, strict=True):
+        sequences.append(list(prompt) + list(completion))
+        starts.append(len(prompt))
     width = max(len(s) for s in sequences)
     input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)

@@ -21,7 +21,7 @@ from hdpo_ray.data.collate import collate_pairs
 from hdpo_ray.loss import hdpo_loss
 from hdpo_ray.train.engine import build_engine, export_model, load_checkpoint, save_checkpoint
 
-SUMS = ("seconds", "loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "logps/chosen", "logps/rejected", "pairs", "entropy", "entropy_tokens", "tokens")
+SUMS = ("seconds", "loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "policy_accuracy", "logps/chosen", "logps/rejected", "pairs", "entropy", "entropy_tokens", "tokens")
 
 
 @dataclass
@@ -37,6 +37,10 @@ class Window:
         s["rewards/chosen"] += out.chosen_rewards.sum().item()
         s["rewards/rejected"] += out.rejected_rewards.sum().item()
         s["rewards/accuracies"] += (out.chosen_rewards > out.rejected_rewards).float().sum().item()
+        # The policy's own ranking, by mean log-prob per token: unlike the implied rewards it does not
+        # depend on alpha or the reference, so it compares trials of an alpha sweep.
+        per_token = stats.logps.detach() / stats.num_tokens.clamp(min=1)
+        s["policy_accuracy"] += (per_token[:n] > per_token[n:]).float().sum().item()
         s["logps/chosen"] += stats.logps[:n].detach().sum().item()
         s["logps/rejected"] += stats.logps[n:].detach().sum().item()
         if with_entropy:
@@ -51,7 +55,7 @@ class Window:
             dist.all_reduce(totals)
         t = dict(zip(SUMS, totals.tolist()))
         pairs = max(t["pairs"], 1.0)
-        metrics = {k: t[k] / pairs for k in ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "logps/chosen", "logps/rejected")}
+        metrics = {k: t[k] / pairs for k in ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "policy_accuracy", "logps/chosen", "logps/rejected")}
         metrics["rewards/margins"] = metrics["rewards/chosen"] - metrics["rewards/rejected"]
         metrics["entropy"] = t["entropy"] / max(t["entropy_tokens"], 1.0)
         # Ranks run concurrently: tokens of all ranks over the mean rank's busy time.

@@ -134,8 +134,8 @@ def _run_name(output_dir: str) -> str:
     return name
 
 
-def fit(config: Config, train_split, eval_split) -> tuple[Any, int, str]:
-    """Build and fit the TorchTrainer; returns (Result, total steps, run name)."""
+def fit(config: Config, train_split, eval_split, callbacks: tuple = ()) -> tuple[Any, int, str]:
+    """Build and fit the TorchTrainer; returns (Result, total steps, run name). `callbacks`: more Ray Train UserCallbacks."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -156,7 +156,7 @@ def fit(config: Config, train_split, eval_split) -> tuple[Any, int, str]:
             storage_path=storage if "://" in storage else os.path.abspath(os.path.expanduser(storage)),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=train.keep_checkpoints),
             failure_config=ray.train.FailureConfig(max_failures=train.max_failures),
-            callbacks=[_make_callback(output_dir, total_steps)],
+            callbacks=[_make_callback(output_dir, total_steps), *callbacks],
             worker_runtime_env={"env_vars": {"DS_ACCELERATOR": "cuda" if train.use_gpu else "cpu"}},
         ),
         datasets=datasets,

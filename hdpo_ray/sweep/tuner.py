@@ -1,0 +1,240 @@
+"""`hdpo-ray sweep`: one reference pass, then one Ray Tune trial per (alpha, beta, lr), each a Ray Train run.
+
+Driver:  prepare the data once (read -> validate -> tokenize -> reference log-probs, all cached)
+         -> Tuner over the grid (or Tuner.restore of the same sweep: finished trials are not rerun)
+         -> results.csv, results.md, alpha_sweep.png, best.json (hdpo_ray.sweep.results)
+Trial:   TorchTrainer.fit on the cached pairs, reporting to Tune through TuneReportCallback
+         -> export -> both entropy measures on a Ray task -> OUTPUT_DIR/trials/<name>/summary.json
+
+The reference log-probs do not depend on alpha, beta or the learning rate, so the trials only read
+them: the reference model runs once per pair for the whole sweep.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from itertools import product
+from pathlib import Path
+from typing import Any
+
+from hdpo_ray.config import Config, ConfigError
+from hdpo_ray.train.trainer import DATA_CPUS, ResourceError
+
+log = logging.getLogger("hdpo_ray")
+TUNE_DIR = "tune"
+TRIALS_DIR = "trials"
+TRIAL_MEMORY = 256 * 2**20  # bytes Tune reserves for a trial's own process
+SUMMARY = "summary.json"  # written last by a finished trial
+# Keys reported during training that compare across alphas; entropy keys exist only after training.
+EARLY_STOPPING_METRICS = ("eval/policy_accuracy", "eval/logps/chosen", "eval/entropy")
+
+
+def trial_grid(config: Config) -> list[dict[str, float]]:
+    """Every (alpha, beta, lr) of the sweep, alpha varying fastest."""
+    sweep = config.sweep
+    betas, lrs = sweep.betas or [config.loss.beta], sweep.lrs or [config.train.lr]
+    return [{"alpha": a, "beta": b, "lr": lr} for lr, b, a in product(lrs, betas, sweep.alphas)]
+
+
+def trial_name(params: dict[str, float]) -> str:
+    return f"alpha={params['alpha']:g}_beta={params['beta']:g}_lr={params['lr']:g}"
+
+
+def trial_config(base: Config, params: dict[str, float], sweep_dir: str) -> Config:
+    """The base config with this trial's alpha, beta and lr, writing under OUTPUT_DIR/trials/<name>."""
+    tree = base.to_dict()
+    tree["loss"] |= {"alpha": params["alpha"], "beta": params["beta"]}
+    tree["train"] |= {"lr": params["lr"], "storage_path": None}
+    tree["output_dir"] = os.path.join(sweep_dir, TRIALS_DIR, trial_name(params))
+    return Config.model_validate(tree)
+
+
+def concurrent_trials(config: Config, cluster: dict[str, float]) -> int:
+    """sweep.max_concurrent_trials, or as many trials as the cluster holds side by side."""
+    train = config.train
+    fit = math.floor((cluster.get("CPU", 0.0) - DATA_CPUS + 1e-9) / (train.num_workers * train.cpus_per_worker))
+    if train.use_gpu:
+        fit = min(fit, math.floor(cluster.get("GPU", 0.0) / train.num_workers))
+    return max(1, min(fit, config.sweep.max_concurrent_trials or fit))
+
+
+def _check_sweep(config: Config) -> None:
+    from hdpo_ray.sweep.results import SELECTABLE_METRICS
+
+    sweep = config.sweep
+    if not config.data.eval_files:
+        raise ConfigError("a sweep needs data.eval_files: the selection metric and the entropy measures use held-out pairs")
+    if sweep.metric not in SELECTABLE_METRICS:
+        raise ConfigError(f"sweep.metric {sweep.metric!r} is not one of {', '.join(SELECTABLE_METRICS)}")
+    if sweep.early_stopping and (sweep.metric not in EARLY_STOPPING_METRICS or not config.train.eval_steps):
+        raise ConfigError(f"sweep.early_stopping needs train.eval_steps > 0 and sweep.metric in {', '.join(EARLY_STOPPING_METRICS)} (reported at every evaluation)")
+
+
+def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in tree.items():
+        out |= _flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value}
+    return out
+
+
+def _claim_output_dir(config: Config, output_dir: Path) -> dict:
+    """sweep.json pins the sweep to its output_dir: rerunning the same config resumes it, another config is refused."""
+    state_file = output_dir / "sweep.json"
+    identity = {k: v for k, v in _flat(config.to_dict()).items() if k not in ("sweep.max_concurrent_trials", "output_dir")}
+    if state_file.exists():
+        state = json.loads(state_file.read_text())
+        changed = [k for k in sorted(set(identity) | set(state["config"])) if identity.get(k) != state["config"].get(k)]
+        if changed:
+            raise ConfigError(f"{output_dir} holds a sweep with a different config ({changed[0]}: {state['config'].get(changed[0])!r} there, {identity.get(changed[0])!r} now); rerun with the same config to resume it, or set another output_dir")
+        return state
+    return {"config": identity, "invocations": []}
+
+
+def run_trial(point: dict, shared: dict) -> None:
+    """Ray Tune function trainable: one Ray Train run (TorchTrainer) for one point {alpha, beta, lr} of the grid.
+
+    `shared` (bound with tune.with_parameters): the base config dict, the sweep's output_dir and the
+    prepared cache entries with their pair counts.
+    """
+    import ray
+    import ray.data
+    import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from hdpo_ray.data.prepare import READ_CPUS, PreparedSplit
+    from hdpo_ray.pipeline import _quiet_ray_data, last_metrics
+    from hdpo_ray.sweep.entropy import measure_policy_entropy
+    from hdpo_ray.sweep.results import trial_row
+    from hdpo_ray.train.trainer import export_final, fit
+
+    params = {k: point[k] for k in ("alpha", "beta", "lr")}
+    config = trial_config(Config.model_validate(shared["config"]), params, shared["output_dir"])
+    trial_dir = Path(config.output_dir)
+    trial_dir.mkdir(parents=True, exist_ok=True)
+    summary_file = trial_dir / SUMMARY
+    if summary_file.exists():  # finished in an earlier invocation whose Tune state did not record it
+        ray.tune.report(json.loads(summary_file.read_text()))
+        return
+    started = time.time()
+    _quiet_ray_data()
+
+    def split(entry: str, pairs: int) -> PreparedSplit:
+        return PreparedSplit(ray.data.read_parquet(entry, file_extensions=["parquet"], num_cpus=READ_CPUS), pairs, {}, 0, entry)
+
+    result, steps, name = fit(config, split(shared["train_entry"], shared["train_pairs"]), split(shared["eval_entry"], shared["eval_pairs"]), callbacks=(TuneReportCallback(),))
+    final = export_final(result, str(trial_dir))
+    (trial_dir / "run.json").write_text(json.dumps({"name": name, "status": "finished", "steps": steps}))
+    train, sweep = config.train, config.sweep
+    cpus = train.num_workers * train.cpus_per_worker  # the training workers' share, free again now
+    # scheduling_strategy: outside the trial's placement group, which Tune sized for the trial process alone.
+    measure = ray.remote(measure_policy_entropy).options(num_cpus=cpus, num_gpus=1 if train.use_gpu else 0, scheduling_strategy="DEFAULT")
+    entropy = ray.get(
+        measure.remote(final, shared["eval_encoded_entry"], num_prompts=sweep.entropy_prompts, max_new_tokens=sweep.entropy_max_new_tokens,
+                       seed=sweep.entropy_seed, use_gpu=train.use_gpu, torch_threads=train.torch_threads or max(1, int(cpus)))
+    )  # fmt: skip
+    row = trial_row(params, last_metrics(trial_dir / "metrics.jsonl"), entropy, steps=steps, wall_s=time.time() - started, final_model=final, status="finished")
+    row["tokens_per_s"] = _mean_throughput(trial_dir / "metrics.jsonl")
+    summary_file.write_text(json.dumps(row, indent=2))
+    ray.tune.report(row)
+
+
+def _mean_throughput(path: Path) -> float:
+    values = [row["tokens_per_s"] for row in map(json.loads, path.read_text().splitlines()) if "tokens_per_s" in row]
+    return sum(values) / len(values) if values else float("nan")
+
+
+def _tuner(config: Config, output_dir: Path, shared: dict, concurrency: int, total_steps: int):
+    from ray import tune
+
+    # A trial's own process only waits on its TorchTrainer: the workers, Ray Data and the entropy task
+    # ask for their resources themselves, so the trial takes no CPU (a CPU held here would starve Ray
+    # Data's file listing) and max_concurrent_trials packs them. Tune refuses an empty request: memory.
+    trainable = tune.with_resources(tune.with_parameters(run_trial, shared=shared), {"CPU": 0, "memory": TRIAL_MEMORY})
+    path = str(output_dir / TUNE_DIR)
+    if tune.Tuner.can_restore(path):
+        log.info("resuming the sweep in %s: finished trials are kept, unfinished ones continue from their checkpoints", path)
+        return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True)
+    scheduler = early_stopping_scheduler(config, total_steps)
+    axes = {key: sorted({p[key] for p in trial_grid(config)}) for key in ("alpha", "beta", "lr")}
+    return tune.Tuner(
+        trainable,
+        param_space={key: tune.grid_search(values) for key, values in axes.items()},  # the same points as trial_grid
+        tune_config=tune.TuneConfig(max_concurrent_trials=concurrency, scheduler=scheduler, trial_name_creator=_tune_trial_name, trial_dirname_creator=_tune_trial_name),
+        run_config=tune.RunConfig(name=TUNE_DIR, storage_path=str(output_dir)),
+    )
+
+
+def early_stopping_scheduler(config: Config, total_steps: int):
+    """ASHA on sweep.metric over optimizer steps (reported at each evaluation), or None."""
+    from ray.tune.schedulers import ASHAScheduler
+
+    sweep = config.sweep
+    if not sweep.early_stopping:
+        return None
+    grace = min(sweep.grace_steps or config.train.eval_steps, total_steps)
+    return ASHAScheduler(time_attr="step", metric=sweep.metric, mode=sweep.mode, max_t=total_steps, grace_period=grace, reduction_factor=2)
+
+
+def _tune_trial_name(trial) -> str:
+    return trial_name(trial.config)
+
+
+def run_sweep(config: Config) -> dict[str, Any]:
+    """The whole sweep; returns {"rows", "best", "reference_forward_pairs", "wall_s"} and writes the result files."""
+    import ray
+
+    from hdpo_ray.pipeline import init_ray, prepare_data
+    from hdpo_ray.sweep.results import trial_row, write_results
+    from hdpo_ray.train.trainer import check_resources, total_optimizer_steps
+
+    started = time.time()
+    _check_sweep(config)
+    output_dir = Path(os.path.abspath(config.output_dir))
+    output_dir.mkdir(parents=True, exist_ok=True)
+    state = _claim_output_dir(config, output_dir)
+    (output_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+    init_ray(config)
+    cluster = ray.cluster_resources()
+    check_resources(config, cluster)
+    if config.train.num_workers * config.train.cpus_per_worker > cluster.get("CPU", 0) - DATA_CPUS + 1e-9:
+        raise ResourceError("a trial's workers do not fit the cluster beside Ray Data")
+    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")  # eval metrics arrive only at evaluations
+
+    data = prepare_data(config, str(output_dir), stream=False)
+    state["invocations"].append({"started": time.strftime("%Y-%m-%d %H:%M:%S"), "reference_forward_pairs": data.reference_forward_pairs})
+    (output_dir / "sweep.json").write_text(json.dumps(state, indent=2))
+    shared = {
+        "config": config.to_dict(), "output_dir": str(output_dir),
+        "train_entry": data.train.cache_entry, "train_pairs": data.train.num_pairs,
+        "eval_entry": data.eval.cache_entry, "eval_pairs": data.eval.num_pairs, "eval_encoded_entry": data.eval_encoded.entry,
+    }  # fmt: skip
+    grid = trial_grid(config)
+    concurrency = concurrent_trials(config, cluster)
+    total_steps = total_optimizer_steps(config, data.train.num_pairs)
+    log.info("sweep: %d trials (%s), %d at a time, %d steps each; reference log-probs for %d pairs shared by all", len(grid), ", ".join(map(trial_name, grid)), concurrency, total_steps, data.train.num_pairs + data.eval.num_pairs)
+    results = _tuner(config, output_dir, shared, concurrency, total_steps).fit()
+
+    errors = {trial_name(r.config): r.error for r in results if r.config and r.error}
+    rows = []
+    for params in grid:
+        trial_dir = output_dir / TRIALS_DIR / trial_name(params)
+        if (trial_dir / SUMMARY).exists():
+            rows.append(json.loads((trial_dir / SUMMARY).read_text()))
+            continue
+        from hdpo_ray.pipeline import last_metrics
+
+        error = errors.get(trial_name(params))
+        status = f"error: {str(error).strip().splitlines()[-1][:200]}" if error else ("stopped early" if config.sweep.early_stopping else "not finished")
+        rows.append(trial_row(params, last_metrics(trial_dir / "metrics.jsonl"), {}, steps=None, wall_s=None, final_model=None, status=status))
+    forward_pairs = sum(i["reference_forward_pairs"] for i in state["invocations"])
+    from hdpo_ray.data.prepare import _read_manifest
+
+    cached = [_read_manifest(split.cache_entry) for split in (data.train, data.eval)]
+    reference = {"pairs": data.train.num_pairs + data.eval.num_pairs, "forward_pairs": forward_pairs, "this_run": data.reference_forward_pairs, "invocations": len(state["invocations"]),
+                 "entries": [{"entry": m["key"], "pairs": m["pairs"], "seconds": m["seconds"]} for m in cached]}  # fmt: skip
+    best = write_results(config, output_dir, rows, reference)
+    return {"rows": rows, "best": best, "reference_forward_pairs": forward_pairs, "wall_s": time.time() - started}

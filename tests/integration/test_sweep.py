@@ -1,0 +1,89 @@
+"""`hdpo-ray sweep` end to end on the embedded default (SFT'd tiny Llama, real UltraFeedback pairs):
+interrupted after its first trial and rerun, it resumes without rerunning that trial, runs the
+reference model once per pair for the whole sweep, and the trained policies' entropy follows alpha."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from hdpo_ray.models import ASSETS
+from tests.conftest import REPO, hdpo_ray_exe
+
+pytestmark = pytest.mark.slow
+ALPHAS = (0.8, 1.0, 1.2)
+TRAIN_PAIRS, EVAL_PAIRS = 160, 48
+
+
+@pytest.fixture
+def subset(tmp_path) -> tuple[Path, Path]:
+    """The first rows of the embedded splits (real data), so the reference pass stays short."""
+    train, test = tmp_path / "train.parquet", tmp_path / "test.parquet"
+    pq.write_table(pq.read_table(ASSETS / "ultrafeedback/train_prefs-900.parquet").slice(0, TRAIN_PAIRS), train)
+    pq.write_table(pq.read_table(ASSETS / "ultrafeedback/test_prefs-100.parquet").slice(0, EVAL_PAIRS), test)
+    return train, test
+
+
+def _command(out: Path, cache: Path, train: Path, test: Path) -> list[str]:
+    return [
+        hdpo_ray_exe(), "sweep", f"output_dir={out}", f"reference.cache_dir={cache}", f"data.train_files=[{train}]", f"data.eval_files=[{test}]",
+        "train.max_steps=30", "train.logging_steps=10", "train.eval_steps=30", "train.save_steps=10",
+        f"sweep.alphas=[{','.join(map(str, ALPHAS))}]", "sweep.entropy_prompts=32", "sweep.entropy_max_new_tokens=32",
+    ]  # fmt: skip
+
+
+def test_sweep_resumes_shares_one_reference_pass_and_orders_entropy_by_alpha(ray_address, tmp_path, subset):
+    out, cache = tmp_path / "sweep", tmp_path / "cache"
+    command = _command(out, cache, *subset)
+    env = os.environ | {"RAY_ADDRESS": ray_address, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+    first_trial = out / "trials" / "alpha=0.8_beta=0.1_lr=0.001"
+
+    # 1. Interrupt (Ctrl-C) once the first trial has finished.
+    log = open(tmp_path / "first.log", "w")
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+    deadline = time.time() + 600
+    while not (first_trial / "summary.json").exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(2)
+    assert (first_trial / "summary.json").exists(), (tmp_path / "first.log").read_text()[-3000:]
+    process.send_signal(signal.SIGINT)
+    try:
+        process.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+    finished_before = sorted(p.parent.name for p in (out / "trials").glob("*/summary.json"))
+    assert len(finished_before) < len(ALPHAS), "the sweep ended before it could be interrupted"
+    first_summary = (first_trial / "summary.json").read_text()
+    first_metrics = (first_trial / "metrics.jsonl").read_text()
+
+    # 2. The same command again resumes: finished trials are kept, the rest run.
+    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert (first_trial / "summary.json").read_text() == first_summary
+    assert (first_trial / "metrics.jsonl").read_text() == first_metrics  # not trained again
+
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert [float(r["alpha"]) for r in rows] == list(ALPHAS) and {r["status"] for r in rows} == {"finished"}
+    assert all(int(r["steps"]) == 30 and Path(r["final_model"], "model.safetensors").exists() for r in rows)
+
+    # One reference pass for the whole sweep: every pair scored once, in the first invocation only.
+    state = json.loads((out / "sweep.json").read_text())
+    pairs = TRAIN_PAIRS + EVAL_PAIRS - 1  # one eval row of this slice has identical completions (skipped, counted)
+    assert [i["reference_forward_pairs"] for i in state["invocations"]] == [pairs, 0]
+    assert f"reference forward passes over the whole sweep: {pairs} pairs in 2 invocation(s), 0 in the latest" in (out / "results.md").read_text()
+
+    # The entropy ordering, on both measures.
+    for measure in ("entropy/teacher_forced", "entropy/sampled"):
+        values = [float(r[measure]) for r in rows]
+        assert values[0] < values[1] < values[2], (measure, values)
+    best = json.loads((out / "best.json").read_text())["best"]
+    assert best["trial"] in {r["trial"] for r in rows} and best[ "final_model"]
+    assert (out / "alpha_sweep.png").stat().st_size > 10_000
