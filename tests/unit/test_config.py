@@ -212,7 +212,8 @@ def test_job_files_first_line_is_the_command(name):
 
 def test_tiny_job_values():
     config = load_config(str(JOBS / "tiny.yaml"))
-    assert config.model.name_or_path == "hdpo-ray/tiny-llama"
-    assert config.model.reference == "hdpo-ray/tiny-llama"
+    assert config.model.name_or_path == "hdpo-ray/tiny-llama-sft"
+    assert config.model.reference == "hdpo-ray/tiny-llama-sft"
+    assert config.sweep.alphas == [0.8, 1.0, 1.2]
     assert config.data.on_invalid == "skip"
     assert config.data.max_prompt_length < config.data.max_length
