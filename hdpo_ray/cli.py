@@ -46,12 +46,15 @@ def _toy(args: argparse.Namespace) -> int:
 
 
 def _report_sweep(config, outcome: dict) -> int:
-    best = outcome["best"]
-    finished = sum(r["status"] == "finished" for r in outcome["rows"])
-    print(f"[hdpo-ray] sweep done in {outcome['wall_s']:.0f} s: {finished}/{len(outcome['rows'])} trials finished, {outcome['reference_forward_pairs']} reference forward passes (pairs) in all; table in {config.output_dir}/results.md")
+    best, rows = outcome["best"], outcome["rows"]
+    finished = sum(r["status"] == "finished" for r in rows)
+    if any(r["status"] == "interrupted" for r in rows):
+        print(f"[hdpo-ray] sweep interrupted after {outcome['wall_s']:.0f} s with {finished}/{len(rows)} trials finished; rerun the same command to resume it")
+        return 1
+    print(f"[hdpo-ray] sweep done in {outcome['wall_s']:.0f} s: {finished}/{len(rows)} trials finished, {outcome['reference_forward_pairs']} reference forward passes (pairs) in all; table in {config.output_dir}/results.md")
     if best:
         print(f"[hdpo-ray] best by {config.sweep.metric}: {best['trial']} ({best[config.sweep.metric]:.4f}); model in {best['final_model']}")
-    return 0 if finished == len(outcome["rows"]) or config.sweep.early_stopping else 1
+    return 1 if any(r["status"].startswith("error") for r in rows) or best is None else 0
 
 
 def _bad_input_message(err: BaseException) -> str | None:

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 EMBEDDED_MODEL = "hdpo-ray/tiny-llama"
 """A tiny random-init Llama built from a config (see hdpo_ray.models): the fastest model for tests."""
 EMBEDDED_SFT_MODEL = "hdpo-ray/tiny-llama-sft"
-"""The embedded default's model: EMBEDDED_MODEL after one SFT epoch on the embedded data (hdpo_ray.sft)."""
+"""The embedded default's model: EMBEDDED_MODEL after three SFT epochs on the embedded data (hdpo_ray.sft)."""
 EMBEDDED_DEFAULT = Path(__file__).parent / "assets" / "tiny.yaml"
 """What `hdpo-ray train` runs with no --config; jobs/tiny.yaml links here."""
 

@@ -2,8 +2,8 @@
 
 Any Hugging Face causal LM works (a local directory or a hub id). Two embedded models need no
 network: `hdpo-ray/tiny-llama`, a 2-layer Llama built deterministically from a config with the real
-GPT-2 tokenizer shipped in the package, and `hdpo-ray/tiny-llama-sft`, the same model after one SFT
-epoch on the embedded data (built on first use and cached, see hdpo_ray.sft): the embedded default.
+GPT-2 tokenizer shipped in the package, and `hdpo-ray/tiny-llama-sft`, the same model after three SFT
+epochs on the embedded data (shipped in assets/tiny-llama-sft, built by hdpo_ray.sft): the embedded default.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from hdpo_ray.config import EMBEDDED_MODEL, EMBEDDED_SFT_MODEL
 
 ASSETS = Path(str(resources.files("hdpo_ray") / "assets"))
 EMBEDDED_TOKENIZER = ASSETS / "gpt2"
+EMBEDDED_SFT_DIR = ASSETS / "tiny-llama-sft"  # weights and config only; its tokenizer is EMBEDDED_TOKENIZER
 
 # Zephyr's layout: every turn ends with EOS, so a completion's mask covers exactly one EOS.
 DEFAULT_CHAT_TEMPLATE = (
@@ -49,12 +50,8 @@ def build_tiny_llama() -> torch.nn.Module:
 
 
 def resolve_model(name_or_path: str) -> str:
-    """The embedded SFT id becomes its cached directory (built on first use); anything else is unchanged."""
-    if name_or_path == EMBEDDED_SFT_MODEL:
-        from hdpo_ray.sft import ensure_tiny_sft
-
-        return str(ensure_tiny_sft())
-    return name_or_path
+    """The embedded SFT id becomes its shipped directory; anything else is unchanged."""
+    return str(EMBEDDED_SFT_DIR) if name_or_path == EMBEDDED_SFT_MODEL else name_or_path
 
 
 def load_causal_lm(name_or_path: str, *, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False) -> torch.nn.Module:

@@ -58,7 +58,6 @@ def prepare_data(config: Config, output_dir: str, *, stream: bool = True) -> Pre
     stream=False always goes through the reference cache (a sweep's trials all read it).
     """
     from hdpo_ray.data.prepare import DataError, encode_split, score_split
-
     report_file = Path(output_dir, "data_report.json")
     report_file.unlink(missing_ok=True)
     encoded = {}

@@ -20,7 +20,7 @@ from hdpo_ray.config import Config
 SELECTABLE_METRICS = ("eval/policy_accuracy", "eval/logps/chosen", "eval/entropy", "entropy/teacher_forced", "entropy/sampled")
 COLUMNS = (
     "trial", "alpha", "beta", "lr", "status", "steps",
-    "loss", "rewards/accuracies", "policy_accuracy", "eval/loss", "eval/rewards/accuracies", "eval/policy_accuracy", "eval/logps/chosen",
+    "loss", "rewards/accuracies", "policy_accuracy", "eval/loss", "eval/rewards/accuracies", "eval/policy_accuracy", "eval/logps/chosen", "eval/entropy",
     "entropy/teacher_forced", "entropy/sampled", "entropy/sampled_tokens", "tokens_per_s", "wall_s", "final_model",
 )  # fmt: skip
 TRAIN_KEYS = ("loss", "rewards/accuracies", "policy_accuracy", "eval/loss", "eval/rewards/accuracies", "eval/policy_accuracy", "eval/logps/chosen", "eval/entropy")

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from hdpo_ray.config import Config, ConfigError
-from hdpo_ray.train.trainer import DATA_CPUS, ResourceError
+from hdpo_ray.train.trainer import DATA_CPUS
 
 log = logging.getLogger("hdpo_ray")
 TUNE_DIR = "tune"
@@ -48,7 +48,8 @@ def trial_config(base: Config, params: dict[str, float], sweep_dir: str) -> Conf
     """The base config with this trial's alpha, beta and lr, writing under OUTPUT_DIR/trials/<name>."""
     tree = base.to_dict()
     tree["loss"] |= {"alpha": params["alpha"], "beta": params["beta"]}
-    tree["train"] |= {"lr": params["lr"], "storage_path": None}
+    storage = tree["train"]["storage_path"]  # null: checkpoints go under the trial's own output_dir
+    tree["train"] |= {"lr": params["lr"], "storage_path": f"{storage.rstrip('/')}/{TRIALS_DIR}/{trial_name(params)}" if storage else None}
     tree["output_dir"] = os.path.join(sweep_dir, TRIALS_DIR, trial_name(params))
     return Config.model_validate(tree)
 
@@ -84,7 +85,7 @@ def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
 def _claim_output_dir(config: Config, output_dir: Path) -> dict:
     """sweep.json pins the sweep to its output_dir: rerunning the same config resumes it, another config is refused."""
     state_file = output_dir / "sweep.json"
-    identity = {k: v for k, v in _flat(config.to_dict()).items() if k not in ("sweep.max_concurrent_trials", "output_dir")}
+    identity = {k: v for k, v in _flat(config.to_dict()).items() if k != "output_dir"}  # Tuner.restore keeps the first TuneConfig, concurrency included
     if state_file.exists():
         state = json.loads(state_file.read_text())
         changed = [k for k in sorted(set(identity) | set(state["config"])) if identity.get(k) != state["config"].get(k)]
@@ -104,12 +105,13 @@ def run_trial(point: dict, shared: dict) -> None:
     import ray.data
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     from hdpo_ray.data.prepare import READ_CPUS, PreparedSplit
     from hdpo_ray.pipeline import _quiet_ray_data, last_metrics
     from hdpo_ray.sweep.entropy import measure_policy_entropy
     from hdpo_ray.sweep.results import trial_row
-    from hdpo_ray.train.trainer import export_final, fit
+    from hdpo_ray.train.trainer import export_final, fit, total_optimizer_steps
 
     params = {k: point[k] for k in ("alpha", "beta", "lr")}
     config = trial_config(Config.model_validate(shared["config"]), params, shared["output_dir"])
@@ -121,25 +123,54 @@ def run_trial(point: dict, shared: dict) -> None:
         return
     started = time.time()
     _quiet_ray_data()
+    # Every trial reads the same cached pairs; ask Ray Data to keep their order, so that alpha (beta,
+    # lr) is what differs between trials, not the order of the batches.
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
 
     def split(entry: str, pairs: int) -> PreparedSplit:
         return PreparedSplit(ray.data.read_parquet(entry, file_extensions=["parquet"], num_cpus=READ_CPUS), pairs, {}, 0, entry)
 
-    result, steps, name = fit(config, split(shared["train_entry"], shared["train_pairs"]), split(shared["eval_entry"], shared["eval_pairs"]), callbacks=(TuneReportCallback(),))
-    final = export_final(result, str(trial_dir))
-    (trial_dir / "run.json").write_text(json.dumps({"name": name, "status": "finished", "steps": steps}))
+    run_state = json.loads((trial_dir / "run.json").read_text()) if (trial_dir / "run.json").exists() else {}
+    final = str(trial_dir / "final")
+    if run_state.get("status") == "finished" and Path(final, "config.json").exists():
+        steps = run_state["steps"]  # trained and exported before an interruption: only the measures are missing
+    else:
+        report = _report_to_tune(TuneReportCallback, total_optimizer_steps(config, shared["train_pairs"]))
+        result, steps, name = fit(config, split(shared["train_entry"], shared["train_pairs"]), split(shared["eval_entry"], shared["eval_pairs"]), callbacks=(report,))
+        final = export_final(result, str(trial_dir))
+        (trial_dir / "run.json").write_text(json.dumps({"name": name, "status": "finished", "steps": steps}))
     train, sweep = config.train, config.sweep
     cpus = train.num_workers * train.cpus_per_worker  # the training workers' share, free again now
-    # scheduling_strategy: outside the trial's placement group, which Tune sized for the trial process alone.
-    measure = ray.remote(measure_policy_entropy).options(num_cpus=cpus, num_gpus=1 if train.use_gpu else 0, scheduling_strategy="DEFAULT")
+    # On this trial's node, where final/ was just written, and outside the trial's placement group
+    # (Tune sized that for the trial process alone).
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    measure = ray.remote(measure_policy_entropy).options(num_cpus=cpus, num_gpus=1 if train.use_gpu else 0, scheduling_strategy=here)
     entropy = ray.get(
         measure.remote(final, shared["eval_encoded_entry"], num_prompts=sweep.entropy_prompts, max_new_tokens=sweep.entropy_max_new_tokens,
                        seed=sweep.entropy_seed, use_gpu=train.use_gpu, torch_threads=train.torch_threads or max(1, int(cpus)))
     )  # fmt: skip
     row = trial_row(params, last_metrics(trial_dir / "metrics.jsonl"), entropy, steps=steps, wall_s=time.time() - started, final_model=final, status="finished")
     row["tokens_per_s"] = _mean_throughput(trial_dir / "metrics.jsonl")
-    summary_file.write_text(json.dumps(row, indent=2))
+    partial = summary_file.with_suffix(".partial")
+    partial.write_text(json.dumps(row, indent=2))
+    os.replace(partial, summary_file)  # a summary is complete or absent
     ray.tune.report(row)
+
+
+def without_final_eval(row: dict[str, Any], total_steps: int) -> dict[str, Any]:
+    """The last step's report without its eval/ metrics: Tune's scheduler must not stop a trial that has
+    trained to the end but not yet exported its model (the trial's final tune.report carries them)."""
+    return {k: v for k, v in row.items() if not k.startswith("eval/")} if row.get("step", 0) >= total_steps else row
+
+
+def _report_to_tune(base: type, total_steps: int):
+    """A TuneReportCallback (passed as `base`, importable only inside a Tune session) that applies without_final_eval."""
+
+    class ReportToTune(base):
+        def after_report(self, run_context, metrics, checkpoint):
+            super().after_report(run_context, [without_final_eval(m, total_steps) for m in metrics], checkpoint)
+
+    return ReportToTune()
 
 
 def _mean_throughput(path: Path) -> float:
@@ -164,7 +195,7 @@ def _tuner(config: Config, output_dir: Path, shared: dict, concurrency: int, tot
         trainable,
         param_space={key: tune.grid_search(values) for key, values in axes.items()},  # the same points as trial_grid
         tune_config=tune.TuneConfig(max_concurrent_trials=concurrency, scheduler=scheduler, trial_name_creator=_tune_trial_name, trial_dirname_creator=_tune_trial_name),
-        run_config=tune.RunConfig(name=TUNE_DIR, storage_path=str(output_dir)),
+        run_config=tune.RunConfig(name=TUNE_DIR, storage_path=str(output_dir), verbose=1),  # status tables; per-report lines come from our progress callback
     )
 
 
@@ -175,8 +206,10 @@ def early_stopping_scheduler(config: Config, total_steps: int):
     sweep = config.sweep
     if not sweep.early_stopping:
         return None
-    grace = min(sweep.grace_steps or config.train.eval_steps, total_steps)
-    return ASHAScheduler(time_attr="step", metric=sweep.metric, mode=sweep.mode, max_t=total_steps, grace_period=grace, reduction_factor=2)
+    # Rungs strictly before the last step, and stop_last_trials off: a trial that reaches its last
+    # report must live on to export its model and measure its entropy.
+    grace = max(1, min(sweep.grace_steps or config.train.eval_steps, total_steps - 1))
+    return ASHAScheduler(time_attr="step", metric=sweep.metric, mode=sweep.mode, max_t=total_steps, grace_period=grace, reduction_factor=2, stop_last_trials=False)
 
 
 def _tune_trial_name(trial) -> str:
@@ -199,9 +232,7 @@ def run_sweep(config: Config) -> dict[str, Any]:
     (output_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
     init_ray(config)
     cluster = ray.cluster_resources()
-    check_resources(config, cluster)
-    if config.train.num_workers * config.train.cpus_per_worker > cluster.get("CPU", 0) - DATA_CPUS + 1e-9:
-        raise ResourceError("a trial's workers do not fit the cluster beside Ray Data")
+    check_resources(config, cluster, stream=False)  # one trial must fit; the trials never stream the reference pool
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")  # eval metrics arrive only at evaluations
 
     data = prepare_data(config, str(output_dir), stream=False)
@@ -219,6 +250,8 @@ def run_sweep(config: Config) -> dict[str, Any]:
     results = _tuner(config, output_dir, shared, concurrency, total_steps).fit()
 
     errors = {trial_name(r.config): r.error for r in results if r.config and r.error}
+    # Tune's own trial states (TERMINATED, ERROR, PENDING, RUNNING, PAUSED) tell an early stop from an interruption.
+    states = {trial_name(t.config): t.status for t in getattr(getattr(results, "_experiment_analysis", None), "trials", [])}
     rows = []
     for params in grid:
         trial_dir = output_dir / TRIALS_DIR / trial_name(params)
@@ -228,7 +261,12 @@ def run_sweep(config: Config) -> dict[str, Any]:
         from hdpo_ray.pipeline import last_metrics
 
         error = errors.get(trial_name(params))
-        status = f"error: {str(error).strip().splitlines()[-1][:200]}" if error else ("stopped early" if config.sweep.early_stopping else "not finished")
+        if error:
+            status = f"error: {str(error).strip().splitlines()[-1][:200]}"
+        elif states.get(trial_name(params)) == "TERMINATED" and config.sweep.early_stopping:
+            status = "stopped early"
+        else:
+            status = "interrupted"
         rows.append(trial_row(params, last_metrics(trial_dir / "metrics.jsonl"), {}, steps=None, wall_s=None, final_model=None, status=status))
     forward_pairs = sum(i["reference_forward_pairs"] for i in state["invocations"])
     from hdpo_ray.data.prepare import _read_manifest

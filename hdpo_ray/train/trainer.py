@@ -58,8 +58,11 @@ def total_optimizer_steps(config: Config, num_pairs: int) -> int:
     return steps
 
 
-def check_resources(config: Config, cluster: dict[str, float]) -> None:
-    """Fail fast where Ray would wait forever: workers and the reference pool must fit, with CPU left for Ray Data."""
+def check_resources(config: Config, cluster: dict[str, float], *, stream: bool = True) -> None:
+    """Fail fast where Ray would wait forever: workers and the reference pool must fit, with CPU left for Ray Data.
+
+    stream=False: the reference pool never runs beside the workers (a sweep always caches its output).
+    """
     train, ref = config.train, config.reference
     cpus, gpus = cluster.get("CPU", 0.0), cluster.get("GPU", 0.0)
     need_cpu = train.num_workers * train.cpus_per_worker
@@ -75,7 +78,7 @@ def check_resources(config: Config, cluster: dict[str, float]) -> None:
             f"reference pool of {ref.num_actors} actors x ({ref.num_cpus_per_actor:g} CPU, {ref.num_gpus_per_actor:g} GPU) plus {DATA_CPUS:g} CPU for Ray Data "
             f"does not fit the cluster ({cpus:g} CPU, {gpus:g} GPU); lower reference.num_actors or its per-actor resources"
         )  # fmt: skip
-    if config.reference.cache_dir is None:  # streaming: the pool runs beside the training workers
+    if config.reference.cache_dir is None and stream:  # streaming: the pool runs beside the training workers
         if need_cpu + ref.num_actors * ref.num_cpus_per_actor > cpus - DATA_CPUS + 1e-9 or (train.num_workers if train.use_gpu else 0) + ref.num_actors * ref.num_gpus_per_actor > gpus + 1e-9:
             raise ResourceError("reference.cache_dir is null, so the reference pool streams beside the training workers, but both do not fit the cluster at once; set a cache_dir or lower their resources")
 

@@ -35,7 +35,7 @@ def subset(tmp_path) -> tuple[Path, Path]:
 def _command(out: Path, cache: Path, train: Path, test: Path) -> list[str]:
     return [
         hdpo_ray_exe(), "sweep", f"output_dir={out}", f"reference.cache_dir={cache}", f"data.train_files=[{train}]", f"data.eval_files=[{test}]",
-        "train.max_steps=30", "train.logging_steps=10", "train.eval_steps=30", "train.save_steps=10",
+        "train.max_steps=30", "train.lr=1e-3", "train.logging_steps=10", "train.eval_steps=30", "train.save_steps=10",
         f"sweep.alphas=[{','.join(map(str, ALPHAS))}]", "sweep.entropy_prompts=32", "sweep.entropy_max_new_tokens=32",
     ]  # fmt: skip
 
@@ -61,6 +61,8 @@ def test_sweep_resumes_shares_one_reference_pass_and_orders_entropy_by_alpha(ray
         process.wait()
     finished_before = sorted(p.parent.name for p in (out / "trials").glob("*/summary.json"))
     assert len(finished_before) < len(ALPHAS), "the sweep ended before it could be interrupted"
+    assert process.returncode == 1 and "rerun the same command to resume it" in (tmp_path / "first.log").read_text()
+    started = {p.parent.name: json.loads(p.read_text())["name"] for p in (out / "trials").glob("*/run.json") if p.parent.name not in finished_before}
     first_summary = (first_trial / "summary.json").read_text()
     first_metrics = (first_trial / "metrics.jsonl").read_text()
 
@@ -69,6 +71,9 @@ def test_sweep_resumes_shares_one_reference_pass_and_orders_entropy_by_alpha(ray
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert (first_trial / "summary.json").read_text() == first_summary
     assert (first_trial / "metrics.jsonl").read_text() == first_metrics  # not trained again
+
+    for trial, run_name in started.items():  # an interrupted trial's Ray Train run continued under its name, from its checkpoint
+        assert json.loads((out / "trials" / trial / "run.json").read_text())["name"] == run_name
 
     rows = list(csv.DictReader(open(out / "results.csv")))
     assert [float(r["alpha"]) for r in rows] == list(ALPHAS) and {r["status"] for r in rows} == {"finished"}
@@ -85,5 +90,5 @@ def test_sweep_resumes_shares_one_reference_pass_and_orders_entropy_by_alpha(ray
         values = [float(r[measure]) for r in rows]
         assert values[0] < values[1] < values[2], (measure, values)
     best = json.loads((out / "best.json").read_text())["best"]
-    assert best["trial"] in {r["trial"] for r in rows} and best[ "final_model"]
+    assert best["trial"] in {r["trial"] for r in rows} and best["final_model"]
     assert (out / "alpha_sweep.png").stat().st_size > 10_000

@@ -10,7 +10,7 @@ import pytest
 
 from hdpo_ray.config import PAPER_ALPHAS, ConfigError, load_config
 from hdpo_ray.sweep.results import select_best, trial_row, write_results
-from hdpo_ray.sweep.tuner import _check_sweep, _claim_output_dir, concurrent_trials, early_stopping_scheduler, trial_config, trial_grid, trial_name
+from hdpo_ray.sweep.tuner import _check_sweep, _claim_output_dir, concurrent_trials, early_stopping_scheduler, trial_config, trial_grid, trial_name, without_final_eval
 
 
 def test_default_grid_is_the_papers_alphas_at_the_configured_beta_and_lr():
@@ -32,13 +32,14 @@ def test_bad_grids_are_config_errors(override):
         load_config(overrides=[override])
 
 
-def test_trial_config_sets_the_point_and_its_own_output_dir(tmp_path):
-    base = load_config(overrides=["train.storage_path=/elsewhere"])
+def test_trial_config_sets_the_point_and_its_own_output_dir_and_storage(tmp_path):
+    base = load_config(overrides=["train.storage_path=s3://bucket/runs/"])
     config = trial_config(base, {"alpha": 0.9, "beta": 0.2, "lr": 3e-4}, str(tmp_path))
     assert (config.loss.alpha, config.loss.beta, config.train.lr) == (0.9, 0.2, 3e-4)
     assert config.output_dir == str(tmp_path / "trials" / "alpha=0.9_beta=0.2_lr=0.0003")
-    assert config.train.storage_path is None  # checkpoints live under each trial's own directory
-    assert base.loss.alpha == 1.0  # the base is not modified
+    assert config.train.storage_path == "s3://bucket/runs/trials/alpha=0.9_beta=0.2_lr=0.0003"
+    assert base.loss.alpha == 1.0 and base.train.storage_path == "s3://bucket/runs/"  # the base is not modified
+    assert trial_config(load_config(), {"alpha": 1.0, "beta": 0.1, "lr": 1e-3}, str(tmp_path)).train.storage_path is None  # under the trial's output_dir
 
 
 @pytest.mark.parametrize(
@@ -68,9 +69,11 @@ def test_output_dir_resumes_the_same_sweep_and_refuses_another(tmp_path):
     config = load_config(overrides=["sweep.alphas=[0.8,1.0]"])
     state = _claim_output_dir(config, tmp_path)
     (tmp_path / "sweep.json").write_text(json.dumps(state))
-    assert _claim_output_dir(load_config(overrides=["sweep.alphas=[0.8,1.0]", "sweep.max_concurrent_trials=2"]), tmp_path)["config"] == state["config"]
+    assert _claim_output_dir(load_config(overrides=["sweep.alphas=[0.8,1.0]", f"output_dir={tmp_path}"]), tmp_path)["config"] == state["config"]
     with pytest.raises(ConfigError, match=r"sweep.alphas: \[0.8, 1.0\] there, \[0.8, 1.2\] now"):
         _claim_output_dir(load_config(overrides=["sweep.alphas=[0.8,1.2]"]), tmp_path)
+    with pytest.raises(ConfigError, match="sweep.max_concurrent_trials"):  # Tuner.restore keeps the first TuneConfig
+        _claim_output_dir(load_config(overrides=["sweep.alphas=[0.8,1.0]", "sweep.max_concurrent_trials=2"]), tmp_path)
 
 
 def _row(alpha, status="finished", metric=0.5, **extra):
@@ -100,10 +103,21 @@ def test_write_results_files(tmp_path):
     assert (tmp_path / "alpha_sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_early_stopping_is_asha_on_the_metric_over_steps():
+def test_early_stopping_is_asha_on_the_metric_over_steps_and_never_stops_a_last_report():
     assert early_stopping_scheduler(load_config(), 100) is None
     asha = early_stopping_scheduler(load_config(overrides=["sweep.early_stopping=true", "train.eval_steps=20", "sweep.mode=max"]), 100)
-    assert (asha._time_attr, asha.metric, asha._max_t, asha._reduction_factor) == ("step", "eval/policy_accuracy", 100, 2)
-    assert asha._brackets[0]._rungs[-1][0] == 20  # the first rung: grace = eval_steps
+    assert (asha._time_attr, asha.metric, asha._max_t, asha._reduction_factor, asha._stop_last_trials) == ("step", "eval/policy_accuracy", 100, 2, False)
+    assert [milestone for milestone, _ in asha._brackets[0]._rungs] == [80, 40, 20]  # grace = eval_steps, then x2
     asha = early_stopping_scheduler(load_config(overrides=["sweep.early_stopping=true", "train.eval_steps=20", "sweep.grace_steps=50"]), 30)
-    assert asha._brackets[0]._rungs[-1][0] == 30  # grace capped at the run's length
+    assert [milestone for milestone, _ in asha._brackets[0]._rungs] == [29]  # capped below the last step
+    # The last step's report reaches Tune without eval metrics, so ASHA (which skips results without its
+    # metric) cannot stop a trial between the end of training and its export; earlier reports keep them.
+    last = {"step": 30, "loss": 0.5, "eval/policy_accuracy": 0.4, "eval/loss": 0.7}
+    assert without_final_eval(last, 30) == {"step": 30, "loss": 0.5}
+    assert without_final_eval({**last, "step": 10}, 30) == {**last, "step": 10}
+
+    class Trial:
+        trial_id = "worst"
+
+    asha.on_trial_add(None, Trial)
+    assert asha.on_trial_result(None, Trial, without_final_eval(last, 30)) == "CONTINUE"
