@@ -55,14 +55,21 @@ def build_engine(config: Config, *, total_steps: int, world_size: int):
     ds_config = build_deepspeed_config(train, world_size=world_size, on_gpu=on_gpu)
     # Under ZeRO-3, transformers reads this object while loading and partitions the weights as they
     # arrive (zero.Init), so no rank ever holds the whole model; it must stay alive until initialize.
-    zero3_loading = _hf_deepspeed_config(ds_config) if train.zero_stage == 3 else None
+    zero3_loading = None
+    if train.zero_stage == 3:
+        # zero.Init inside from_pretrained asks DeepSpeed's comm layer for the world size: hand it the
+        # process group Ray Train set up, or it sees one rank and rejects the batch sizes.
+        deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
+        zero3_loading = _hf_deepspeed_config(ds_config)
     model = load_causal_lm(config.model.name_or_path, dtype=torch.float32, trust_remote_code=config.model.trust_remote_code)
     if config.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     policy = PolicyLogprobs(model, config.model.logprob_chunk_tokens, zero3=train.zero_stage == 3)
-    decay = [p for n, p in policy.named_parameters() if p.ndim >= 2]
-    no_decay = [p for n, p in policy.named_parameters() if p.ndim < 2]
+    # Weight decay on matrices only. Parameters that zero.Init partitioned while loading have an
+    # empty local shape: their real one is ds_shape.
+    decay = [p for p in policy.parameters() if len(getattr(p, "ds_shape", p.shape)) >= 2]
+    no_decay = [p for p in policy.parameters() if len(getattr(p, "ds_shape", p.shape)) < 2]
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=train.lr, betas=train.adam_betas, fused=on_gpu or None,
