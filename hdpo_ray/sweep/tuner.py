@@ -220,7 +220,7 @@ def run_sweep(config: Config) -> dict[str, Any]:
     """The whole sweep; returns {"rows", "best", "reference_forward_pairs", "wall_s"} and writes the result files."""
     import ray
 
-    from hdpo_ray.pipeline import init_ray, prepare_data
+    from hdpo_ray.pipeline import init_ray, last_metrics, prepare_data
     from hdpo_ray.sweep.results import trial_row, write_results
     from hdpo_ray.train.trainer import check_resources, total_optimizer_steps
 
@@ -258,8 +258,6 @@ def run_sweep(config: Config) -> dict[str, Any]:
         if (trial_dir / SUMMARY).exists():
             rows.append(json.loads((trial_dir / SUMMARY).read_text()))
             continue
-        from hdpo_ray.pipeline import last_metrics
-
         error = errors.get(trial_name(params))
         if error:
             status = f"error: {str(error).strip().splitlines()[-1][:200]}"
