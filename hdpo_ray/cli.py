@@ -1,4 +1,4 @@
-"""`hdpo-ray train|sweep [--config FILE.yaml] [key=value ...]` and `hdpo-ray toy` (also `python -m hdpo_ray`).
+"""`hdpo-ray train|sweep|eval [--config FILE.yaml] [key=value ...]` and `hdpo-ray toy` (also `python -m hdpo_ray`).
 
 Bad input -- an unknown key, a value out of range, a missing file, an invalid data row -- prints one
 line `hdpo-ray: error: ...` and exits with status 2; no traceback.
@@ -25,6 +25,10 @@ def _parser() -> argparse.ArgumentParser:
     sweep = commands.add_parser("sweep", help="train one policy per alpha (x beta x lr) on Ray Tune, sharing one reference pass; rerun to resume")
     sweep.add_argument("--config", help="YAML file of config sections; the sweep: section holds the grid")
     sweep.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. sweep.alphas=[0.8,1.0,1.2]")
+    evaluate = commands.add_parser("eval", help="sample from a model on GSM8K, HumanEval, IFEval, MMLU-Pro; pass@k per temperature, with entropy")
+    evaluate.add_argument("--model", help="model directory, hub id or embedded id (default: model.name_or_path of the config)")
+    evaluate.add_argument("--config", help="YAML file of config sections; the eval: section holds the plan")
+    evaluate.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. eval.tasks=[gsm8k] eval.limit=20")
     toy = commands.add_parser("toy", help="the paper's toy: fit one Gaussian to a two-mode mixture under the alpha-weighted reverse KL")
     toy.add_argument("--output-dir", default="outputs/toy", help="where toy.png, toy.md and toy.json go")
     toy.add_argument("--d", type=float, default=None, help="the modes sit at -d and +d (default: where alpha=1 covers both and alpha<=0.9 picks one)")
@@ -45,6 +49,17 @@ def _toy(args: argparse.Namespace) -> int:
     return 0
 
 
+def _evaluate(config, model: str) -> int:
+    from hdpo_ray.eval.runner import eval_output_dir, run_eval, tasks_to_run
+
+    output_dir = eval_output_dir(config)
+    results = run_eval(config, model, tasks=tasks_to_run(config), output_dir=output_dir)
+    first_t, k = f"{config.eval.temperatures[0]:g}", config.eval.k[0]
+    scores = ", ".join(f"{task} pass@{k} {by_t[first_t][f'pass@{k}']:.3f}" for task, by_t in results["tasks"].items())
+    print(f"[hdpo-ray] eval done in {results['wall_s']:.0f} s ({results['backend']}): {scores} at T={first_t}; tables in {output_dir}/results.md")
+    return 0
+
+
 def _report_sweep(config, outcome: dict) -> int:
     best, rows = outcome["best"], outcome["rows"]
     finished = sum(r["status"] == "finished" for r in rows)
@@ -62,13 +77,14 @@ def _bad_input_message(err: BaseException) -> str | None:
     from hdpo_ray.data.prepare import DataError
     from hdpo_ray.data.read import SourceError
     from hdpo_ray.data.template import TemplateError
+    from hdpo_ray.eval.tasks.base import TaskDataError
     from hdpo_ray.models import ModelSourceError
     from hdpo_ray.train.trainer import ResourceError
 
     seen = set()
     while err is not None and id(err) not in seen:
         seen.add(id(err))
-        if isinstance(err, (ConfigError, DataError, SourceError, TemplateError, ResourceError, ModelSourceError)):
+        if isinstance(err, (ConfigError, DataError, SourceError, TemplateError, ResourceError, ModelSourceError, TaskDataError)):
             return str(err)
         err = getattr(err, "cause", None) or err.__cause__
     return None
@@ -88,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="[hdpo-ray] %(message)s")
     try:
         config = load_config(args.config or str(EMBEDDED_DEFAULT), args.overrides)
+        if args.command == "eval":
+            return _evaluate(config, args.model or config.model.name_or_path)
         if args.command == "sweep":
             from hdpo_ray.sweep.tuner import run_sweep
 

@@ -130,6 +130,41 @@ class SweepConfig(_Section):
         return self
 
 
+EVAL_TASKS = ("gsm8k", "humaneval", "ifeval", "mmlu_pro")
+
+
+class EvalConfig(_Section):
+    tasks: list[Literal["gsm8k", "humaneval", "ifeval", "mmlu_pro"]] = Field(default_factory=list, description="Tasks to evaluate. `hdpo-ray eval` with none runs all four; `hdpo-ray sweep` evaluates each trial's model on these (none by default).")
+    data: dict[str, str] = Field(default_factory=dict, description="Per-task data source instead of the shipped copy: a file in the official layout, a URI, or a hub id owner/name:split (e.g. eval.data.gsm8k=test.jsonl).")
+    limit: int | None = Field(None, gt=0, description="Evaluate only the first N problems of each task (quick runs); null runs all.")
+    num_samples: int = Field(1, gt=0, description="Completions sampled per problem and temperature (n of pass@k).")
+    k: list[int] = Field(default_factory=lambda: [1], description="pass@k for these k (each at most eval.num_samples), unbiased estimator of Chen et al. 2021.")
+    temperatures: list[float] = Field(default_factory=lambda: [1.0], description="Sampling temperatures; every problem is sampled at each (use e.g. 0.01 for near-greedy).")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling threshold (1.0: off).")
+    max_new_tokens: int = Field(512, gt=0, description="Longest completion in tokens.")
+    max_prompt_length: int = Field(2048, gt=0, description="Longer prompts keep their last tokens (counted as truncated in results.json).")
+    seed: int = Field(0, description="Sampling seed; each (task, problem, temperature) draws from its own seed derived from it, whatever the batching.")
+    backend: Literal["auto", "hf", "vllm"] = Field("auto", description="auto: vLLM when it is installed and the actors get GPUs, else Hugging Face generate.")
+    num_actors: int = Field(1, gt=0, description="Sampling actors (Ray Data actor pool), each holding one copy of the model.")
+    num_cpus_per_actor: float = Field(1.0, ge=0, description="CPUs each sampling actor reserves.")
+    num_gpus_per_actor: float = Field(0.0, ge=0, description="GPUs each sampling actor reserves (bf16 on GPU).")
+    torch_threads: int | None = Field(None, gt=0, description="Intra-op threads per CPU actor; null derives it from num_cpus_per_actor.")
+    code_timeout_s: float = Field(10.0, gt=0, description="HumanEval: wall-clock limit per program run in the sandbox.")
+    code_memory_mb: int = Field(1024, gt=0, description="HumanEval: address-space limit per program run in the sandbox.")
+    output_dir: str | None = Field(None, description="Where results.json/md, samples.jsonl and plots go; null means OUTPUT_DIR/eval.")
+
+    @model_validator(mode="after")
+    def _sampling_plan(self) -> "EvalConfig":
+        if not self.k or any(k <= 0 or k > self.num_samples for k in self.k):
+            raise ValueError(f"eval.k must be a non-empty list of integers between 1 and eval.num_samples ({self.num_samples}); got {self.k}")
+        if not self.temperatures or any(t <= 0 for t in self.temperatures):
+            raise ValueError(f"eval.temperatures must be a non-empty list of positive numbers (got {self.temperatures}); use e.g. 0.01 for near-greedy")
+        unknown = sorted(set(self.data) - set(EVAL_TASKS))
+        if unknown:
+            raise ValueError(f"eval.data.{unknown[0]}: not a task (tasks: {', '.join(EVAL_TASKS)})")
+        return self
+
+
 class Config(_Section):
     output_dir: str = Field("outputs/hdpo-tiny", description="Where metrics.jsonl, data_report.json and final/ go.")
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -138,6 +173,7 @@ class Config(_Section):
     reference: ReferenceConfig = Field(default_factory=ReferenceConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     sweep: SweepConfig = Field(default_factory=SweepConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
@@ -245,7 +281,7 @@ def looks_like_hub_id(spec: str) -> bool:
     return bool(_HUB_ID.match(spec)) and not spec.endswith(DATA_SUFFIXES)
 
 
-DATA_SUFFIXES = (".parquet", ".jsonl", ".json")
+DATA_SUFFIXES = (".parquet", ".jsonl", ".jsonl.gz", ".json")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(:[\w.-]+)?$")
 
 

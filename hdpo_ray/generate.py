@@ -75,3 +75,28 @@ def sample(
             length = ids.index(eos_id) + 1 if finished else len(ids)
             samples.append(Sample(ids[:length], float(entropy[row, :length].sum()), finished))
     return samples
+
+
+@torch.inference_mode()
+def completion_entropy(model: torch.nn.Module, prompt_ids: list[int], completions: list[list[int]], *, temperature: float, top_p: float) -> list[float]:
+    """Per completion, the summed entropy (nats) of the distributions its tokens were drawn from, by one
+    forward pass each: what `sample` records, for tokens sampled elsewhere (vLLM).
+
+    The distribution at each completion position is the model's logits put through generate's own
+    temperature and top-p warpers, so both paths agree exactly (tests check it on CPU).
+    """
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
+
+    device = next(model.parameters()).device
+    warpers = [TemperatureLogitsWarper(temperature)] + ([TopPLogitsWarper(top_p)] if top_p < 1.0 else [])
+    sums = []
+    for completion in completions:
+        if not completion:
+            sums.append(0.0)
+            continue
+        ids = torch.as_tensor([prompt_ids + completion], dtype=torch.long, device=device)  # (1, P + S)
+        logits = model(input_ids=ids).logits[0, len(prompt_ids) - 1 : -1].float()  # (S, V): position t predicts completion token t
+        for warp in warpers:  # warpers act row by row, so the S positions can go through as a batch
+            logits = warp(ids, logits)
+        sums.append(float(entropy_of_scores(logits).sum()))
+    return sums

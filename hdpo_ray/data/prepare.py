@@ -122,7 +122,7 @@ def summarize(entry: str) -> dict[str, Any]:
 
 
 def _row_name(file: str, row: int) -> str:
-    return f"{file}, {'line' if file.endswith('.jsonl') else 'row'} {row}"
+    return f"{file}, {'line' if file.endswith(('.jsonl', '.jsonl.gz')) else 'row'} {row}"
 
 
 def _valid_only(table: pa.Table) -> pa.Table:

@@ -13,6 +13,7 @@ dataset ids `owner/name:split` (resolved to the split's parquet files through hf
 from __future__ import annotations
 
 import glob
+import gzip
 import io
 import json
 import os
@@ -118,7 +119,7 @@ def fingerprint_sources(files: list[str]) -> list[tuple[str, int, str]]:
 def _open(file: str):
     if "://" in file:
         fs, path = _filesystem(file)
-        return fs.open_input_stream(path)
+        return fs.open_input_stream(path, compression=None)  # bytes as stored: .gz is decompressed by the reader
     return open(file, "rb")
 
 
@@ -133,8 +134,9 @@ def _records(file: str) -> Iterator[tuple[int, str | None, str | None]]:
                 for record in batch.to_pylist():
                     row += 1
                     yield row, json.dumps(record, ensure_ascii=False, default=str), None
-    elif file.endswith(".jsonl"):
-        with _open(file) as stream:
+    elif file.endswith((".jsonl", ".jsonl.gz")):
+        with _open(file) as raw_stream:
+            stream = gzip.GzipFile(fileobj=raw_stream) if file.endswith(".gz") else raw_stream
             for line_no, line in enumerate(io.TextIOWrapper(stream, encoding="utf-8", errors="replace"), start=1):
                 if not line.strip():
                     continue  # blank lines (a trailing newline) are not rows

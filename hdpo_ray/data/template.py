@@ -52,9 +52,11 @@ def _completion_ids(tokenizer, prompt_text: str, messages: list[dict[str, str]],
     return ids
 
 
-def encode_pair(pair: Pair, tokenizer, *, max_length: int, max_prompt_length: int) -> EncodedPair:
-    """Tokenize one pair with the tokenizer's chat template and truncate it to max_length."""
-    messages = pair.prompt_messages()
+def encode_prompt(tokenizer, messages: list[dict[str, str]]) -> tuple[str, list[int]]:
+    """The prompt rendered with the generation prompt, and its ids with exactly one BOS where the tokenizer adds one.
+
+    Training and evaluation both encode prompts here, so a model is evaluated on the template it learnt.
+    """
     prompt_text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     prompt = tokenizer(prompt_text, add_special_tokens=False).input_ids
     bos = tokenizer.bos_token_id
@@ -62,6 +64,14 @@ def encode_pair(pair: Pair, tokenizer, *, max_length: int, max_prompt_length: in
         prompt = [bos] + prompt
     while bos is not None and prompt[:2] == [bos, bos]:
         prompt = prompt[1:]
+    return prompt_text, prompt
+
+
+def encode_pair(pair: Pair, tokenizer, *, max_length: int, max_prompt_length: int) -> EncodedPair:
+    """Tokenize one pair with the tokenizer's chat template and truncate it to max_length."""
+    messages = pair.prompt_messages()
+    prompt_text, prompt = encode_prompt(tokenizer, messages)
+    bos = tokenizer.bos_token_id
     chosen = _completion_ids(tokenizer, prompt_text, messages, pair.chosen)
     rejected = _completion_ids(tokenizer, prompt_text, messages, pair.rejected)
 

@@ -4,7 +4,9 @@ The best trial is chosen on sweep.metric, which must compare across alphas. The 
 implied rewards do not: both are built from alpha * log pi, so a smaller alpha gives a different loss
 for the same policy. The default, eval/policy_accuracy, is how often the trained policy itself gives
 the held-out chosen response a higher mean log-prob per token than the rejected one; it depends on
-the policy alone. Downstream task scores replace it once the evaluation issue lands.
+the policy alone. With eval.tasks, each trial's model is also evaluated on the tasks and sweep.metric
+may be a task metric such as `gsm8k/pass@1/t=0.6` (hdpo_ray.sweep.task_results adds the columns and
+the alpha x temperature table).
 """
 
 from __future__ import annotations
@@ -26,13 +28,13 @@ COLUMNS = (
 TRAIN_KEYS = ("loss", "rewards/accuracies", "policy_accuracy", "eval/loss", "eval/rewards/accuracies", "eval/policy_accuracy", "eval/logps/chosen", "eval/entropy")
 
 
-def trial_row(params: dict[str, float], metrics: dict[str, Any], entropy: dict[str, float], *, steps: int | None, wall_s: float | None, final_model: str | None, status: str) -> dict[str, Any]:
-    """One table row from a trial's grid point, its last logged metrics and its entropy measures."""
+def trial_row(params: dict[str, float], metrics: dict[str, Any], measures: dict[str, float], *, steps: int | None, wall_s: float | None, final_model: str | None, status: str) -> dict[str, Any]:
+    """One table row from a trial's grid point, its last logged metrics and its measures (entropy, task metrics)."""
     from hdpo_ray.sweep.tuner import trial_name
 
     row = {"trial": trial_name(params), **params, "status": status, "steps": steps if steps is not None else metrics.get("step")}
     row |= {k: metrics[k] for k in TRAIN_KEYS if k in metrics}
-    row |= entropy
+    row |= measures
     row |= {"wall_s": round(wall_s, 1) if wall_s is not None else None, "final_model": final_model}
     return row
 
@@ -57,12 +59,14 @@ def _cell(value: Any) -> str:
 def write_results(config: Config, output_dir: Path, rows: list[dict[str, Any]], reference: dict[str, int]) -> dict[str, Any] | None:
     """results.csv, results.md, alpha_sweep.png and best.json in output_dir; returns the best row."""
     sweep = config.sweep
+    from hdpo_ray.sweep.task_results import task_columns, write_alpha_temperature
+
     best = select_best(rows, sweep.metric, sweep.mode)
     with open(output_dir / "results.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        writer = csv.DictWriter(f, fieldnames=[*COLUMNS, *task_columns(rows)], extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-    shown = [c for c in COLUMNS if c != "final_model"]
+    shown = [c for c in COLUMNS if c != "final_model"] + task_columns(rows, headline_only=True)
     lines = [
         "# H-DPO alpha sweep", "",
         f"- Reference log-probs: {reference['pairs']} pairs (train + eval); reference forward passes over the whole sweep: "
@@ -79,6 +83,7 @@ def write_results(config: Config, output_dir: Path, rows: list[dict[str, Any]], 
     (output_dir / "results.md").write_text("\n".join(lines))
     (output_dir / "best.json").write_text(json.dumps({"metric": sweep.metric, "mode": sweep.mode, "best": best}, indent=2))
     plot_sweep(rows, output_dir / "alpha_sweep.png", sweep.metric)
+    write_alpha_temperature(config, rows, output_dir)
     return best
 
 

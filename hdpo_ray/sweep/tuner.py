@@ -4,7 +4,8 @@ Driver:  prepare the data once (read -> validate -> tokenize -> reference log-pr
          -> Tuner over the grid (or Tuner.restore of the same sweep: finished trials are not rerun)
          -> results.csv, results.md, alpha_sweep.png, best.json (hdpo_ray.sweep.results)
 Trial:   TorchTrainer.fit on the cached pairs, reporting to Tune through TuneReportCallback
-         -> export -> both entropy measures on a Ray task -> OUTPUT_DIR/trials/<name>/summary.json
+         -> export -> both entropy measures on a Ray task -> eval.tasks, if any (hdpo_ray.eval)
+         -> OUTPUT_DIR/trials/<name>/summary.json
 
 The reference log-probs do not depend on alpha, beta or the learning rate, so the trials only read
 them: the reference model runs once per pair for the whole sweep.
@@ -64,13 +65,16 @@ def concurrent_trials(config: Config, cluster: dict[str, float]) -> int:
 
 
 def _check_sweep(config: Config) -> None:
+    from hdpo_ray.eval.runner import selectable_task_metrics
     from hdpo_ray.sweep.results import SELECTABLE_METRICS
 
     sweep = config.sweep
     if not config.data.eval_files:
         raise ConfigError("a sweep needs data.eval_files: the selection metric and the entropy measures use held-out pairs")
-    if sweep.metric not in SELECTABLE_METRICS:
-        raise ConfigError(f"sweep.metric {sweep.metric!r} is not one of {', '.join(SELECTABLE_METRICS)}")
+    task_metrics = selectable_task_metrics(config.eval)
+    if sweep.metric not in SELECTABLE_METRICS and sweep.metric not in task_metrics:
+        example = task_metrics[0] if task_metrics else "gsm8k/pass@1/t=1 with eval.tasks=[gsm8k]"
+        raise ConfigError(f"sweep.metric {sweep.metric!r} is not one of {', '.join(SELECTABLE_METRICS)}, nor a metric of eval.tasks (e.g. {example})")
     if sweep.early_stopping and (sweep.metric not in EARLY_STOPPING_METRICS or not config.train.eval_steps):
         raise ConfigError(f"sweep.early_stopping needs train.eval_steps > 0 and sweep.metric in {', '.join(EARLY_STOPPING_METRICS)} (reported at every evaluation)")
 
@@ -149,12 +153,26 @@ def run_trial(point: dict, shared: dict) -> None:
         measure.remote(final, shared["eval_encoded_entry"], num_prompts=sweep.entropy_prompts, max_new_tokens=sweep.entropy_max_new_tokens,
                        seed=sweep.entropy_seed, use_gpu=train.use_gpu, torch_threads=train.torch_threads or max(1, int(cpus)))
     )  # fmt: skip
-    row = trial_row(params, last_metrics(trial_dir / "metrics.jsonl"), entropy, steps=steps, wall_s=time.time() - started, final_model=final, status="finished")
+    task_metrics = _evaluate_tasks(config, final, trial_dir) if config.eval.tasks else {}
+    row = trial_row(params, last_metrics(trial_dir / "metrics.jsonl"), entropy | task_metrics, steps=steps, wall_s=time.time() - started, final_model=final, status="finished")
     row["tokens_per_s"] = _mean_throughput(trial_dir / "metrics.jsonl")
     partial = summary_file.with_suffix(".partial")
     partial.write_text(json.dumps(row, indent=2))
     os.replace(partial, summary_file)  # a summary is complete or absent
     ray.tune.report(row)
+
+
+def _evaluate_tasks(config: Config, final: str, trial_dir: Path) -> dict[str, float]:
+    """eval.tasks on the trial's final model, sampled on this node; an earlier invocation's complete results are reused."""
+    import ray
+
+    from hdpo_ray.eval.runner import run_eval
+
+    done = trial_dir / "eval" / "results.json"  # written last, whole, by run_eval; sweep.json pins the config
+    if done.exists():
+        return json.loads(done.read_text())["metrics"]
+    results = run_eval(config, final, tasks=list(dict.fromkeys(config.eval.tasks)), output_dir=str(done.parent), node_id=ray.get_runtime_context().get_node_id())
+    return results["metrics"]
 
 
 def without_final_eval(row: dict[str, Any], total_steps: int) -> dict[str, Any]:

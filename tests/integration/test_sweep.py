@@ -1,6 +1,8 @@
 """`hdpo-ray sweep` end to end on the embedded default (SFT'd tiny Llama, real UltraFeedback pairs):
 interrupted after its first trial and rerun, it resumes without rerunning that trial, runs the
-reference model once per pair for the whole sweep, and the trained policies' entropy follows alpha."""
+reference model once per pair for the whole sweep, and the trained policies' entropy follows alpha.
+Each trial's model is also evaluated on GSM8K (eval.tasks), selected on a task metric, and the sweep
+writes the alpha x temperature table."""
 
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from tests.conftest import REPO, hdpo_ray_exe
 pytestmark = pytest.mark.slow
 ALPHAS = (0.8, 1.0, 1.2)
 TRAIN_PAIRS, EVAL_PAIRS = 160, 48
+TASK_METRIC = "gsm8k/pass@2/t=1"
 
 
 @pytest.fixture
@@ -37,9 +40,12 @@ def _command(out: Path, cache: Path, train: Path, test: Path) -> list[str]:
         hdpo_ray_exe(), "sweep", f"output_dir={out}", f"reference.cache_dir={cache}", f"data.train_files=[{train}]", f"data.eval_files=[{test}]",
         "train.max_steps=30", "train.lr=1e-3", "train.logging_steps=10", "train.eval_steps=30", "train.save_steps=10",
         f"sweep.alphas=[{','.join(map(str, ALPHAS))}]", "sweep.entropy_prompts=32", "sweep.entropy_max_new_tokens=32",
+        "eval.tasks=[gsm8k]", "eval.limit=4", "eval.num_samples=2", "eval.k=[1,2]", "eval.temperatures=[0.5,1.0]", "eval.max_new_tokens=24",
+        f"sweep.metric={TASK_METRIC}",
     ]  # fmt: skip
 
 
+@pytest.mark.timeout(1500)
 def test_sweep_resumes_shares_one_reference_pass_and_orders_entropy_by_alpha(ray_address, tmp_path, subset):
     out, cache = tmp_path / "sweep", tmp_path / "cache"
     command = _command(out, cache, *subset)
@@ -89,6 +95,18 @@ def test_sweep_resumes_shares_one_reference_pass_and_orders_entropy_by_alpha(ray
     for measure in ("entropy/teacher_forced", "entropy/sampled"):
         values = [float(r[measure]) for r in rows]
         assert values[0] < values[1] < values[2], (measure, values)
-    best = json.loads((out / "best.json").read_text())["best"]
-    assert best["trial"] in {r["trial"] for r in rows} and best["final_model"]
+    best = json.loads((out / "best.json").read_text())
+    assert best["metric"] == TASK_METRIC and best["best"]["trial"] in {r["trial"] for r in rows} and best["best"]["final_model"]
     assert (out / "alpha_sweep.png").stat().st_size > 10_000
+
+    # GSM8K on every trial's model: results in the trial's eval/, task columns, the alpha x temperature view.
+    for row in rows:
+        evaluation = json.loads((Path(row["final_model"]).parent / "eval" / "results.json").read_text())
+        assert evaluation["model"] == row["final_model"] and evaluation["tasks"]["gsm8k"]["1"]["samples"] == 4 * 2
+        assert float(row[TASK_METRIC]) == pytest.approx(evaluation["metrics"][TASK_METRIC])
+    header = (out / "results.md").read_text().split("\n| trial")[1].split("\n")[0]
+    assert all(f"gsm8k/{m}/t={t}" in header for m in ("pass@1", "pass@2", "entropy") for t in ("0.5", "1"))
+    table = (out / "alpha_temperature.md").read_text()
+    assert "## gsm8k: pass@1" in table and "## gsm8k: entropy" in table and "| alpha=0.8 |" in table and "T=0.5 | T=1" in table
+    assert (out / "alpha_temperature.png").stat().st_size > 10_000
+    print("gsm8k entropy at T=1 by alpha:", [float(r["gsm8k/entropy/t=1"]) for r in rows])

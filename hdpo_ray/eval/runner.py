@@ -1,0 +1,110 @@
+"""`hdpo-ray eval` end to end: load tasks -> sample on a Ray Data actor pool -> score -> tables and plots.
+
+Every (task, problem, temperature) row must come back with eval.num_samples completions and every
+completion gets a score; a shortfall stops the run rather than shrinking a denominator silently.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from hdpo_ray.config import EVAL_TASKS, Config, EvalConfig
+
+log = logging.getLogger("hdpo_ray")
+
+
+def eval_output_dir(config: Config) -> str:
+    return config.eval.output_dir or str(Path(config.output_dir) / "eval")
+
+
+def tasks_to_run(config: Config) -> list[str]:
+    """eval.tasks, or all four when none are named (the `hdpo-ray eval` default)."""
+    return list(dict.fromkeys(config.eval.tasks)) or list(EVAL_TASKS)
+
+
+def selectable_task_metrics(e: EvalConfig) -> list[str]:
+    """The task metrics a sweep can select on: pass@k for each eval.k, entropy and each task's own summary metrics, at each temperature."""
+    from hdpo_ray.eval.report import metric_key
+    from hdpo_ray.eval.tasks import get_task_class
+
+    names = []
+    for task in dict.fromkeys(e.tasks):
+        metrics = [f"pass@{k}" for k in e.k] + ["entropy", *get_task_class(task).summary_metrics]
+        names += [metric_key(task, m, t) for t in e.temperatures for m in metrics]
+    return names
+
+
+def check_eval_resources(e: EvalConfig, cluster: dict[str, float]) -> None:
+    """The sampling pool must fit the cluster, or Ray Data would wait for it forever."""
+    from hdpo_ray.train.trainer import ResourceError
+
+    cpus, gpus = cluster.get("CPU", 0.0), cluster.get("GPU", 0.0)
+    if e.num_actors * e.num_cpus_per_actor > cpus + 1e-9 or e.num_actors * e.num_gpus_per_actor > gpus + 1e-9:
+        raise ResourceError(
+            f"eval pool of {e.num_actors} actors x ({e.num_cpus_per_actor:g} CPU, {e.num_gpus_per_actor:g} GPU) does not fit the cluster "
+            f"({cpus:g} CPU, {gpus:g} GPU); lower eval.num_actors or eval.num_cpus_per_actor / eval.num_gpus_per_actor"
+        )  # fmt: skip
+
+
+def _task(name: str, e: EvalConfig):
+    from hdpo_ray.eval.tasks import get_task
+
+    options = {"humaneval": {"timeout_s": e.code_timeout_s, "memory_mb": e.code_memory_mb}}
+    return get_task(name, **options.get(name, {}))
+
+
+def run_eval(config: Config, model: str, *, tasks: list[str], output_dir: str, node_id: str | None = None) -> dict[str, Any]:
+    """Evaluate `model` (a directory, hub id or embedded id) on `tasks`; writes output_dir and returns results.json's content.
+
+    node_id: sample on that node only (where a sweep trial just wrote its model).
+    """
+    import ray
+
+    from hdpo_ray.eval.report import aggregate, flat_metrics, write_results
+    from hdpo_ray.eval.sampling import SamplingPlan, choose_backend, sample_completions
+    from hdpo_ray.models import model_fingerprint
+    from hdpo_ray.pipeline import init_ray
+
+    e = config.eval
+    started = time.time()
+    backend = choose_backend(e.backend, e.num_gpus_per_actor)
+    fingerprint = model_fingerprint(model)  # a model that is not there fails here, in one line
+    task_objects = {name: _task(name, e) for name in tasks}
+    problems = {name: task.load(e.data.get(name), e.limit) for name, task in task_objects.items()}
+    init_ray(config)
+    check_eval_resources(e, ray.cluster_resources())
+
+    rows = [{"task": name, "problem_id": p.id, "prompt": p.prompt, "temperature": t} for name, ps in problems.items() for p in ps for t in e.temperatures]
+    log.info(f"eval: {len(rows)} prompts ({', '.join(f'{n} {len(ps)}' for n, ps in problems.items())} problems x {len(e.temperatures)} temperatures) "
+             f"x {e.num_samples} samples on {e.num_actors} {backend} actor(s)")  # fmt: skip
+    samples = sample_completions(rows, SamplingPlan.from_config(config, model), backend, num_actors=e.num_actors, num_cpus=e.num_cpus_per_actor, num_gpus=e.num_gpus_per_actor, node_id=node_id)
+    if len(samples) != len(rows) * e.num_samples:
+        raise RuntimeError(f"sampling returned {len(samples)} completions for {len(rows)} prompts x {e.num_samples} samples")
+    sampling_s = time.time() - started
+
+    scored, tables, truncated = [], {}, {}
+    for name, task in task_objects.items():
+        order = {p.id: i for i, p in enumerate(problems[name])}
+        by_id = {p.id: p for p in problems[name]}
+        mine = sorted((s for s in samples if s["task"] == name), key=lambda s: (order[s["problem_id"]], e.temperatures.index(s["temperature"]), s["sample"]))
+        scores = task.score_many([(by_id[s["problem_id"]], s["completion"]) for s in mine])
+        records = [
+            dict(s, category=by_id[s["problem_id"]].category, correct=bool(sc.correct), extracted=sc.extracted, details=sc.details)
+            for s, sc in zip(mine, scores, strict=True)
+        ]  # fmt: skip
+        tables[name] = {f"{t:g}": aggregate([r for r in records if r["temperature"] == t], e.k, task.summarize) for t in e.temperatures}
+        truncated[name] = sum(r["prompt_truncated"] for r in records if r["sample"] == 0 and r["temperature"] == e.temperatures[0])
+        scored.extend(records)
+
+    results = {
+        "model": model, "model_fingerprint": fingerprint, "backend": backend, "tasks": tables, "metrics": flat_metrics(tables),
+        "truncated_prompts": truncated, "num_samples": e.num_samples, "k": e.k, "temperatures": e.temperatures, "top_p": e.top_p,
+        "max_new_tokens": e.max_new_tokens, "max_prompt_length": e.max_prompt_length, "seed": e.seed, "limit": e.limit,
+        "data": {name: e.data.get(name) or task.default_source for name, task in task_objects.items()},
+        "sampling_s": sampling_s, "scoring_s": time.time() - started - sampling_s, "wall_s": time.time() - started,
+    }  # fmt: skip
+    write_results(results, scored, output_dir)
+    return results
