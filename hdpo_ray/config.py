@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -130,11 +130,12 @@ class SweepConfig(_Section):
         return self
 
 
-EVAL_TASKS = ("gsm8k", "humaneval", "ifeval", "mmlu_pro")
+EvalTask = Literal["gsm8k", "humaneval", "ifeval", "mmlu_pro"]
+EVAL_TASKS: tuple[str, ...] = get_args(EvalTask)
 
 
 class EvalConfig(_Section):
-    tasks: list[Literal["gsm8k", "humaneval", "ifeval", "mmlu_pro"]] = Field(default_factory=list, description="Tasks to evaluate. `hdpo-ray eval` with none runs all four; `hdpo-ray sweep` evaluates each trial's model on these (none by default).")
+    tasks: list[EvalTask] = Field(default_factory=list, description="Tasks to evaluate. `hdpo-ray eval` with none runs all four; `hdpo-ray sweep` evaluates each trial's model on these (none by default).")
     data: dict[str, str] = Field(default_factory=dict, description="Per-task data source instead of the shipped copy: a file in the official layout, a URI, or a hub id owner/name:split (e.g. eval.data.gsm8k=test.jsonl).")
     limit: int | None = Field(None, gt=0, description="Evaluate only the first N problems of each task (quick runs); null runs all.")
     num_samples: int = Field(1, gt=0, description="Completions sampled per problem and temperature (n of pass@k).")
@@ -151,6 +152,7 @@ class EvalConfig(_Section):
     torch_threads: int | None = Field(None, gt=0, description="Intra-op threads per CPU actor; null derives it from num_cpus_per_actor.")
     code_timeout_s: float = Field(10.0, gt=0, description="HumanEval: wall-clock limit per program run in the sandbox.")
     code_memory_mb: int = Field(1024, gt=0, description="HumanEval: address-space limit per program run in the sandbox.")
+    code_workers: int | None = Field(None, gt=0, description="HumanEval: programs run at once; null means the CPUs this process may use.")
     output_dir: str | None = Field(None, description="Where results.json/md, samples.jsonl and plots go; null means OUTPUT_DIR/eval.")
 
     @model_validator(mode="after")
@@ -159,6 +161,8 @@ class EvalConfig(_Section):
             raise ValueError(f"eval.k must be a non-empty list of integers between 1 and eval.num_samples ({self.num_samples}); got {self.k}")
         if not self.temperatures or any(t <= 0 for t in self.temperatures):
             raise ValueError(f"eval.temperatures must be a non-empty list of positive numbers (got {self.temperatures}); use e.g. 0.01 for near-greedy")
+        if len({f"{t:g}" for t in self.temperatures}) < len(self.temperatures) or len(set(self.k)) < len(self.k):
+            raise ValueError(f"eval.temperatures and eval.k must not repeat a value (got {self.temperatures} and {self.k})")
         unknown = sorted(set(self.data) - set(EVAL_TASKS))
         if unknown:
             raise ValueError(f"eval.data.{unknown[0]}: not a task (tasks: {', '.join(EVAL_TASKS)})")

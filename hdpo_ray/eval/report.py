@@ -52,7 +52,10 @@ def flat_metrics(tables: dict[str, dict[str, dict[str, Any]]]) -> dict[str, floa
 
 
 def _fmt(value: Any) -> str:
-    return f"{value:.3f}" if isinstance(value, float) else str(value)
+    """3 decimals; a small nonzero value (a near-greedy entropy) keeps 2 significant digits instead of showing 0.000."""
+    if not isinstance(value, float):
+        return str(value)
+    return f"{value:.2g}" if 0 < abs(value) < 0.0005 else f"{value:.3f}"
 
 
 def results_markdown(results: dict[str, Any]) -> str:
@@ -115,7 +118,11 @@ def write_results(results: dict[str, Any], samples: list[dict[str, Any]], output
     """results.json, results.md, samples.jsonl and the plots; each file is written whole, then renamed."""
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out / "samples.jsonl", "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples))
+    partial = out / "samples.jsonl.tmp"
+    with open(partial, "w") as f:  # line by line: a full-size run holds hundreds of thousands of samples
+        for sample in samples:
+            f.write(json.dumps(sample, ensure_ascii=False) + "\n")
+    os.replace(partial, out / "samples.jsonl")
     results["plots"] = plot_results(results, out)
     _atomic_write(out / "results.md", results_markdown(results))
     _atomic_write(out / "results.json", json.dumps(results, indent=1))

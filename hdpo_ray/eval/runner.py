@@ -7,7 +7,9 @@ completion gets a score; a shortfall stops the run rather than shrinking a denom
 from __future__ import annotations
 
 import logging
+import os
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +40,7 @@ def selectable_task_metrics(e: EvalConfig) -> list[str]:
 
 
 def check_eval_resources(e: EvalConfig, cluster: dict[str, float]) -> None:
-    """The sampling pool must fit the cluster, or Ray Data would wait for it forever."""
+    """The sampling pool must fit the cluster, or Ray Data would wait for its actors forever."""
     from hdpo_ray.train.trainer import ResourceError
 
     cpus, gpus = cluster.get("CPU", 0.0), cluster.get("GPU", 0.0)
@@ -49,31 +51,43 @@ def check_eval_resources(e: EvalConfig, cluster: dict[str, float]) -> None:
         )  # fmt: skip
 
 
-def _task(name: str, e: EvalConfig):
+def plan_eval(config: Config, tasks: list[str]) -> tuple[str, dict[str, Any], dict[str, list]]:
+    """What can be checked before any sampling: (backend, {task: Task}, {task: problems}). Reads and validates
+    every task's data, so a sweep fails on a bad eval plan before it trains anything."""
+    from hdpo_ray.eval.sampling import choose_backend
     from hdpo_ray.eval.tasks import get_task
 
-    options = {"humaneval": {"timeout_s": e.code_timeout_s, "memory_mb": e.code_memory_mb}}
-    return get_task(name, **options.get(name, {}))
+    e = config.eval
+    backend = choose_backend(e.backend, e.num_gpus_per_actor)
+    options = {"humaneval": {"timeout_s": e.code_timeout_s, "memory_mb": e.code_memory_mb, "workers": e.code_workers}}
+    task_objects = {name: get_task(name, **options.get(name, {})) for name in tasks}
+    problems = {name: task.load(e.data.get(name), e.limit) for name, task in task_objects.items()}
+    return backend, task_objects, problems
+
+
+def _local_or_id(model: str) -> str:
+    """An existing local path made absolute (actors may run elsewhere, in another working directory); ids unchanged."""
+    path = os.path.expanduser(model)
+    return os.path.abspath(path) if os.path.exists(path) else model
 
 
 def run_eval(config: Config, model: str, *, tasks: list[str], output_dir: str, node_id: str | None = None) -> dict[str, Any]:
     """Evaluate `model` (a directory, hub id or embedded id) on `tasks`; writes output_dir and returns results.json's content.
 
-    node_id: sample on that node only (where a sweep trial just wrote its model).
+    node_id: sample on that node when it can hold the pool (where a sweep trial just wrote its model).
     """
     import ray
 
     from hdpo_ray.eval.report import aggregate, flat_metrics, write_results
-    from hdpo_ray.eval.sampling import SamplingPlan, choose_backend, sample_completions
+    from hdpo_ray.eval.sampling import SamplingPlan, sample_completions
     from hdpo_ray.models import model_fingerprint
     from hdpo_ray.pipeline import init_ray
 
     e = config.eval
     started = time.time()
-    backend = choose_backend(e.backend, e.num_gpus_per_actor)
+    model = _local_or_id(model)
     fingerprint = model_fingerprint(model)  # a model that is not there fails here, in one line
-    task_objects = {name: _task(name, e) for name in tasks}
-    problems = {name: task.load(e.data.get(name), e.limit) for name, task in task_objects.items()}
+    backend, task_objects, problems = plan_eval(config, tasks)
     init_ray(config)
     check_eval_resources(e, ray.cluster_resources())
 
@@ -81,8 +95,10 @@ def run_eval(config: Config, model: str, *, tasks: list[str], output_dir: str, n
     log.info(f"eval: {len(rows)} prompts ({', '.join(f'{n} {len(ps)}' for n, ps in problems.items())} problems x {len(e.temperatures)} temperatures) "
              f"x {e.num_samples} samples on {e.num_actors} {backend} actor(s)")  # fmt: skip
     samples = sample_completions(rows, SamplingPlan.from_config(config, model), backend, num_actors=e.num_actors, num_cpus=e.num_cpus_per_actor, num_gpus=e.num_gpus_per_actor, node_id=node_id)
-    if len(samples) != len(rows) * e.num_samples:
-        raise RuntimeError(f"sampling returned {len(samples)} completions for {len(rows)} prompts x {e.num_samples} samples")
+    drawn = Counter((s["task"], s["problem_id"], s["temperature"], s["sample"]) for s in samples)
+    short = next(((r["task"], r["problem_id"], r["temperature"]) for r in rows if any(drawn[(r["task"], r["problem_id"], r["temperature"], i)] != 1 for i in range(e.num_samples))), None)
+    if short is not None or len(samples) != len(rows) * e.num_samples:
+        raise RuntimeError(f"sampling returned {len(samples)} completions for {len(rows)} prompts x {e.num_samples} samples (first incomplete: {short})")
     sampling_s = time.time() - started
 
     scored, tables, truncated = [], {}, {}

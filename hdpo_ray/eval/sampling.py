@@ -2,9 +2,10 @@
 
 Rows go through `map_batches` onto an actor pool; each actor loads the model once. The prompt is the
 problem's user turn rendered with the same chat template as training (`encode_prompt`). Every row is
-sampled with its own seed derived from (eval.seed, task, problem, temperature), so a completion does
-not depend on which actor drew it or on what else was in its batch, and both backends get the same
-seeds and parameters.
+sampled with its own seed derived from (eval.seed, task, problem, temperature): with `generate`, a
+completion does not depend on which actor drew it or on what else was in its batch (vLLM batches
+requests itself and makes no such promise). Both backends get the same seeds and parameters: only
+temperature and top-p (a model's own generation_config, such as a repetition penalty, is not applied).
 
 Backends: Hugging Face `generate` (`HFSampler`, CPU or GPU) and vLLM (`hdpo_ray.eval.vllm_sampler`,
 imported only when chosen). Per completion we record the mean per-token entropy of the distribution
@@ -73,7 +74,7 @@ def _columns(rows: list[dict[str, Any]]) -> dict[str, list]:
 class HFSampler:
     """Ray Data actor: Hugging Face `generate`, num_samples completions of one prompt per call."""
 
-    rows_per_batch = 1  # each row is its own generate call (its own seed); one row per batch balances the pool best
+    rows_per_batch = 1  # each row is its own generate call (its own seed), so batching rows buys nothing
 
     def __init__(self, plan: dict[str, Any]):
         import torch
@@ -111,18 +112,18 @@ class HFSampler:
 
 
 def choose_backend(requested: str, num_gpus_per_actor: float) -> str:
-    """'hf' or 'vllm'. auto takes vLLM only when it is installed and the actors get GPUs."""
+    """'hf' or 'vllm'. auto takes vLLM only when it is installed (on the driver: the same image everywhere) and each actor gets a GPU."""
     has_vllm = importlib.util.find_spec("vllm") is not None
     if requested == "vllm" and not has_vllm:
         from hdpo_ray.config import ConfigError
 
         raise ConfigError("eval.backend=vllm but vllm is not installed: pip install 'hdpo-ray[vllm]' on a GPU machine, or use eval.backend=hf")
-    if requested == "vllm" and num_gpus_per_actor <= 0:
+    if requested == "vllm" and num_gpus_per_actor < 1:
         from hdpo_ray.config import ConfigError
 
-        raise ConfigError("eval.backend=vllm needs GPUs: set eval.num_gpus_per_actor (e.g. 1)")
+        raise ConfigError("eval.backend=vllm needs a whole GPU per actor (a vLLM engine takes most of its memory): set eval.num_gpus_per_actor=1")
     if requested == "auto":
-        return "vllm" if has_vllm and num_gpus_per_actor > 0 else "hf"
+        return "vllm" if has_vllm and num_gpus_per_actor >= 1 else "hf"
     return requested
 
 
@@ -131,7 +132,7 @@ def sample_completions(
 ) -> list[dict[str, Any]]:
     """rows (task, problem_id, prompt, temperature) -> one dict per completion, through a Ray Data actor pool.
 
-    node_id pins the actors to one node (a sweep trial's model directory is on its own node).
+    node_id: prefer that node for the actors (a sweep trial's model directory is on its node).
     """
     import ray.data
     from ray.data import ActorPoolStrategy
@@ -149,8 +150,10 @@ def sample_completions(
 
 
 def _on_node(node_id: str | None) -> dict[str, Any]:
+    """Actor options that prefer one node (soft: where that node cannot hold the pool, e.g. a CPU head node and
+    GPU actors, Ray places them elsewhere, which then needs the model on shared storage)."""
     if node_id is None:
         return {}
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    return {"scheduling_strategy": NodeAffinitySchedulingStrategy(node_id, soft=False)}
+    return {"scheduling_strategy": NodeAffinitySchedulingStrategy(node_id, soft=True)}

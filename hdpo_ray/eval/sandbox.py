@@ -241,7 +241,8 @@ def run_programs(codes: list[str], *, timeout_s: float, memory_mb: int, max_work
     """run_program for each code, several at once, results in input order; the threads only launch and wait."""
     from concurrent.futures import ThreadPoolExecutor
 
-    with ThreadPoolExecutor(max_workers=max_workers or os.cpu_count() or 1) as pool:
+    # The CPUs this process may run on, not the machine's: in a container os.cpu_count() is the host's.
+    with ThreadPoolExecutor(max_workers=max_workers or len(os.sched_getaffinity(0)) or 1) as pool:
         return list(pool.map(lambda code: run_program(code, timeout_s=timeout_s, memory_mb=memory_mb), codes))
 
 

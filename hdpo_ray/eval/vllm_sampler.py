@@ -55,7 +55,7 @@ class VLLMSampler:
         out: list[dict[str, Any]] = []
         for row, (ids, truncated), result, p in zip(rows, prompts, results, params):
             tokens = [list(c.token_ids) for c in result.outputs]
-            entropy = completion_entropy(self.scorer, ids, tokens, temperature=p.temperature, top_p=p.top_p)
+            entropy = completion_entropy(self.scorer, ids, tokens, temperature=p.temperature, top_p=p.top_p, pad_id=tok.pad_token_id)
             completions = [
                 {"completion": tok.decode(t, skip_special_tokens=True), "num_tokens": len(t), "entropy": h / max(len(t), 1), "finished": c.finish_reason == "stop"}
                 for t, h, c in zip(tokens, entropy, result.outputs)

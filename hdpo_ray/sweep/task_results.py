@@ -13,9 +13,9 @@ import re
 from pathlib import Path
 from typing import Any
 
-from hdpo_ray.config import Config
+from hdpo_ray.config import EVAL_TASKS, Config
 
-TASK_KEY = re.compile(r"^(?P<task>gsm8k|humaneval|ifeval|mmlu_pro)/(?P<metric>.+)/t=(?P<t>[^/]+)$")
+TASK_KEY = re.compile(rf"^(?P<task>{'|'.join(EVAL_TASKS)})/(?P<metric>.+)/t=(?P<t>[^/]+)$")
 
 
 def task_columns(rows: list[dict[str, Any]], *, headline_only: bool = False) -> list[str]:

@@ -75,6 +75,10 @@ def _check_sweep(config: Config) -> None:
     if sweep.metric not in SELECTABLE_METRICS and sweep.metric not in task_metrics:
         example = task_metrics[0] if task_metrics else "gsm8k/pass@1/t=1 with eval.tasks=[gsm8k]"
         raise ConfigError(f"sweep.metric {sweep.metric!r} is not one of {', '.join(SELECTABLE_METRICS)}, nor a metric of eval.tasks (e.g. {example})")
+    if config.eval.tasks:  # a bad eval plan (task data, backend) fails now, not after every trial has trained
+        from hdpo_ray.eval.runner import plan_eval
+
+        plan_eval(config, list(dict.fromkeys(config.eval.tasks)))
     if sweep.early_stopping and (sweep.metric not in EARLY_STOPPING_METRICS or not config.train.eval_steps):
         raise ConfigError(f"sweep.early_stopping needs train.eval_steps > 0 and sweep.metric in {', '.join(EARLY_STOPPING_METRICS)} (reported at every evaluation)")
 
@@ -146,8 +150,9 @@ def run_trial(point: dict, shared: dict) -> None:
     train, sweep = config.train, config.sweep
     cpus = train.num_workers * train.cpus_per_worker  # the training workers' share, free again now
     # On this trial's node, where final/ was just written, and outside the trial's placement group
-    # (Tune sized that for the trial process alone).
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    # (Tune sized that for the trial process alone). Soft: a node that cannot hold it (a CPU head node,
+    # the task asking for a GPU) gives way to one that can, which then reads final/ from shared storage.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
     measure = ray.remote(measure_policy_entropy).options(num_cpus=cpus, num_gpus=1 if train.use_gpu else 0, scheduling_strategy=here)
     entropy = ray.get(
         measure.remote(final, shared["eval_encoded_entry"], num_prompts=sweep.entropy_prompts, max_new_tokens=sweep.entropy_max_new_tokens,
@@ -163,7 +168,7 @@ def run_trial(point: dict, shared: dict) -> None:
 
 
 def _evaluate_tasks(config: Config, final: str, trial_dir: Path) -> dict[str, float]:
-    """eval.tasks on the trial's final model, sampled on this node; an earlier invocation's complete results are reused."""
+    """eval.tasks on the trial's final model, sampled preferably on this node; an earlier invocation's complete results are reused."""
     import ray
 
     from hdpo_ray.eval.runner import run_eval
@@ -253,6 +258,10 @@ def run_sweep(config: Config) -> dict[str, Any]:
     check_resources(config, cluster, stream=False)  # one trial must fit; the trials never stream the reference pool
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")  # eval metrics arrive only at evaluations
 
+    if config.eval.tasks:  # the eval pool must fit too, checked now, not after every trial has trained
+        from hdpo_ray.eval.runner import check_eval_resources
+
+        check_eval_resources(config.eval, cluster)
     data = prepare_data(config, str(output_dir), stream=False)
     state["invocations"].append({"started": time.strftime("%Y-%m-%d %H:%M:%S"), "reference_forward_pairs": data.reference_forward_pairs})
     (output_dir / "sweep.json").write_text(json.dumps(state, indent=2))

@@ -25,7 +25,7 @@ from hdpo_ray.eval import sandbox
 from hdpo_ray.eval.sandbox import NOBODY, run_program, run_programs
 from hdpo_ray.eval.tasks import TaskDataError, get_task
 from hdpo_ray.eval.tasks.base import read_records
-from hdpo_ray.eval.tasks.humaneval import HumanEval, build_program
+from hdpo_ray.eval.tasks.humaneval import HumanEval, build_program, solution_code
 from tests.conftest import shared
 
 GOOD = "assert sum(range(4)) == 6"
@@ -270,3 +270,10 @@ def test_unprivileged_users_get_the_namespaces_too():
         assert set(isolation) == {"user-namespace", "net-namespace", "pid-namespace", "read-only-mounts"}
         assert attack_status == "failed" and "Read-only file system" in attack_detail and good_status == "passed"
         assert canary.read_text() == "intact"
+
+
+def test_the_python_block_is_found_after_a_block_in_another_language():
+    answer = "Install it:\n```bash\npip install x\n```\nThen:\n```python\ndef f():\n    return 1\n```\nDone."
+    assert solution_code(answer) == "def f():\n    return 1\n"
+    assert solution_code("```\ndef f(): pass\n") == "def f(): pass\n"  # untagged, cut off before its closing fence
+    assert solution_code("def f():\n    return 2") == "def f():\n    return 2"  # no fence: the answer as it is

@@ -139,3 +139,12 @@ def test_bad_record_names_file_and_line(tmp_path, change, message):
     path.write_text(json.dumps(GOOD) + "\n" + json.dumps(bad) + "\n")
     with pytest.raises(TaskDataError, match=re.escape(f"{path}, line 2: {message}")):
         MMLUPro().load(str(path))
+
+
+def test_a_repeated_question_id_is_a_data_error(tmp_path):
+    """Samples are grouped by problem id: two problems under one id would merge their pass@k counts."""
+    record = {"question_id": 1, "question": "q", "options": ["a", "b"], "answer": "A", "answer_index": 0, "category": "law", "src": "x"}
+    path = tmp_path / "test.jsonl"
+    path.write_text(json.dumps(record) + "\n" + json.dumps(record | {"question": "r"}) + "\n")
+    with pytest.raises(TaskDataError, match=r"test.jsonl, line 2: problem id mmlu_pro/1 appears twice"):
+        MMLUPro().load(str(path))

@@ -88,7 +88,7 @@ def test_backend_choice():
 @pytest.mark.parametrize(
     "override, message",
     [("eval.k=[1,8]", "between 1 and eval.num_samples"), ("eval.temperatures=[0]", "positive"), ("eval.data.bogus=x", "eval.data.bogus: not a task"),
-     ("eval.top_p=0", "eval.top_p"), ("eval.tasks=[squad]", "eval.tasks.0")],
+     ("eval.top_p=0", "eval.top_p"), ("eval.tasks=[squad]", "eval.tasks.0"), ("eval.temperatures=[0.5,0.50]", "must not repeat")],
 )  # fmt: skip
 def test_eval_config_refuses_impossible_plans(override, message):
     with pytest.raises(ConfigError, match=message):
@@ -99,3 +99,16 @@ def test_torch_threads_follow_the_actor_cpus():
     config = load_config(None, ["eval.num_cpus_per_actor=2"])
     assert SamplingPlan.from_config(config, "m").torch_threads == 2
     assert torch.get_num_threads() >= 1
+
+
+def test_the_models_own_generation_config_does_not_shape_sampling():
+    """A repetition penalty in a model's generation_config would change what is drawn and its entropy on the
+    HF path only; sample() sets it aside and puts it back."""
+    model = build_tiny_llama().eval()
+    prompt = [[40, 588, 257, 3290, 13]] * 2
+    plain = sample(model, prompt, eos_id=50256, pad_id=50256, max_new_tokens=6, temperature=0.9, seed=3)
+    model.generation_config.repetition_penalty = 5.0
+    penalised = sample(model, prompt, eos_id=50256, pad_id=50256, max_new_tokens=6, temperature=0.9, seed=3)
+    assert [s.completion_ids for s in penalised] == [s.completion_ids for s in plain]
+    assert [s.entropy_sum for s in penalised] == pytest.approx([s.entropy_sum for s in plain])
+    assert model.generation_config.repetition_penalty == 5.0

@@ -65,6 +65,22 @@ def test_sweep_checks_metric_and_eval_data():
         _check_sweep(load_config(overrides=["data.eval_files=[embedded:ultrafeedback/test_prefs-100.parquet]", "sweep.early_stopping=true", "sweep.metric=entropy/sampled"]))
 
 
+def test_sweep_checks_the_task_metric_and_the_eval_plan_before_training(tmp_path):
+    from hdpo_ray.eval.tasks import TaskDataError
+
+    eval_data = "data.eval_files=[embedded:ultrafeedback/test_prefs-100.parquet]"
+    _check_sweep(load_config(overrides=[eval_data, "eval.tasks=[gsm8k]", "eval.temperatures=[0.6]", "sweep.metric=gsm8k/pass@1/t=0.6"]))
+    _check_sweep(load_config(overrides=[eval_data, "eval.tasks=[ifeval]", "sweep.metric=ifeval/prompt_loose/t=1"]))  # a task's own metric
+    with pytest.raises(ConfigError, match="nor a metric of eval.tasks"):  # a temperature that is not sampled
+        _check_sweep(load_config(overrides=[eval_data, "eval.tasks=[gsm8k]", "sweep.metric=gsm8k/pass@1/t=0.6"]))
+    with pytest.raises(ConfigError, match="nor a metric of eval.tasks"):  # a task that is not evaluated
+        _check_sweep(load_config(overrides=[eval_data, "sweep.metric=gsm8k/pass@1/t=1"]))
+    bad = tmp_path / "gsm8k.jsonl"
+    bad.write_text('{"question": "1+1?"}\n')
+    with pytest.raises(TaskDataError, match="field 'answer' is missing"):  # the task data is read before any trial trains
+        _check_sweep(load_config(overrides=[eval_data, "eval.tasks=[gsm8k]", f"eval.data.gsm8k={bad}"]))
+
+
 def test_output_dir_resumes_the_same_sweep_and_refuses_another(tmp_path):
     config = load_config(overrides=["sweep.alphas=[0.8,1.0]"])
     state = _claim_output_dir(config, tmp_path)

@@ -6,8 +6,11 @@ from importlib import import_module
 
 from hdpo_ray.eval.tasks.base import Problem, Score, Task, TaskDataError
 
+from hdpo_ray.config import EVAL_TASKS
+
 _MODULES = {"gsm8k": "gsm8k:GSM8K", "humaneval": "humaneval:HumanEval", "ifeval": "ifeval:IFEval", "mmlu_pro": "mmlu_pro:MMLUPro"}
-TASK_NAMES = tuple(_MODULES)
+assert tuple(_MODULES) == EVAL_TASKS, "a task in the config must have a module here"
+TASK_NAMES = EVAL_TASKS
 
 
 def get_task_class(name: str) -> type[Task]:

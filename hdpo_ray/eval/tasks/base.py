@@ -42,11 +42,17 @@ class Task(ABC):
 
     def load(self, source: str | None = None, limit: int | None = None) -> list[Problem]:
         """The first `limit` problems (all when None) of `source` (default: the shipped copy), in file order."""
-        problems = []
+        problems, seen = [], set()
         for index, (where, record) in enumerate(read_records(source or self.default_source)):
             if limit is not None and index >= limit:
                 break
-            problems.append(self.problem(record, where, index))
+            problem = self.problem(record, where, index)
+            if problem.id in seen:  # samples are grouped by id: a repeat would merge two problems' samples
+                raise TaskDataError(f"{where}: problem id {problem.id} appears twice")
+            seen.add(problem.id)
+            problems.append(problem)
+        if not problems:
+            raise TaskDataError(f"{self.name}: {source or self.default_source} holds no problems")
         return problems
 
     @abstractmethod
@@ -80,10 +86,15 @@ def read_records(source: str) -> Iterator[tuple[str, dict[str, Any]]]:
     """(where, record) for every record of a task source, where = "file, line N"; raises TaskDataError."""
     from hdpo_ray.data.read import SourceError, _records, expand_sources
 
+    from hdpo_ray.config import looks_like_hub_id
+
     try:
         files = expand_sources([source])
     except SourceError as err:
         raise TaskDataError(str(err)) from None
+    folders = sorted({file.rsplit("/", 1)[0] for file in files})
+    if looks_like_hub_id(source) and len(folders) > 1:  # e.g. openai/gsm8k:test holds main/ and socratic/
+        raise TaskDataError(f"{source} matches the split in {len(folders)} folders ({', '.join(folders)}): give one, e.g. {folders[0]}/")
     for file in files:
         try:
             for row, raw, error in _records(file):

@@ -18,8 +18,10 @@ INSTRUCTION = (
     "Complete the following Python function. Reply with the complete function, including its signature and any imports "
     "it needs, in a single ```python code block."
 )
-# The first fenced block tagged python (or py, python3) or untagged; an unclosed one runs to the end (a cut-off answer).
-FENCED_BLOCK = re.compile(r"```(?:python3?|py)?[ \t]*\n(.*?)(?:```|\Z)", re.DOTALL | re.IGNORECASE)
+# Fenced blocks, each from its opening fence at a line start to its closing fence (or the end: a cut-off answer),
+# so the closing fence of a ```bash block is never read as the opening of another.
+FENCED_BLOCK = re.compile(r"^[ \t]*```[ \t]*(?P<tag>[\w+-]*)[^\n]*\n(?P<code>.*?)(?:^[ \t]*```|\Z)", re.DOTALL | re.MULTILINE)
+PYTHON_TAGS = {"", "python", "python3", "py"}
 # As in the official harness, which exec()s the program: `if __name__ == "__main__":` blocks in answers do not run.
 NOT_MAIN = "__name__ = 'solution'\n__import__('sys').modules[__name__] = __import__('sys').modules['__main__']\n"
 
@@ -28,9 +30,10 @@ class HumanEval(Task):
     name = "humaneval"
     default_source = "embedded:eval/humaneval/HumanEval.jsonl.gz"
 
-    def __init__(self, timeout_s: float = 10.0, memory_mb: int = 1024):
+    def __init__(self, timeout_s: float = 10.0, memory_mb: int = 1024, workers: int | None = None):
         self.timeout_s = timeout_s
         self.memory_mb = memory_mb
+        self.workers = workers  # programs at once; None: the CPUs this process may use
 
     def problem(self, record: dict[str, Any], where: str, index: int) -> Problem:
         prompt = require(record, "prompt", where)
@@ -42,7 +45,7 @@ class HumanEval(Task):
 
     def score_many(self, items: list[tuple[Problem, str]]) -> list[Score]:
         programs = [build_program(problem.target, completion) for problem, completion in items]
-        results = run_programs(programs, timeout_s=self.timeout_s, memory_mb=self.memory_mb)
+        results = run_programs(programs, timeout_s=self.timeout_s, memory_mb=self.memory_mb, max_workers=self.workers)
         return [
             Score(correct=result.status == "passed", extracted=solution_code(completion), details={"status": result.status, "detail": result.detail})
             for (_, completion), result in zip(items, results)
@@ -51,8 +54,8 @@ class HumanEval(Task):
 
 def solution_code(completion: str) -> str:
     """The code of the first python (or untagged) fenced block of the answer, else the answer as it is."""
-    block = FENCED_BLOCK.search(completion)
-    return block.group(1) if block else completion
+    block = next((b for b in FENCED_BLOCK.finditer(completion) if b["tag"].lower() in PYTHON_TAGS), None)
+    return block["code"] if block else completion
 
 
 def build_program(target: dict[str, Any], completion: str) -> str:
