@@ -23,7 +23,10 @@ def init_ray(config: Config) -> None:
 
     if ray.is_initialized():
         return
-    env = {"env_vars": {"DS_ACCELERATOR": "cuda" if config.train.use_gpu else "cpu", "TOKENIZERS_PARALLELISM": "false"}}
+    wanted = {"DS_ACCELERATOR": "cuda" if config.train.use_gpu else "cpu", "TOKENIZERS_PARALLELISM": "false"}
+    # Under `ray job submit` the job's runtime env already applies to this driver: Ray refuses a driver env var
+    # that the job's runtime env also sets, so the job's (in os.environ here) win.
+    env = {"env_vars": {k: v for k, v in wanted.items() if k not in os.environ}}
     if os.environ.get("RAY_ADDRESS"):
         ray.init(runtime_env=env, log_to_driver=True)
     else:
