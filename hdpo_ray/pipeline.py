@@ -24,15 +24,20 @@ def init_ray(config: Config) -> None:
     if ray.is_initialized():
         return
     wanted = {"DS_ACCELERATOR": "cuda" if config.train.use_gpu else "cpu", "TOKENIZERS_PARALLELISM": "false"}
-    # Under `ray job submit` the job's runtime env already applies to this driver: Ray refuses a driver env var
-    # that the job's runtime env also sets, so the job's (in os.environ here) win.
-    env = {"env_vars": {k: v for k, v in wanted.items() if k not in os.environ}}
+    env = {"env_vars": {k: v for k, v in wanted.items() if k not in _job_env_vars()}}
     if os.environ.get("RAY_ADDRESS"):
         ray.init(runtime_env=env, log_to_driver=True)
     else:
         # The dashboard process also serves the State API, which Ray Train's placement-group cleaner needs.
         ray.init(runtime_env=env, include_dashboard=True, dashboard_host="127.0.0.1", logging_level=logging.WARNING)
     _quiet_ray_data()
+
+
+def _job_env_vars() -> dict[str, str]:
+    """The env vars of the runtime env `ray job submit` gave this driver's job. Ray refuses to merge a driver's
+    runtime env that sets one of them again, so the job's values win."""
+    job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}"))
+    return (job.get("runtime_env") or {}).get("env_vars") or {}
 
 
 def _quiet_ray_data() -> None:
