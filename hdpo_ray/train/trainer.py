@@ -87,11 +87,23 @@ def _make_callback(output_dir: str, total_steps: int):
     from ray.train import UserCallback
 
     class ProgressAndMetrics(UserCallback):
-        """Runs on the Train controller (the driver's node): metrics.jsonl and a progress line per report."""
+        """Runs on the Train controller (the driver's node): metrics.jsonl, TensorBoard event files in
+        OUTPUT_DIR/tensorboard (tensorboardX, which Ray Tune already depends on) and a progress line per report."""
 
         def __init__(self):
             self.started = time.time()
             self.first_step: tuple[int, float] | None = None
+            self.writer = None
+
+        def _tensorboard(self, row: dict, step: int) -> None:
+            if self.writer is None:
+                from tensorboardX import SummaryWriter
+
+                self.writer = SummaryWriter(logdir=str(Path(output_dir, "tensorboard")))
+            for key, value in row.items():
+                if key not in ("step", "epoch", "time") and isinstance(value, (int, float)) and math.isfinite(value):
+                    self.writer.add_scalar(key, value, step)
+            self.writer.flush()  # a report every logging_steps: cheap, and the dashboard is current
 
         def after_report(self, run_context, metrics, checkpoint):
             row = dict(metrics[0]) if metrics else {}
@@ -101,6 +113,7 @@ def _make_callback(output_dir: str, total_steps: int):
             row["time"] = round(time.time() - self.started, 2)
             with open(Path(output_dir, "metrics.jsonl"), "a") as f:
                 f.write(json.dumps(row) + "\n")
+            self._tensorboard(row, step)
             now = time.time()
             self.first_step = self.first_step or (step, now)
             done, since = step - self.first_step[0], now - self.first_step[1]

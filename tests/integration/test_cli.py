@@ -75,6 +75,23 @@ def test_chat_template_failure_stops_the_run_with_one_line(ray_address, tmp_path
     assert "Traceback" not in result.stderr
 
 
+def _tensorboard_scalars(logdir: Path) -> dict[str, list[tuple[int, float]]]:
+    """tag -> [(step, value)] from the TensorBoard event files (TFRecord: length, crc, event proto, crc)."""
+    from tensorboardX.proto.event_pb2 import Event
+
+    scalars: dict[str, list[tuple[int, float]]] = {}
+    for file in sorted(logdir.glob("events.out.tfevents.*")):
+        data = file.read_bytes()
+        offset = 0
+        while offset < len(data):
+            length = int.from_bytes(data[offset : offset + 8], "little")
+            event = Event.FromString(data[offset + 12 : offset + 12 + length])
+            offset += 12 + length + 4
+            for value in event.summary.value:
+                scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
+    return scalars
+
+
 def _trained_state(checkpoint_dir: Path) -> dict[str, torch.Tensor]:
     """The policy weights in the final DeepSpeed checkpoint, consolidated independently of our export."""
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -113,6 +130,9 @@ def test_train_end_to_end(ray_address, tmp_path, small_pairs, zero_stage):
     assert train_rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)  # (float rounding of differently padded batches)
     losses = [r["loss"] for r in train_rows]
     assert sum(losses[-6:]) / 6 < sum(losses[:6]) / 6 - 0.1, losses  # the last epoch's loss is well below the first's
+    scalars = _tensorboard_scalars(out / "tensorboard")
+    assert [step for step, _ in scalars["loss"]] == steps and [v for _, v in scalars["loss"]] == pytest.approx(losses, rel=1e-6)
+    assert "eval/loss" in scalars and "rewards/accuracies" in scalars
 
     run_dirs = list((out / "checkpoints").iterdir())
     checkpoints = sorted(p for p in run_dirs[0].iterdir() if p.is_dir() and p.name.startswith("checkpoint_"))
