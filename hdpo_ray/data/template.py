@@ -67,6 +67,15 @@ def encode_prompt(tokenizer, messages: list[dict[str, str]]) -> tuple[str, list[
     return prompt_text, prompt
 
 
+def fit_prompt(prompt_ids: list[int], max_length: int, bos_id: int | None) -> tuple[list[int], bool]:
+    """Keep the last max_length tokens of a long prompt (and its BOS); returns (ids, truncated).
+    Training's pair truncation and evaluation's long prompts both cut here."""
+    if len(prompt_ids) <= max_length:
+        return prompt_ids, False
+    keep_bos = bos_id is not None and prompt_ids[:1] == [bos_id]
+    return ([bos_id] if keep_bos else []) + prompt_ids[len(prompt_ids) - max_length + keep_bos :], True
+
+
 def encode_pair(pair: Pair, tokenizer, *, max_length: int, max_prompt_length: int) -> EncodedPair:
     """Tokenize one pair with the tokenizer's chat template and truncate it to max_length."""
     messages = pair.prompt_messages()
@@ -76,10 +85,8 @@ def encode_pair(pair: Pair, tokenizer, *, max_length: int, max_prompt_length: in
     rejected = _completion_ids(tokenizer, prompt_text, messages, pair.rejected)
 
     truncated = len(prompt) + max(len(chosen), len(rejected)) > max_length
-    if truncated and len(prompt) > max_prompt_length:
-        keep_bos = bos is not None and prompt[:1] == [bos]
-        prompt = ([bos] if keep_bos else []) + prompt[len(prompt) - max_prompt_length + keep_bos :]
     if truncated:
+        prompt, _ = fit_prompt(prompt, max_prompt_length, bos)
         room = max_length - len(prompt)
         chosen, rejected = chosen[:room], rejected[:room]
     return EncodedPair(prompt, chosen, rejected, truncated)

@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from hdpo_ray.config import Config
+from hdpo_ray.data.template import fit_prompt
 
 log = logging.getLogger("hdpo_ray")
 
@@ -51,14 +52,6 @@ def row_seed(seed: int, task: str, problem_id: str, temperature: float) -> int:
     """A 31-bit seed for one (task, problem, temperature), stable across runs, processes and backends."""
     digest = hashlib.blake2b(f"{seed}|{task}|{problem_id}|{temperature!r}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") % (2**31 - 1)
-
-
-def fit_prompt(prompt_ids: list[int], max_length: int, bos_id: int | None) -> tuple[list[int], bool]:
-    """Keep the last max_length tokens of a long prompt (and its BOS); returns (ids, truncated)."""
-    if len(prompt_ids) <= max_length:
-        return prompt_ids, False
-    keep_bos = bos_id is not None and prompt_ids[:1] == [bos_id]
-    return ([bos_id] if keep_bos else []) + prompt_ids[len(prompt_ids) - max_length + keep_bos :], True
 
 
 def output_rows(row: dict[str, Any], completions: list[dict[str, Any]], prompt_tokens: int, truncated: bool) -> list[dict[str, Any]]:

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from hdpo_ray.eval.sampling import SamplingPlan, _columns, fit_prompt, output_rows, row_seed
+from hdpo_ray.data.template import fit_prompt
+from hdpo_ray.eval.sampling import SamplingPlan, _columns, output_rows, row_seed
 
 GPU_MEMORY_FRACTION = 0.6
 

@@ -84,6 +84,7 @@ def require(record: dict[str, Any], key: str, where: str, kind: type | tuple[typ
 
 def read_records(source: str) -> Iterator[tuple[str, dict[str, Any]]]:
     """(where, record) for every record of a task source, where = "file, line N"; raises TaskDataError."""
+    from hdpo_ray.data.prepare import _row_name
     from hdpo_ray.data.read import SourceError, _records, expand_sources
 
     from hdpo_ray.config import looks_like_hub_id
@@ -98,7 +99,7 @@ def read_records(source: str) -> Iterator[tuple[str, dict[str, Any]]]:
     for file in files:
         try:
             for row, raw, error in _records(file):
-                where = f"{file}, {'line' if '.jsonl' in file else 'row'} {row}"
+                where = _row_name(file, row)
                 if error is not None:
                     raise TaskDataError(f"{where}: {error}")
                 record = json.loads(raw)
