@@ -13,6 +13,7 @@ import sys
 from hdpo_ray.config import EMBEDDED_DEFAULT, ConfigError, describe_keys, load_config
 
 EXIT_BAD_INPUT = 2
+EXIT_STOPPED = 1  # the run started and stopped itself (non-finite losses); the message says why
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -21,6 +22,7 @@ def _parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train a policy with H-DPO (no --config: the embedded default)")
     train.add_argument("--config", help="YAML file of config sections (see jobs/)")
     train.add_argument("--help-config", action="store_true", help="list every config key with its default and meaning")
+    train.add_argument("--resume", metavar="RUN_DIR", help="continue the unfinished run in RUN_DIR (its OUTPUT_DIR) from its latest checkpoint, with its saved config.json")
     train.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides with YAML values, e.g. loss.alpha=0.9")
     sweep = commands.add_parser("sweep", help="train one policy per alpha (x beta x lr) on Ray Tune, sharing one reference pass; rerun to resume")
     sweep.add_argument("--config", help="YAML file of config sections; the sweep: section holds the grid")
@@ -72,6 +74,23 @@ def _report_sweep(config, outcome: dict) -> int:
     return 1 if any(r["status"].startswith("error") for r in rows) or best is None else 0
 
 
+def _resume_config(args: argparse.Namespace):
+    """RUN_DIR's own config.json with the run directory as output_dir; overrides apply on top (e.g. train.max_failures)."""
+    from pathlib import Path
+
+    from hdpo_ray.train.trainer import read_run_state
+
+    run_dir = Path(args.resume).expanduser().absolute()
+    if args.config:
+        raise ConfigError("--resume takes the run's own config.json; drop --config (key=value overrides are allowed)")
+    state = read_run_state(str(run_dir)) if run_dir.is_dir() else None
+    if state is None or not (run_dir / "config.json").is_file():
+        raise ConfigError(f"--resume {args.resume}: no run there (a run directory holds run.json and config.json; it is the run's output_dir)")
+    if state.get("status") != "running":
+        raise ConfigError(f"--resume {args.resume}: run {state['name']} is {state.get('status')}, nothing to continue (run without --resume to start a new one)")
+    return load_config(str(run_dir / "config.json"), [*args.overrides, f"output_dir={run_dir}"])
+
+
 def _bad_input_message(err: BaseException) -> str | None:
     """The one-line message of an input error, also when Ray wrapped it on the way up."""
     from hdpo_ray.data.prepare import DataError
@@ -79,15 +98,21 @@ def _bad_input_message(err: BaseException) -> str | None:
     from hdpo_ray.data.template import TemplateError
     from hdpo_ray.eval.tasks.base import TaskDataError
     from hdpo_ray.models import ModelSourceError
-    from hdpo_ray.train.trainer import ResourceError
+    from hdpo_ray.train.trainer import ResourceError, TrainingStopped
 
     seen = set()
     while err is not None and id(err) not in seen:
         seen.add(id(err))
-        if isinstance(err, (ConfigError, DataError, SourceError, TemplateError, ResourceError, ModelSourceError, TaskDataError)):
+        if isinstance(err, (ConfigError, DataError, SourceError, TemplateError, ResourceError, ModelSourceError, TaskDataError, TrainingStopped)):
             return str(err)
         err = getattr(err, "cause", None) or err.__cause__
     return None
+
+
+def _stopped(err: BaseException) -> bool:
+    from hdpo_ray.train.trainer import TrainingStopped
+
+    return isinstance(err, TrainingStopped)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -103,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     logging.basicConfig(level=logging.INFO, format="[hdpo-ray] %(message)s")
     try:
-        config = load_config(args.config or str(EMBEDDED_DEFAULT), args.overrides)
+        config = _resume_config(args) if getattr(args, "resume", None) else load_config(args.config or str(EMBEDDED_DEFAULT), args.overrides)
         if args.command == "eval":
             return _evaluate(config, args.model or config.model.name_or_path)
         if args.command == "sweep":
@@ -118,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         if message is None:
             raise
         print(f"hdpo-ray: error: {message}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return EXIT_BAD_INPUT if not _stopped(err) else EXIT_STOPPED
     m = result.metrics
     print(
         f"[hdpo-ray] done in {result.wall_seconds:.0f} s: {result.steps} steps, loss {m.get('loss', float('nan')):.4f}, "

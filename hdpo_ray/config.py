@@ -96,8 +96,15 @@ class TrainConfig(_Section):
     eval_steps: int = Field(0, ge=0, description="Evaluate every N steps; 0 evaluates only at the end.")
     save_steps: int = Field(0, ge=0, description="Checkpoint every N steps; 0 saves only at the end.")
     keep_checkpoints: int = Field(2, gt=0, description="Checkpoints kept; older ones are deleted.")
-    max_failures: int = Field(0, ge=-1, description="Worker-group failures to recover from by restoring the latest checkpoint; -1 retries forever.")
+    max_failures: int = Field(0, ge=-1, description="Worker-group failures (a worker process or node lost) to recover from by restoring the latest checkpoint; -1 retries forever.")
+    max_consecutive_nonfinite: int = Field(3, gt=0, description="A micro-batch with a non-finite loss, or an optimizer step with a non-finite gradient, is skipped and counted; this many in a row stop the run.")
     storage_path: str | None = Field(None, description="Ray Train storage (local path or cloud URI); null means OUTPUT_DIR/checkpoints.")
+
+
+class LoggingConfig(_Section):
+    tensorboard: bool = Field(True, description="TensorBoard event files in OUTPUT_DIR/tensorboard (`tensorboard --logdir OUTPUT_DIR/tensorboard`).")
+    mlflow_uri: str | None = Field(None, description="MLflow tracking URI (http://host:5000, sqlite:///mlflow.db, file:///path/mlruns, databricks); null: no MLflow. Needs `pip install 'hdpo-ray[mlflow]'`.")
+    mlflow_experiment: str = Field("hdpo-ray", min_length=1, description="MLflow experiment the run is logged under (created if missing).")
 
 
 PAPER_ALPHAS = (0.8, 0.9, 0.95, 1.0, 1.1, 1.2)
@@ -178,6 +185,7 @@ class Config(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     sweep: SweepConfig = Field(default_factory=SweepConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
@@ -278,6 +286,11 @@ def check_local_files(config: Config) -> None:
             raise ConfigError(f"train.deepspeed_config: {str(err).splitlines()[0]}") from None
     if not config.data.train_files:
         raise ConfigError("data.train_files is empty: give at least one file")
+    if config.logging.mlflow_uri:
+        import importlib.util
+
+        if importlib.util.find_spec("mlflow") is None:
+            raise ConfigError("logging.mlflow_uri is set but MLflow is not installed: pip install 'hdpo-ray[mlflow]' (or mlflow), or leave logging.mlflow_uri unset")
 
 
 def looks_like_hub_id(spec: str) -> bool:

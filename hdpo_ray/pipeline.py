@@ -11,7 +11,7 @@ from pathlib import Path
 
 from hdpo_ray.config import Config
 from hdpo_ray.data.prepare import EncodedSplit, PreparedSplit
-from hdpo_ray.train.trainer import TrainResult, check_resources, export_final, fit
+from hdpo_ray.train.trainer import TrainResult, check_resources, finish, fit
 
 log = logging.getLogger("hdpo_ray")
 
@@ -95,9 +95,8 @@ def run_training(config: Config) -> TrainResult:
     check_resources(config, ray.cluster_resources())
     data = prepare_data(config, output_dir)
 
-    result, total_steps, name = fit(config, data.train, data.eval)
-    final = export_final(result, output_dir)
-    Path(output_dir, "run.json").write_text(json.dumps({"name": name, "status": "finished", "steps": total_steps}))
+    result, total_steps, state = fit(config, data.train, data.eval)
+    final = finish(config, result, total_steps, state)
     metrics = last_metrics(Path(output_dir, "metrics.jsonl"))
     return TrainResult(output_dir, final, metrics, total_steps, data.reference_forward_pairs, time.perf_counter() - started)
 

@@ -17,6 +17,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 RAY_PORT = "6390"
+DASHBOARD_PORT = "8275"  # the session head's dashboard and job server, on 127.0.0.1
 
 
 def shared(relative: str) -> Path:
@@ -37,7 +38,7 @@ def ray_address(tmp_path_factory):
     subprocess.run([_ray_cli(), "stop", "--force"], capture_output=True, env=env)
     subprocess.run(
         [_ray_cli(), "start", "--head", "--port", RAY_PORT, "--num-cpus", "2", "--node-ip-address", "127.0.0.1",
-         "--dashboard-host", "127.0.0.1", "--include-dashboard", "true", "--disable-usage-stats"],
+         "--dashboard-host", "127.0.0.1", "--dashboard-port", DASHBOARD_PORT, "--include-dashboard", "true", "--disable-usage-stats"],
         check=True, capture_output=True, env=env,
     )  # fmt: skip
     address = f"127.0.0.1:{RAY_PORT}"
@@ -74,6 +75,33 @@ def run_cli(args: list[str], ray_address: str | None, timeout: int = 600, cwd: P
     if ray_address:
         env["RAY_ADDRESS"] = ray_address
     return subprocess.run([hdpo_ray_exe(), *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd)
+
+
+@pytest.fixture(scope="session")
+def dashboard_url(ray_address) -> str:
+    """The session head's job server (`ray job submit --address`), bound to loopback."""
+    return f"http://127.0.0.1:{DASHBOARD_PORT}"
+
+
+def tensorboard_scalars(logdir: Path) -> dict[str, list[tuple[int, float]]]:
+    """tag -> [(step, value)] as TensorBoard shows them, read from the event files (TFRecord: length, crc,
+    event proto, crc). A session-start event at step s (a writer opened with purge_step=s) drops the
+    earlier files' values at step s or later, as TensorBoard does."""
+    from tensorboardX.proto.event_pb2 import Event, SessionLog
+
+    scalars: dict[str, list[tuple[int, float]]] = {}
+    for file in sorted(logdir.glob("events.out.tfevents.*"), key=lambda f: f.stat().st_mtime):
+        data = file.read_bytes()
+        offset = 0
+        while offset < len(data):
+            length = int.from_bytes(data[offset : offset + 8], "little")
+            event = Event.FromString(data[offset + 12 : offset + 12 + length])
+            offset += 12 + length + 4
+            if event.HasField("session_log") and event.session_log.status == SessionLog.START:
+                scalars = {tag: [(s, v) for s, v in values if s < event.step] for tag, values in scalars.items()}
+            for value in event.summary.value:
+                scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
+    return scalars
 
 
 @pytest.fixture

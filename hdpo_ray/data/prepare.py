@@ -140,7 +140,9 @@ def _encode(config: Config, files: list[str], tokenizer, split: str) -> tuple[st
         start = time.perf_counter()
         _fresh_dir(entry)
         encode = encode_rows_fn(config.model.name_or_path, data.chat_template, data.max_length, data.max_prompt_length, config.model.trust_remote_code)
-        read_raw_rows(files).map_batches(encode, batch_format="pyarrow", batch_size=256).write_parquet(entry)
+        encoded = read_raw_rows(files).map_batches(encode, batch_format="pyarrow", batch_size=256)
+        encoded.set_name(f"encode-{split}")  # the stage's name in the Ray dashboard's Data view
+        encoded.write_parquet(entry)
         manifest = {"key": key, "files": files, "report": summarize(entry), "seconds": round(time.perf_counter() - start, 2)}
         _write_manifest(entry, manifest)
     log.info("%s data: %d rows read, %d valid, %d skipped, %d truncated (%s)", split, manifest["report"]["read"], manifest["report"]["valid"], manifest["report"]["skipped"], manifest["report"]["truncated"], entry)
@@ -196,6 +198,7 @@ def score_split(config: Config, encoded: EncodedSplit, *, stream: bool = True) -
     valid = ray.data.read_parquet(encoded.entry, file_extensions=["parquet"], num_cpus=READ_CPUS).map_batches(_valid_only, batch_format="pyarrow", num_cpus=READ_CPUS)
     if config.reference.cache_dir is None and stream:
         scored = add_reference_logprobs(valid, config, pad_id).select_columns(TRAIN_COLUMNS)
+        scored.set_name(f"reference-{split}")
         return PreparedSplit(scored, report["valid"], report, report["valid"], None)
 
     key = _hash(encoded.manifest["key"], model_fingerprint(config.model.reference), reference_dtype(config), config.model.trust_remote_code)
@@ -205,7 +208,9 @@ def score_split(config: Config, encoded: EncodedSplit, *, stream: bool = True) -
     if ref_manifest is None:
         start = time.perf_counter()
         _fresh_dir(entry)
-        add_reference_logprobs(valid, config, pad_id).select_columns(TRAIN_COLUMNS).write_parquet(entry, ray_remote_args={"num_cpus": READ_CPUS})
+        scored = add_reference_logprobs(valid, config, pad_id).select_columns(TRAIN_COLUMNS)
+        scored.set_name(f"reference-{split}")
+        scored.write_parquet(entry, ray_remote_args={"num_cpus": READ_CPUS})
         written = _parquet_rows(entry)
         if written != report["valid"]:  # e.g. parts written to node-local disks of other nodes
             raise DataError(f"reference pass wrote {written} of {report['valid']} pairs to {entry}; on a multi-node cluster reference.cache_dir must be shared storage (a URI or a shared mount)")

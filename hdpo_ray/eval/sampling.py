@@ -139,6 +139,7 @@ def sample_completions(
         sampler, fn_constructor_kwargs={"plan": asdict(plan)}, batch_size=sampler.rows_per_batch,
         compute=ActorPoolStrategy(size=num_actors), num_cpus=num_cpus, num_gpus=num_gpus, **_on_node(node_id),
     )  # fmt: skip
+    sampled.set_name("eval-sampling")
     return sampled.take_all()
 
 

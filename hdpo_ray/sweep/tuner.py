@@ -119,7 +119,7 @@ def run_trial(point: dict, shared: dict) -> None:
     from hdpo_ray.pipeline import _quiet_ray_data, last_metrics
     from hdpo_ray.sweep.entropy import measure_policy_entropy
     from hdpo_ray.sweep.results import trial_row
-    from hdpo_ray.train.trainer import export_final, fit, total_optimizer_steps
+    from hdpo_ray.train.trainer import finish, fit, total_optimizer_steps
 
     params = {k: point[k] for k in ("alpha", "beta", "lr")}
     config = trial_config(Config.model_validate(shared["config"]), params, shared["output_dir"])
@@ -144,9 +144,8 @@ def run_trial(point: dict, shared: dict) -> None:
         steps = run_state["steps"]  # trained and exported before an interruption: only the measures are missing
     else:
         report = _report_to_tune(TuneReportCallback, total_optimizer_steps(config, shared["train_pairs"]))
-        result, steps, name = fit(config, split(shared["train_entry"], shared["train_pairs"]), split(shared["eval_entry"], shared["eval_pairs"]), callbacks=(report,))
-        final = export_final(result, str(trial_dir))
-        (trial_dir / "run.json").write_text(json.dumps({"name": name, "status": "finished", "steps": steps}))
+        result, steps, state = fit(config, split(shared["train_entry"], shared["train_pairs"]), split(shared["eval_entry"], shared["eval_pairs"]), callbacks=(report,))
+        final = finish(config, result, steps, state)
     train, sweep = config.train, config.sweep
     cpus = train.num_workers * train.cpus_per_worker  # the training workers' share, free again now
     # On this trial's node, where final/ was just written, and outside the trial's placement group

@@ -20,6 +20,8 @@ from hdpo_ray.config import Config
 from hdpo_ray.data.collate import collate_pairs
 from hdpo_ray.loss import hdpo_loss
 from hdpo_ray.train.engine import build_engine, export_model, load_checkpoint, save_checkpoint
+from hdpo_ray.train.nonfinite import NonFiniteGuard, finite_everywhere, step_engine
+from hdpo_ray.train.tracking import RESTORED_KEY
 
 SUMS = ("seconds", "loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "policy_accuracy", "logps/chosen", "logps/rejected", "pairs", "entropy", "entropy_tokens", "tokens")
 
@@ -146,9 +148,17 @@ def train_loop_per_worker(loop_config: dict) -> dict:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as directory:
-            state = load_checkpoint(engine, directory)
+            state |= load_checkpoint(engine, directory)
+        if context.get_world_rank() == 0:
+            print(f"[hdpo-ray] restoring the checkpoint at step {state['step']}: epoch {state['epoch']}'s first {state['micro_batches_in_epoch']} micro-batches "
+                  "per worker are read again and skipped, the steps after the checkpoint are trained again", flush=True)  # fmt: skip
+    restored_from = state["step"] if checkpoint else None
+    guard = NonFiniteGuard(state, train.max_consecutive_nonfinite)
 
     def report(metrics: dict, *, save: bool = False, export: bool = False) -> None:
+        nonlocal restored_from
+        if restored_from is not None:  # the driver's tracker replaces the rows of the steps trained again
+            metrics, restored_from = {**metrics, RESTORED_KEY: restored_from}, None
         if not save:
             ray.train.report(metrics)
             return
@@ -167,21 +177,34 @@ def train_loop_per_worker(loop_config: dict) -> dict:
         next_step = engine.global_steps + 1
         with_entropy = next_step % train.logging_steps == 0 or next_step >= total_steps
         out, stats, tokens = _forward_loss(engine, batch, config, device, with_entropy)
+        if not finite_everywhere(out.loss):  # no backward on any rank: the micro-batch is consumed, not trained on
+            guard.skipped_batch()
+            if guard.exhausted:
+                return {"step": state["step"], "epoch": state["epoch"], "stopped": guard.stop_message()}
+            last = time.perf_counter()
+            continue
         engine.backward(out.loss)
-        if boundary and train.zero_stage == 0:  # DeepSpeed's plain fp32 path clips without keeping the norm
-            stage0_grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in engine.module.parameters() if p.grad is not None])).item()
-        engine.step()
+        applied, norm = step_engine(engine, boundary=boundary, zero_stage=train.zero_stage)
+        stage0_grad_norm = norm if norm is not None else stage0_grad_norm
         now = time.perf_counter()
         window.add(out, stats, len(batch["prompt_ids"]), tokens, now - last, with_entropy)
         last = now
         if not boundary:
             continue
+        if not applied:
+            guard.skipped_step()
+            if guard.exhausted:
+                return {"step": engine.global_steps, "epoch": state["epoch"], "stopped": guard.stop_message()}
+            if engine.global_steps == state["step"]:  # ZeRO-0: the step did not happen
+                continue
+        else:
+            guard.applied_step()
         state["step"] = step = engine.global_steps
         final = step >= total_steps
         metrics = {}
         if step % train.logging_steps == 0 or final:
             grad_norm = stage0_grad_norm if train.zero_stage == 0 else engine.get_global_grad_norm()
-            metrics = window.averages(device) | {"lr": engine.get_lr()[0], "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"), "peak_memory_mb": _peak_memory_mb(device)}
+            metrics = window.averages(device) | guard.metrics() | {"lr": engine.get_lr()[0], "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"), "peak_memory_mb": _peak_memory_mb(device)}
             window = Window()
         if num_eval_pairs and (final or (train.eval_steps and step % train.eval_steps == 0)):
             metrics |= evaluate(engine, config, device, num_eval_pairs)

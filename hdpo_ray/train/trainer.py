@@ -24,12 +24,17 @@ from hdpo_ray.config import Config
 # or the pipeline waits forever.
 DATA_CPUS = 1.0
 from hdpo_ray.train.engine import EXPORT_DIR
+from hdpo_ray.train.tracking import make_tracker, start_mlflow_run
 
 log = logging.getLogger("hdpo_ray")
 
 
 class ResourceError(RuntimeError):
     """The cluster cannot hold what the run asks for; one line for the user."""
+
+
+class TrainingStopped(RuntimeError):
+    """The workers stopped the run on purpose (non-finite losses or gradients in a row); one line for the user."""
 
 
 @dataclass
@@ -83,75 +88,34 @@ def check_resources(config: Config, cluster: dict[str, float], *, stream: bool =
             raise ResourceError("reference.cache_dir is null, so the reference pool streams beside the training workers, but both do not fit the cluster at once; set a cache_dir or lower their resources")
 
 
-def _make_callback(output_dir: str, total_steps: int):
-    from ray.train import UserCallback
-
-    class ProgressAndMetrics(UserCallback):
-        """Runs on the Train controller (the driver's node): metrics.jsonl, TensorBoard event files in
-        OUTPUT_DIR/tensorboard (tensorboardX, which Ray Tune already depends on) and a progress line per report."""
-
-        def __init__(self):
-            self.started = time.time()
-            self.first_step: tuple[int, float] | None = None
-            self.writer = None
-
-        def _tensorboard(self, row: dict, step: int) -> None:
-            if self.writer is None:
-                from tensorboardX import SummaryWriter
-
-                self.writer = SummaryWriter(logdir=str(Path(output_dir, "tensorboard")))
-            for key, value in row.items():
-                if key not in ("step", "epoch", "time") and isinstance(value, (int, float)) and math.isfinite(value):
-                    self.writer.add_scalar(key, value, step)
-            self.writer.flush()  # a report every logging_steps: cheap, and the dashboard is current
-
-        def after_report(self, run_context, metrics, checkpoint):
-            row = dict(metrics[0]) if metrics else {}
-            step = int(row.get("step", 0))
-            if len(row) <= 2:  # a checkpoint-only report
-                return
-            row["time"] = round(time.time() - self.started, 2)
-            with open(Path(output_dir, "metrics.jsonl"), "a") as f:
-                f.write(json.dumps(row) + "\n")
-            self._tensorboard(row, step)
-            now = time.time()
-            self.first_step = self.first_step or (step, now)
-            done, since = step - self.first_step[0], now - self.first_step[1]
-            eta = since / done * (total_steps - step) if done > 0 else float("nan")
-            parts = [f"step {step}/{total_steps}"]
-            if "loss" in row:
-                parts += [f"loss {row['loss']:.4f}", f"acc {row['rewards/accuracies']:.2f}", f"margin {row['rewards/margins']:+.4f}", f"{row['tokens_per_s']:,.0f} tok/s"]
-            if "eval/loss" in row:
-                parts.append(f"eval loss {row['eval/loss']:.4f} acc {row['eval/rewards/accuracies']:.2f}")
-            parts.append(f"elapsed {_clock(now - self.started)} ETA {_clock(eta)}")
-            print("[hdpo-ray] " + " | ".join(parts), flush=True)
-
-    return ProgressAndMetrics()
-
-
-def _clock(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "--:--"
-    seconds = int(seconds)
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
-
-
-def _run_name(output_dir: str) -> str:
-    """Same output_dir and an unfinished run: the same name, so Ray Train resumes from its checkpoint."""
+def read_run_state(output_dir: str) -> dict[str, Any] | None:
+    """OUTPUT_DIR/run.json: the Ray Train run name, its status (running, finished, stopped) and the MLflow run id."""
     state_file = Path(output_dir, "run.json")
-    if state_file.exists():
-        state = json.loads(state_file.read_text())
-        if state.get("status") != "finished":
-            log.info("resuming run %s from its latest checkpoint", state["name"])
-            return state["name"]
-    name = f"hdpo-{time.strftime('%Y%m%d-%H%M%S')}"
-    Path(output_dir, "metrics.jsonl").unlink(missing_ok=True)  # a new run starts a new metrics file
-    state_file.write_text(json.dumps({"name": name, "status": "running"}))
-    return name
+    return json.loads(state_file.read_text()) if state_file.exists() else None
 
 
-def fit(config: Config, train_split, eval_split, callbacks: tuple = ()) -> tuple[Any, int, str]:
-    """Build and fit the TorchTrainer; returns (Result, total steps, run name). `callbacks`: more Ray Train UserCallbacks."""
+def write_run_state(output_dir: str, state: dict[str, Any]) -> None:
+    temporary = Path(output_dir, "run.json.tmp")
+    temporary.write_text(json.dumps(state))
+    os.replace(temporary, Path(output_dir, "run.json"))  # a reader sees the old state or the new one
+
+
+def _run_state(output_dir: str) -> dict[str, Any]:
+    """Same output_dir and an unfinished run: the same name, so Ray Train resumes from its latest checkpoint."""
+    state = read_run_state(output_dir)
+    if state and state.get("status") == "running":
+        log.info("resuming run %s from its latest checkpoint", state["name"])
+        return state
+    Path(output_dir, "metrics.jsonl").unlink(missing_ok=True)  # a new run starts new metrics and events
+    Path(output_dir, "events.jsonl").unlink(missing_ok=True)
+    shutil.rmtree(Path(output_dir, "tensorboard"), ignore_errors=True)
+    state = {"name": f"hdpo-{time.strftime('%Y%m%d-%H%M%S')}", "status": "running"}
+    write_run_state(output_dir, state)
+    return state
+
+
+def fit(config: Config, train_split, eval_split, callbacks: tuple = ()) -> tuple[Any, int, dict[str, Any]]:
+    """Build and fit the TorchTrainer; returns (Result, total steps, run state). `callbacks`: more Ray Train UserCallbacks."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -161,7 +125,12 @@ def fit(config: Config, train_split, eval_split, callbacks: tuple = ()) -> tuple
     total_steps = total_optimizer_steps(config, train_split.num_pairs)
     output_dir = os.path.abspath(config.output_dir)
     storage = train.storage_path or os.path.join(output_dir, "checkpoints")
-    name = _run_name(output_dir)
+    state = _run_state(output_dir)
+    name = state["name"]
+    storage = storage if "://" in storage else os.path.abspath(os.path.expanduser(storage))
+    remove_unregistered_checkpoints(storage, name)
+    state["mlflow_run_id"] = start_mlflow_run(config, output_dir, name, state.get("mlflow_run_id"))
+    write_run_state(output_dir, state)
     datasets = {"train": train_split.dataset} | ({"eval": eval_split.dataset} if eval_split else {})
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -169,21 +138,81 @@ def fit(config: Config, train_split, eval_split, callbacks: tuple = ()) -> tuple
         scaling_config=ray.train.ScalingConfig(num_workers=train.num_workers, use_gpu=train.use_gpu, resources_per_worker={"CPU": train.cpus_per_worker}),
         run_config=ray.train.RunConfig(
             name=name,
-            storage_path=storage if "://" in storage else os.path.abspath(os.path.expanduser(storage)),
+            storage_path=storage,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=train.keep_checkpoints),
             failure_config=ray.train.FailureConfig(max_failures=train.max_failures),
-            callbacks=[_make_callback(output_dir, total_steps), *callbacks],
+            callbacks=[make_tracker(config, output_dir, total_steps, state["mlflow_run_id"]), *callbacks],
             worker_runtime_env={"env_vars": {"DS_ACCELERATOR": "cuda" if train.use_gpu else "cpu"}},
         ),
         datasets=datasets,
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"], execution_options={"train": _ordered_ingest()}),
     )
     log.info("training: %d steps on %d workers (ZeRO-%d), %d train pairs, run %s, checkpoints in %s", total_steps, train.num_workers, train.zero_stage, train_split.num_pairs, name, storage)
-    return trainer.fit(), total_steps, name
+    return trainer.fit(), total_steps, state
+
+
+def remove_unregistered_checkpoints(storage: str, name: str) -> list[str]:
+    """Delete checkpoint folders of run `name` that Ray Train never registered: saves cut off by a dying driver.
+
+    Ray Train records a checkpoint in checkpoint_manager_snapshot.json only after every rank has
+    uploaded its part, and resumes only from what that file lists; a folder it does not list is an
+    interrupted save, never read again, only taking space. Returns the folders removed.
+    """
+    import pyarrow.fs as pafs
+
+    fs, root = pafs.FileSystem.from_uri(storage if "://" in storage else f"file://{storage}")
+    run_dir = f"{root.rstrip('/')}/{name}"
+    try:
+        with fs.open_input_stream(f"{run_dir}/checkpoint_manager_snapshot.json") as f:
+            snapshot = json.loads(f.read())
+    except (FileNotFoundError, OSError, json.JSONDecodeError):
+        return []  # nothing registered yet, or no snapshot to trust: leave the folder alone
+    registered = {r["checkpoint_dir_name"] for r in snapshot.get("checkpoint_results", [])}
+    for result in [snapshot.get("latest_checkpoint_result"), *snapshot.get("pending_training_results", [])]:
+        if isinstance(result, dict) and "checkpoint_dir_name" in result:
+            registered.add(result["checkpoint_dir_name"])
+    removed = []
+    for info in fs.get_file_info(pafs.FileSelector(run_dir)):
+        if info.type == pafs.FileType.Directory and info.base_name.startswith("checkpoint_") and info.base_name not in registered:
+            fs.delete_dir(info.path)
+            removed.append(info.base_name)
+            log.info("removed %s: an interrupted checkpoint save (not registered by Ray Train)", info.base_name)
+    return removed
+
+
+def finish(config: Config, result, total_steps: int, state: dict[str, Any]) -> str:
+    """After fit(): the final model to OUTPUT_DIR/final and run.json marked finished -- or, when the workers
+    stopped the run, run.json marked stopped and TrainingStopped raised."""
+    from hdpo_ray.train.tracking import end_mlflow_run
+
+    output_dir = os.path.abspath(config.output_dir)
+    stopped = (result.return_value or {}).get("stopped")
+    if stopped:
+        write_run_state(output_dir, state | {"status": "stopped", "reason": stopped})
+        end_mlflow_run(config, state.get("mlflow_run_id"), "FAILED")
+        raise TrainingStopped(stopped)
+    final = export_final(result, output_dir)
+    write_run_state(output_dir, state | {"status": "finished", "steps": total_steps})
+    end_mlflow_run(config, state.get("mlflow_run_id"), "FINISHED")
+    return final
+
+
+def _ordered_ingest():
+    """Ray Data options for the train split: blocks in file order, so each rank sees the same pairs in the same
+    order every epoch and in every run. A restore (or a resumed run) then replays exactly: it skips the
+    micro-batches its checkpoint had consumed, which are the very batches that were trained on."""
+    import ray.train
+
+    ingest = ray.train.DataConfig.default_ingest_options()
+    ingest.preserve_order = True  # also turns off locality-based dispatch, which depends on timing
+    return ingest
 
 
 def export_final(result, output_dir: str) -> str:
-    """Copy the Hugging Face model from the final checkpoint (local or cloud storage) to OUTPUT_DIR/final."""
+    """Copy the Hugging Face model from the final checkpoint (local or cloud storage) to OUTPUT_DIR/final.
+
+    Copied beside it first and renamed into place: OUTPUT_DIR/final is a whole model or the previous one.
+    """
     target = Path(output_dir, "final")
     if result.checkpoint is None:
         raise RuntimeError("training finished without a final checkpoint")
@@ -191,7 +220,11 @@ def export_final(result, output_dir: str) -> str:
         source = Path(directory, EXPORT_DIR)
         if not source.is_dir():
             raise RuntimeError(f"the final checkpoint {result.checkpoint.path} holds no exported model")
+        partial, previous = Path(output_dir, f".final.partial-{os.getpid()}"), Path(output_dir, f".final.old-{os.getpid()}")
+        shutil.rmtree(partial, ignore_errors=True)
+        shutil.copytree(source, partial)
         if target.exists():
-            shutil.rmtree(target)
-        shutil.copytree(source, target)
+            os.replace(target, previous)
+        os.replace(partial, target)
+        shutil.rmtree(previous, ignore_errors=True)
     return str(target)

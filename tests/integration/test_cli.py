@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import run_cli
+from tests.conftest import run_cli, shared
+from tests.integration.checks import assert_finished_run
 
 FAST = ["data.max_length=64", "data.max_prompt_length=32", "train.per_device_batch_size=2", "reference.batch_size=8"]
 
@@ -37,6 +38,15 @@ def test_bad_values_exit_2_with_one_line(override, expected, tmp_path):
 def test_missing_config_file_exits_2(tmp_path):
     result = run_cli(["train", "--config", str(tmp_path / "none.yaml")], ray_address=None, timeout=120)
     assert result.returncode == 2 and "none.yaml does not exist" in result.stderr
+
+
+def test_resume_needs_an_unfinished_run(tmp_path):
+    result = run_cli(["train", "--resume", str(tmp_path / "nothing")], ray_address=None, timeout=120)
+    assert result.returncode == 2 and result.stderr.startswith(f"hdpo-ray: error: --resume {tmp_path / 'nothing'}: no run there"), result.stderr
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "run.json").write_text(json.dumps({"name": "hdpo-x", "status": "finished"}))
+    result = run_cli(["train", "--resume", str(tmp_path)], ray_address=None, timeout=120)
+    assert result.returncode == 2 and "run hdpo-x is finished, nothing to continue" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_help_config_lists_keys():
@@ -75,82 +85,21 @@ def test_chat_template_failure_stops_the_run_with_one_line(ray_address, tmp_path
     assert "Traceback" not in result.stderr
 
 
-def _tensorboard_scalars(logdir: Path) -> dict[str, list[tuple[int, float]]]:
-    """tag -> [(step, value)] from the TensorBoard event files (TFRecord: length, crc, event proto, crc)."""
-    from tensorboardX.proto.event_pb2 import Event
-
-    scalars: dict[str, list[tuple[int, float]]] = {}
-    for file in sorted(logdir.glob("events.out.tfevents.*")):
-        data = file.read_bytes()
-        offset = 0
-        while offset < len(data):
-            length = int.from_bytes(data[offset : offset + 8], "little")
-            event = Event.FromString(data[offset + 12 : offset + 12 + length])
-            offset += 12 + length + 4
-            for value in event.summary.value:
-                scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
-    return scalars
-
-
-def _trained_state(checkpoint_dir: Path) -> dict[str, torch.Tensor]:
-    """The policy weights in the final DeepSpeed checkpoint, consolidated independently of our export."""
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag="engine")
-    return {k.removeprefix("model."): v for k, v in state.items()}
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("zero_stage", [2, 3])
-def test_train_end_to_end(ray_address, tmp_path, small_pairs, zero_stage):
+def test_train_end_to_end_zero3(ray_address, tmp_path, small_pairs):
+    """ZeRO-3 through the CLI on the session cluster (ZeRO-2 runs as a `ray job submit` in test_jobs.py)."""
     out = tmp_path / "out"
     eval_file = tmp_path / "eval.jsonl"
     eval_file.write_text("\n".join(small_pairs.read_text().splitlines()[-6:]) + "\n")
     args = ["train", f"output_dir={out}", f"reference.cache_dir={tmp_path}/cache", f"data.train_files=[{small_pairs}]", f"data.eval_files=[{eval_file}]",
-            "train.num_workers=2", f"train.zero_stage={zero_stage}", "train.epochs=3", "train.lr=2e-3", "train.logging_steps=1", "train.save_steps=5",
-            "train.eval_steps=6", "train.keep_checkpoints=2", "train.warmup_ratio=0", f"model.gradient_checkpointing={zero_stage == 3}",
-            # ZeRO-3: several LM-head chunks per micro-batch, recomputed in backward, ranks padding to the same count
-            f"model.logprob_chunk_tokens={16 if zero_stage == 3 else 1024}", *FAST]  # fmt: skip
+            "train.num_workers=2", "train.zero_stage=3", "train.epochs=2", "train.lr=2e-3", "train.logging_steps=1", "train.save_steps=5",
+            "train.eval_steps=6", "train.keep_checkpoints=2", "train.warmup_ratio=0", "model.gradient_checkpointing=true",
+            # several LM-head chunks per micro-batch, recomputed in backward, ranks padding to the same count
+            "model.logprob_chunk_tokens=16", *FAST]  # fmt: skip
     result = run_cli(args, ray_address)
     assert result.returncode == 0, result.stderr[-4000:]
-    assert "[hdpo-ray] step 2/18 | loss " in result.stdout + result.stderr  # the progress display
-
-    report = json.loads((out / "data_report.json").read_text())
-    assert report["train"]["read"] == 24 and report["train"]["valid"] == 24 and report["eval"]["valid"] == 6
-
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    train_rows = [r for r in rows if "loss" in r]
-    for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected", "entropy", "lr", "grad_norm", "tokens_per_s"):
-        assert all(key in r and math.isfinite(r[key]) for r in train_rows), key
-    assert any("eval/rewards/accuracies" in r for r in rows) and "eval/loss" in rows[-1]
-    steps = [r["step"] for r in train_rows]
-    assert steps == list(range(1, 19)), steps  # 24 pairs / 2 workers / 2 per batch = 6 steps per epoch, 3 epochs
-    # Step 1's loss is taken before any update, with policy == reference and alpha = 1: exactly ln 2.
-    assert train_rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)  # (float rounding of differently padded batches)
-    losses = [r["loss"] for r in train_rows]
-    assert sum(losses[-6:]) / 6 < sum(losses[:6]) / 6 - 0.1, losses  # the last epoch's loss is well below the first's
-    scalars = _tensorboard_scalars(out / "tensorboard")
-    assert [step for step, _ in scalars["loss"]] == steps and [v for _, v in scalars["loss"]] == pytest.approx(losses, rel=1e-6)
-    assert "eval/loss" in scalars and "rewards/accuracies" in scalars
-
-    run_dirs = list((out / "checkpoints").iterdir())
-    checkpoints = sorted(p for p in run_dirs[0].iterdir() if p.is_dir() and p.name.startswith("checkpoint_"))
-    assert len(run_dirs) == 1 and len(checkpoints) == 2  # keep_checkpoints=2 of the saves at 5, 10, 15, 18
-
-    from safetensors.torch import load_file
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(out / "final")
-    assert AutoTokenizer.from_pretrained(out / "final").chat_template
-    exported = load_file(out / "final" / "model.safetensors")
-    trained = _trained_state(checkpoints[-1])
-    for name, tensor in model.state_dict().items():
-        if name in exported:
-            assert torch.equal(exported[name], trained[name]), name
-    from hdpo_ray.models import build_tiny_llama
-
-    assert not torch.equal(exported["model.norm.weight"], build_tiny_llama().state_dict()["model.norm.weight"])  # it did train
+    assert "[hdpo-ray] step 2/12 | loss " in result.stdout + result.stderr  # the progress display
+    assert_finished_run(out, steps_per_epoch=6, epochs=2, checkpoints_kept=2)
 
 
 def test_toy_command(tmp_path):
@@ -161,3 +110,45 @@ def test_toy_command(tmp_path):
     assert [r["regime"] for r in rows] == ["single mode", "covers both"]
     bad = run_cli(["toy", "--alphas", "0,1"], ray_address=None, timeout=120)
     assert bad.returncode == 2 and bad.stderr.startswith("hdpo-ray: error: --alphas")
+
+
+@pytest.mark.slow
+def test_non_finite_losses_are_skipped_then_stop_the_run(ray_address, tmp_path):
+    """A policy with one NaN embedding row (untied from its finite LM head): pairs that contain that token
+    get a NaN loss. One such micro-batch is skipped and counted; three in a row stop the run with one line."""
+    import torch
+
+    from hdpo_ray.config import EMBEDDED_SFT_MODEL
+    from hdpo_ray.models import load_causal_lm, load_tokenizer
+
+    tokenizer = load_tokenizer(EMBEDDED_SFT_MODEL, None, False)
+    marker = tokenizer.encode(" quokka", add_special_tokens=False)[-1]
+    model = load_causal_lm(EMBEDDED_SFT_MODEL, dtype=torch.float32)
+    model.config.tie_word_embeddings = False
+    model.lm_head.weight = torch.nn.Parameter(model.get_input_embeddings().weight.detach().clone())
+    with torch.no_grad():
+        model.get_input_embeddings().weight[marker] = float("nan")
+    model.save_pretrained(tmp_path / "policy")
+    tokenizer.save_pretrained(tmp_path / "policy")
+
+    # One worker, 2 pairs per micro-batch: micro-batches 0, 1 clean; 2 poisoned; 3 clean; 4, 5, 6 poisoned.
+    rows = [json.loads(line) for line in shared("ultrafeedback/train_flat-1000.jsonl").read_text().splitlines()[:14]]
+    poisoned = {4, 5, 8, 9, 10, 11, 12, 13}
+    for i, row in enumerate(rows):
+        assert marker not in tokenizer.encode(row["prompt"] + row["chosen"] + row["rejected"])
+        if i in poisoned:
+            row["chosen"] = "A quokka. " + row["chosen"]
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out"
+    result = run_cli(["train", f"output_dir={out}", f"reference.cache_dir={tmp_path}/cache", f"data.train_files=[{tmp_path}/pairs.jsonl]", "data.eval_files=[]",
+                      f"model.name_or_path={tmp_path}/policy", f"model.ref_name_or_path={EMBEDDED_SFT_MODEL}", "train.num_workers=1", "train.cpus_per_worker=1",
+                      "train.logging_steps=1", "train.max_consecutive_nonfinite=3", *FAST], ray_address)  # fmt: skip
+    assert result.returncode == 1, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("hdpo-ray: error:")]
+    assert errors == ["hdpo-ray: error: training stopped after step 3: 3 non-finite losses or gradients in a row (4 micro-batches and 0 optimizer steps "
+                      "skipped in all); the latest checkpoint is kept. Lower train.lr, check the data and the model, or raise train.max_consecutive_nonfinite"], errors  # fmt: skip
+    assert "Traceback" not in result.stderr
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["nonfinite/skipped_batches"]) for r in rows] == [(1, 0), (2, 0), (3, 1)]
+    assert all(math.isfinite(r["loss"]) for r in rows)  # the skipped micro-batch is not in the averages
+    assert json.loads((out / "run.json").read_text())["status"] == "stopped" and not (out / "final").exists()

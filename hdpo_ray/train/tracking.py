@@ -1,0 +1,181 @@
+"""What a training run leaves to watch it by: metrics.jsonl, TensorBoard, MLflow, events.jsonl, a progress line.
+
+`RunTracker` is a Ray Train UserCallback: it runs in the Train controller (on the driver's node) and
+sees every report of rank 0 and every worker-group failure. After a restore the steps between the
+checkpoint and the failure are trained again; their first rows are replaced, not duplicated, in
+metrics.jsonl and TensorBoard (MLflow keeps both values of such a step: its history is append-only).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from hdpo_ray.config import Config
+
+RESTORED_KEY = "restored_from_step"  # in the first report after a restore (train/loop.py)
+
+
+def last_logged_step(path: Path) -> int:
+    """The highest step in a metrics.jsonl (0 if none): an earlier driver of the same run wrote it."""
+    if not path.exists():
+        return 0
+    return max((json.loads(line).get("step", 0) for line in path.read_text().splitlines() if line.strip()), default=0)
+
+
+def drop_rows_from(path: Path, step: int) -> None:
+    """Rewrite metrics.jsonl without rows at `step` or later; those steps are being trained again."""
+    if path.exists():
+        kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) < step]
+        temporary = path.with_suffix(".tmp")
+        temporary.write_text("".join(line + "\n" for line in kept))
+        os.replace(temporary, path)
+
+
+def _clock(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "--:--"
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def progress_line(row: dict[str, Any], total_steps: int, elapsed: float, eta: float) -> str:
+    parts = [f"step {row['step']}/{total_steps}"]
+    if "loss" in row:
+        parts += [f"loss {row['loss']:.4f}", f"acc {row['rewards/accuracies']:.2f}", f"margin {row['rewards/margins']:+.4f}", f"{row['tokens_per_s']:,.0f} tok/s"]
+    if "eval/loss" in row:
+        parts.append(f"eval loss {row['eval/loss']:.4f} acc {row['eval/rewards/accuracies']:.2f}")
+    skipped = row.get("nonfinite/skipped_batches", 0) + row.get("nonfinite/skipped_steps", 0)
+    if skipped:
+        parts.append(f"non-finite skipped {row['nonfinite/skipped_batches']:.0f} batches {row['nonfinite/skipped_steps']:.0f} steps")
+    parts.append(f"elapsed {_clock(elapsed)} ETA {_clock(eta)}")
+    return "[hdpo-ray] " + " | ".join(parts)
+
+
+def start_mlflow_run(config: Config, output_dir: str, run_name: str, run_id: str | None) -> str | None:
+    """The MLflow run of this training run: `run_id` again when resuming, else a new one with the config as params."""
+    if not config.logging.mlflow_uri:
+        return None
+    client = mlflow_client(config.logging.mlflow_uri)
+    if run_id:
+        client.update_run(run_id, status="RUNNING")
+        return run_id
+    experiment = client.get_experiment_by_name(config.logging.mlflow_experiment)
+    experiment_id = experiment.experiment_id if experiment else client.create_experiment(config.logging.mlflow_experiment)
+    run = client.create_run(experiment_id, run_name=run_name, tags={"hdpo_ray.output_dir": output_dir})
+    from mlflow.entities import Param
+
+    params = [Param(key, json.dumps(value)[:6000]) for key, value in _flatten(config.to_dict()).items()]
+    for start in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
+        client.log_batch(run.info.run_id, params=params[start : start + 100])
+    return run.info.run_id
+
+
+def end_mlflow_run(config: Config, run_id: str | None, status: str) -> None:
+    if run_id:
+        mlflow_client(config.logging.mlflow_uri).set_terminated(run_id, status=status)
+
+
+def mlflow_client(uri: str):
+    if uri.startswith("file:") or "://" not in uri and not uri.startswith("databricks"):
+        # The user chose a file store on purpose; MLflow 3 refuses one unless told so.
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat |= _flatten(value, f"{prefix}{key}.")
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def make_tracker(config: Config, output_dir: str, total_steps: int, mlflow_run_id: str | None):
+    from ray.train import UserCallback
+
+    class RunTracker(UserCallback):
+        def __init__(self):
+            self.started = time.time()
+            self.rows = Path(output_dir, "metrics.jsonl")
+            self.last_step = last_logged_step(self.rows)
+            self.first_step: tuple[int, float] | None = None
+            self.failed_at: float | None = None
+            self.tensorboard = None  # writers and clients are made on first use, in the controller (not pickled)
+            self.mlflow = None
+
+        def after_exception(self, run_context, worker_exceptions):
+            self.failed_at = time.time()
+            ranks = sorted(worker_exceptions)
+            errors = {str(rank): (f"{type(e).__name__}: " + (str(e).strip().splitlines() or [""])[0])[:300] for rank, e in sorted(worker_exceptions.items())}
+            self._event({"event": "worker_failure", "ranks": ranks, "last_step": self.last_step, "errors": errors})
+            print(f"[hdpo-ray] worker failure on rank {', '.join(map(str, ranks))} after step {self.last_step}; Ray Train restores the latest checkpoint if train.max_failures allows", flush=True)
+
+        def after_report(self, run_context, metrics, checkpoint):
+            row = dict(metrics[0]) if metrics else {}
+            step = int(row.get("step", 0))
+            if RESTORED_KEY in row:
+                self._restored(int(row.pop(RESTORED_KEY)))
+            if len(row) <= 2:  # a checkpoint-only report
+                return
+            row["time"] = round(time.time() - self.started, 2)
+            if step <= self.last_step:  # a replayed step whose first row was written before the failure
+                drop_rows_from(self.rows, step)
+                self._reopen_tensorboard(purge_from=step)
+            with open(self.rows, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            self.last_step = step
+            self._log_scalars(row, step)
+            now = time.time()
+            self.first_step = self.first_step or (step, now)
+            done, since = step - self.first_step[0], now - self.first_step[1]
+            print(progress_line(row, total_steps, now - self.started, since / done * (total_steps - step) if done > 0 else float("nan")), flush=True)
+
+        def _restored(self, from_step: int) -> None:
+            event = {"event": "restored", "from_step": from_step, "steps_recomputed": max(0, self.last_step - from_step)}
+            if self.failed_at is not None:
+                event["recovery_s"] = round(time.time() - self.failed_at, 2)  # failure noticed -> first step after the restore
+            self._event(event)
+            self.first_step, self.failed_at = None, None  # the ETA restarts from here
+            recovery = f" {event['recovery_s']:.1f} s after the failure" if "recovery_s" in event else ""
+            print(f"[hdpo-ray] restored from the checkpoint at step {from_step}{recovery}; steps {from_step + 1}-{self.last_step} are trained again", flush=True)
+
+        def _event(self, event: dict) -> None:
+            with open(Path(output_dir, "events.jsonl"), "a") as f:
+                f.write(json.dumps({"time": round(time.time(), 3), **event}) + "\n")
+
+        def _reopen_tensorboard(self, purge_from: int) -> None:
+            if config.logging.tensorboard:
+                if self.tensorboard is not None:
+                    self.tensorboard.close()
+                from tensorboardX import SummaryWriter
+
+                # purge_step: TensorBoard hides the earlier events of this logdir from that step on
+                self.tensorboard = SummaryWriter(logdir=str(Path(output_dir, "tensorboard")), purge_step=purge_from)
+
+        def _log_scalars(self, row: dict, step: int) -> None:
+            scalars = {k: v for k, v in row.items() if k not in ("step", "epoch", "time") and isinstance(v, (int, float)) and math.isfinite(v)}
+            if config.logging.tensorboard:
+                if self.tensorboard is None:
+                    from tensorboardX import SummaryWriter
+
+                    self.tensorboard = SummaryWriter(logdir=str(Path(output_dir, "tensorboard")))
+                for key, value in scalars.items():
+                    self.tensorboard.add_scalar(key, value, step)
+                self.tensorboard.flush()  # one report every logging_steps: cheap, and the board stays current
+            if mlflow_run_id:
+                from mlflow.entities import Metric
+
+                self.mlflow = self.mlflow or mlflow_client(config.logging.mlflow_uri)
+                stamp = int(time.time() * 1000)
+                self.mlflow.log_batch(mlflow_run_id, metrics=[Metric(key, float(value), stamp, step) for key, value in scalars.items()])
+
+    return RunTracker()

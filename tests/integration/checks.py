@@ -1,0 +1,88 @@
+"""What a finished `hdpo-ray train` run directory must hold; shared by the CLI and job-submit tests."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import tensorboard_scalars
+
+TRAIN_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected", "entropy", "lr", "grad_norm", "tokens_per_s")
+
+
+def metric_rows(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def trained_state(checkpoint_dir: Path) -> dict[str, torch.Tensor]:
+    """The policy weights in a DeepSpeed checkpoint, consolidated independently of our export."""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag="engine")
+    return {k.removeprefix("model."): v for k, v in state.items()}
+
+
+def registered_checkpoints(out: Path) -> list[Path]:
+    """The run's checkpoint folders that Ray Train registered, oldest first."""
+    (run_dir,) = (out / "checkpoints").iterdir()
+    snapshot = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
+    return [run_dir / r["checkpoint_dir_name"] for r in snapshot["checkpoint_results"]]
+
+
+def assert_finished_run(out: Path, *, steps_per_epoch: int, epochs: int, checkpoints_kept: int) -> None:
+    """24 pairs (6 eval) trained with logging every step: reports, metrics, TensorBoard, checkpoints, export."""
+    report = json.loads((out / "data_report.json").read_text())
+    assert report["train"]["read"] == 24 and report["train"]["valid"] == 24 and report["eval"]["valid"] == 6
+    assert json.loads((out / "run.json").read_text())["status"] == "finished"
+
+    rows = metric_rows(out)
+    train_rows = [r for r in rows if "loss" in r]
+    for key in TRAIN_KEYS:
+        assert all(key in r and math.isfinite(r[key]) for r in train_rows), key
+    assert all(r["nonfinite/skipped_batches"] == 0 and r["nonfinite/skipped_steps"] == 0 for r in train_rows)
+    assert any("eval/rewards/accuracies" in r for r in rows) and "eval/loss" in rows[-1]
+    steps = [r["step"] for r in train_rows]
+    assert steps == list(range(1, steps_per_epoch * epochs + 1)), steps  # 24 pairs / 2 workers / 2 per batch per epoch
+    # Step 1's loss is taken before any update, with policy == reference and alpha = 1: exactly ln 2.
+    assert train_rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)  # (float rounding of differently padded batches)
+    losses = [r["loss"] for r in train_rows]
+    first, last = losses[:steps_per_epoch], losses[-steps_per_epoch:]
+    assert sum(last) / len(last) < sum(first) / len(first) - 0.1, losses  # the last epoch's loss is well below the first's
+    scalars = tensorboard_scalars(out / "tensorboard")
+    assert [step for step, _ in scalars["loss"]] == steps and [v for _, v in scalars["loss"]] == pytest.approx(losses, rel=1e-6)
+    assert "eval/loss" in scalars and "rewards/accuracies" in scalars
+
+    checkpoints = registered_checkpoints(out)
+    on_disk = sorted(p for p in checkpoints[0].parent.iterdir() if p.is_dir())
+    assert len(checkpoints) == checkpoints_kept and on_disk == sorted(checkpoints)  # older ones deleted, no strays
+
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(out / "final")
+    assert AutoTokenizer.from_pretrained(out / "final").chat_template
+    exported = load_file(out / "final" / "model.safetensors")
+    trained = trained_state(checkpoints[-1])
+    for name in model.state_dict():
+        if name in exported:
+            assert torch.equal(exported[name], trained[name]), name
+    from hdpo_ray.models import build_tiny_llama
+
+    assert not torch.equal(exported["model.norm.weight"], build_tiny_llama().state_dict()["model.norm.weight"])  # it did train
+
+
+def mlflow_history(uri: str):
+    """(the only run of experiment hdpo-ray, {metric: [(step, value)]}) from an MLflow tracking store."""
+    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("hdpo-ray").experiment_id])
+    history = {key: [(m.step, m.value) for m in sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: m.step)] for key in run.data.metrics}
+    return run, history

@@ -1,0 +1,199 @@
+"""`ray job submit` against the session's real Ray head (dashboard and job server on 127.0.0.1), and runs
+that lose their job, a worker and their driver, then end exactly where an uninterrupted run ends.
+
+All runs are the embedded default (`hdpo-ray train`, no --config) on 24 real pairs: 2 DeepSpeed CPU
+workers, ZeRO-2, 2 epochs of 6 steps, a checkpoint every 3 steps.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+from tests.conftest import REPO, _ray_cli, shared
+from tests.integration.checks import assert_finished_run, metric_rows, registered_checkpoints, trained_state
+
+FAST = ["data.max_length=64", "data.max_prompt_length=32", "train.per_device_batch_size=2", "reference.batch_size=8"]
+STEPS = 12
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> Path:
+    work = tmp_path_factory.mktemp("jobs")
+    lines = shared("ultrafeedback/train_flat-1000.jsonl").read_text().splitlines()[:24]
+    (work / "pairs.jsonl").write_text("\n".join(lines) + "\n")
+    (work / "eval.jsonl").write_text("\n".join(lines[-6:]) + "\n")
+    return work
+
+
+def train_args(out: Path, work: Path, *extra: str) -> list[str]:
+    return ["train", f"output_dir={out}", f"reference.cache_dir={work}/cache", f"data.train_files=[{work}/pairs.jsonl]", f"data.eval_files=[{work}/eval.jsonl]",
+            "train.num_workers=2", "train.zero_stage=2", "train.epochs=2", "train.lr=2e-3", "train.logging_steps=1", "train.save_steps=3",
+            "train.eval_steps=6", "train.keep_checkpoints=2", "train.warmup_ratio=0", "train.max_failures=1", *FAST, *extra]  # fmt: skip
+
+
+def ray_job(dashboard_url: str, command: str, *args: str, timeout: int = 180) -> subprocess.CompletedProcess:
+    """`ray job COMMAND --address URL ARGS...` (options before any `--` entrypoint)."""
+    env = os.environ | {"RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_ADDRESS", None)
+    return subprocess.run([_ray_cli(), "job", command, "--address", dashboard_url, *args], capture_output=True, text=True, env=env, cwd=REPO, timeout=timeout)
+
+
+def submit(dashboard_url: str, submission_id: str, hdpo_args: list[str]) -> None:
+    """`ray job submit --no-wait` of `python -m hdpo_ray ...` with jobs/runtime_env.yaml, as jobs/README.md says.
+    The head's PATH may not lead to this interpreter, so its absolute path is the entrypoint's python."""
+    result = ray_job(dashboard_url, "submit", "--submission-id", submission_id, "--runtime-env", "jobs/runtime_env.yaml", "--no-wait", "--", sys.executable, "-m", "hdpo_ray", *hdpo_args)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def job_status(dashboard_url: str, submission_id: str) -> str:
+    from ray.job_submission import JobSubmissionClient
+
+    return str(JobSubmissionClient(dashboard_url).get_job_status(submission_id).value)
+
+
+def wait_for(predicate, what: str, timeout: float = 300, every: float = 0.5):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def wait_for_job(dashboard_url: str, submission_id: str, timeout: float = 400) -> str:
+    status = wait_for(lambda: (s := job_status(dashboard_url, submission_id)) in ("SUCCEEDED", "FAILED", "STOPPED") and s, f"job {submission_id} to end", timeout)
+    return status
+
+
+def last_step(out: Path) -> int:
+    """Highest step logged so far (a row being written may be cut short)."""
+    try:
+        lines = (out / "metrics.jsonl").read_text().splitlines()
+    except FileNotFoundError:
+        return 0
+    steps = [0]
+    for line in lines:
+        try:
+            steps.append(json.loads(line)["step"])
+        except (json.JSONDecodeError, KeyError):
+            pass
+    return max(steps)
+
+
+def events(out: Path) -> list[dict]:
+    path = out / "events.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def processes(*words: str) -> list[psutil.Process]:
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        command = " ".join(process.info["cmdline"] or [])
+        if all(word in command for word in words):
+            found.append(process)
+    return found
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(dashboard_url, work) -> tuple[Path, str]:
+    """The embedded-default training submitted with `ray job submit`, run to the end: (output_dir, submission id)."""
+    out = work / "uninterrupted"
+    submit(dashboard_url, "hdpo-uninterrupted", train_args(out, work, f"logging.mlflow_uri=file://{work}/mlruns"))
+    assert wait_for_job(dashboard_url, "hdpo-uninterrupted") == "SUCCEEDED", ray_job(dashboard_url, "logs", "hdpo-uninterrupted").stdout[-4000:]
+    return out, "hdpo-uninterrupted"
+
+
+@pytest.mark.slow
+def test_job_submit_trains_the_embedded_default(dashboard_url, uninterrupted):
+    """SUCCEEDED, `ray job logs`, the run's files, MLflow, and the dashboard's names for stages and actors."""
+    out, submission_id = uninterrupted
+    logs = ray_job(dashboard_url, "logs", submission_id)
+    assert logs.returncode == 0 and f"[hdpo-ray] step {STEPS}/{STEPS} | loss" in logs.stdout and "[hdpo-ray] done in" in logs.stdout, logs.stdout[-3000:]
+    assert "Traceback" not in logs.stdout
+    listed = ray_job(dashboard_url, "list")
+    assert submission_id in listed.stdout and "SUCCEEDED" in listed.stdout
+    assert_finished_run(out, steps_per_epoch=6, epochs=2, checkpoints_kept=2)
+
+    # MLflow (a local file store): one finished run named as the Ray Train run, the config as params, every logged value.
+    from tests.integration.checks import mlflow_history
+
+    run, history = mlflow_history(f"file://{out.parent}/mlruns")
+    assert run.info.status == "FINISHED" and run.info.run_name == json.loads((out / "run.json").read_text())["name"]
+    assert run.data.params["loss.alpha"] == "1.0" and run.data.params["train.zero_stage"] == "2"
+    rows = [r for r in metric_rows(out) if "loss" in r]
+    assert history["loss"] == [(r["step"], pytest.approx(r["loss"], rel=1e-6)) for r in rows]
+    assert [step for step, _ in history["eval/loss"]] == [6, 12]
+
+    # The dashboard shows the stages and the actors by name: the reference pool, the training workers.
+    from ray.job_submission import JobSubmissionClient
+    from ray.util.state import list_actors
+
+    job_id = JobSubmissionClient(dashboard_url).get_job_info(submission_id).job_id
+    actor_classes = {a.class_name for a in list_actors(address=dashboard_url, filters=[("job_id", "=", job_id)], limit=10_000)}
+    assert {"TrainController", "RayTrainWorker", "MapWorker(MapBatches(ReferenceScorer))"} <= actor_classes, actor_classes
+    with urllib.request.urlopen(f"{dashboard_url}/api/data/datasets/{job_id}", timeout=30) as response:
+        datasets = {d["dataset"].split("_")[0] for d in json.loads(response.read())["datasets"]}
+    assert {"encode-train", "encode-eval", "reference-train", "reference-eval", "train", "eval"} <= datasets, datasets
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_killed_worker_stopped_job_and_resume_end_like_the_uninterrupted_run(dashboard_url, work, uninterrupted):
+    """A training worker SIGKILLed (Ray Train restores it), then `ray job stop` (the driver ends at once: it has
+    no SIGTERM handler, as under SIGKILL), then `ray job submit ... hdpo-ray train --resume RUN_DIR`:
+    12 steps in all, each logged once, the same numbers as the run without failures."""
+    out = work / "interrupted"
+
+    # 1. One training worker is SIGKILLed after step 4 (checkpoint 3); Ray Train restores the group.
+    submit(dashboard_url, "hdpo-interrupted", train_args(out, work))
+    wait_for(lambda: last_step(out) >= 4, "step 4")
+    (worker, *_) = processes("RayTrainWorker")
+    killed_at = time.time()
+    os.kill(worker.pid, signal.SIGKILL)
+    restored = wait_for(lambda: [e for e in events(out) if e["event"] == "restored"], "Ray Train to restore after the worker kill")
+    print(f"worker killed -> training again in {restored[0]['time'] - killed_at:.1f} s (Ray Train's count from the failure: {restored[0]['recovery_s']} s)")
+
+    # 2. `ray job stop` after step 7 (checkpoint 6): the driver and its workers go, the checkpoints stay.
+    wait_for(lambda: last_step(out) >= 7, "step 7")
+    assert ray_job(dashboard_url, "stop", "hdpo-interrupted").returncode == 0
+    assert wait_for_job(dashboard_url, "hdpo-interrupted") == "STOPPED"
+    assert json.loads((out / "run.json").read_text())["status"] == "running"
+    # A save cut short (as if the driver died while uploading one) is never used: a folder Ray Train did not register.
+    newest = registered_checkpoints(out)[-1]
+    partial = newest.with_name("checkpoint_2099-01-01_00-00-00.000000")
+    shutil.copytree(newest, partial)
+    (partial / "hdpo_state.json").write_text(json.dumps({"step": 8, "epoch": 1, "micro_batches_in_epoch": 2}))
+    shutil.rmtree(partial / "engine")  # no DeepSpeed state at all
+
+    # 3. The next submission, `hdpo-ray train --resume RUN_DIR`, finishes the run from checkpoint 6.
+    submit(dashboard_url, "hdpo-resumed", ["train", "--resume", str(out)])
+    assert wait_for_job(dashboard_url, "hdpo-resumed") == "SUCCEEDED", ray_job(dashboard_url, "logs", "hdpo-resumed").stdout[-4000:]
+    assert not partial.exists()
+    logs = ray_job(dashboard_url, "logs", "hdpo-resumed").stdout
+    assert "resuming run" in logs and "restoring the checkpoint at step 6" in logs, logs[-3000:]
+    kinds = [(e["event"], e.get("from_step")) for e in events(out)]
+    assert kinds == [("worker_failure", None), ("restored", 3), ("restored", 6)], kinds
+    assert 0 < restored[0]["recovery_s"] < 180
+    assert_finished_run(out, steps_per_epoch=6, epochs=2, checkpoints_kept=2)  # steps 1..12 each logged once
+
+    # The same run, to float tolerance: data order, skipped batches and optimizer state all restored.
+    reference, rows = metric_rows(uninterrupted[0]), metric_rows(out)
+    assert [r["step"] for r in rows] == [r["step"] for r in reference]
+    for key in ("loss", "rewards/margins", "eval/loss", "eval/rewards/accuracies", "grad_norm", "lr"):
+        assert [r.get(key) for r in rows] == pytest.approx([r.get(key) for r in reference], rel=1e-4, abs=1e-5), key
+    uninterrupted_weights = trained_state(registered_checkpoints(uninterrupted[0])[-1])
+    for name, tensor in trained_state(registered_checkpoints(out)[-1]).items():
+        assert torch.allclose(tensor, uninterrupted_weights[name], rtol=1e-4, atol=1e-5), name
