@@ -145,7 +145,7 @@ def fit(config: Config, train_split, eval_split, callbacks: tuple = ()) -> tuple
             worker_runtime_env={"env_vars": {"DS_ACCELERATOR": "cuda" if train.use_gpu else "cpu"}},
         ),
         datasets=datasets,
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"], execution_options={"train": _ordered_ingest()}),
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"], execution_options=_ordered_ingest()),
     )
     log.info("training: %d steps on %d workers (ZeRO-%d), %d train pairs, run %s, checkpoints in %s", total_steps, train.num_workers, train.zero_stage, train_split.num_pairs, name, storage)
     return trainer.fit(), total_steps, state
@@ -198,9 +198,11 @@ def finish(config: Config, result, total_steps: int, state: dict[str, Any]) -> s
 
 
 def _ordered_ingest():
-    """Ray Data options for the train split: blocks in file order, so each rank sees the same pairs in the same
-    order every epoch and in every run. A restore (or a resumed run) then replays exactly: it skips the
-    micro-batches its checkpoint had consumed, which are the very batches that were trained on."""
+    """Ray Data options for both splits: blocks in file order. Each rank then sees the same training pairs
+    in the same order every epoch and in every run, so a restore (or a resumed run) replays exactly: it
+    skips the micro-batches its checkpoint had consumed, which are the very batches that were trained
+    on. And every rank reads the (unsplit) eval split in the same order, which `evaluate` relies on
+    when each rank scores every world_size-th batch."""
     import ray.train
 
     ingest = ray.train.DataConfig.default_ingest_options()

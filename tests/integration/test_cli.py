@@ -1,4 +1,6 @@
-"""The real `hdpo-ray` console script: bad input is one line and exit 2; tiny end-to-end runs."""
+"""The real `hdpo-ray` console script: bad input is one line and exit 2; non-finite losses; the toy.
+
+The end-to-end training runs (ZeRO-2 and ZeRO-3, with failures and resume) are in test_jobs.py."""
 
 from __future__ import annotations
 
@@ -11,7 +13,6 @@ import pytest
 import torch
 
 from tests.conftest import run_cli, shared
-from tests.integration.checks import assert_finished_run
 
 FAST = ["data.max_length=64", "data.max_prompt_length=32", "train.per_device_batch_size=2", "reference.batch_size=8"]
 
@@ -85,23 +86,6 @@ def test_chat_template_failure_stops_the_run_with_one_line(ray_address, tmp_path
     assert "Traceback" not in result.stderr
 
 
-@pytest.mark.slow
-def test_train_end_to_end_zero3(ray_address, tmp_path, small_pairs):
-    """ZeRO-3 through the CLI on the session cluster (ZeRO-2 runs as a `ray job submit` in test_jobs.py)."""
-    out = tmp_path / "out"
-    eval_file = tmp_path / "eval.jsonl"
-    eval_file.write_text("\n".join(small_pairs.read_text().splitlines()[-6:]) + "\n")
-    args = ["train", f"output_dir={out}", f"reference.cache_dir={tmp_path}/cache", f"data.train_files=[{small_pairs}]", f"data.eval_files=[{eval_file}]",
-            "train.num_workers=2", "train.zero_stage=3", "train.epochs=2", "train.lr=2e-3", "train.logging_steps=1", "train.save_steps=5",
-            "train.eval_steps=6", "train.keep_checkpoints=2", "train.warmup_ratio=0", "model.gradient_checkpointing=true",
-            # several LM-head chunks per micro-batch, recomputed in backward, ranks padding to the same count
-            "model.logprob_chunk_tokens=16", *FAST]  # fmt: skip
-    result = run_cli(args, ray_address)
-    assert result.returncode == 0, result.stderr[-4000:]
-    assert "[hdpo-ray] step 2/12 | loss " in result.stdout + result.stderr  # the progress display
-    assert_finished_run(out, steps_per_epoch=6, epochs=2, checkpoints_kept=2)
-
-
 def test_toy_command(tmp_path):
     result = run_cli(["toy", "--output-dir", str(tmp_path), "--alphas", "0.9,1.0"], ray_address=None, timeout=120)
     assert result.returncode == 0, result.stderr
@@ -116,8 +100,6 @@ def test_toy_command(tmp_path):
 def test_non_finite_losses_are_skipped_then_stop_the_run(ray_address, tmp_path):
     """A policy with one NaN embedding row (untied from its finite LM head): pairs that contain that token
     get a NaN loss. One such micro-batch is skipped and counted; three in a row stop the run with one line."""
-    import torch
-
     from hdpo_ray.config import EMBEDDED_SFT_MODEL
     from hdpo_ray.models import load_causal_lm, load_tokenizer
 
@@ -152,3 +134,31 @@ def test_non_finite_losses_are_skipped_then_stop_the_run(ray_address, tmp_path):
     assert [(r["step"], r["nonfinite/skipped_batches"]) for r in rows] == [(1, 0), (2, 0), (3, 1)]
     assert all(math.isfinite(r["loss"]) for r in rows)  # the skipped micro-batch is not in the averages
     assert json.loads((out / "run.json").read_text())["status"] == "stopped" and not (out / "final").exists()
+
+
+LOCAL_MODE = """
+import json, psutil, ray
+from hdpo_ray.config import load_config
+from hdpo_ray.pipeline import init_ray
+init_ray(load_config())
+port = int(ray.get_dashboard_url().rsplit(":", 1)[1])
+listening = sorted({c.laddr.ip for c in psutil.net_connections("inet") if c.status == psutil.CONN_LISTEN and c.laddr.port == port})
+print(json.dumps({"dashboard": ray.get_dashboard_url(), "listening": listening}))
+ray.shutdown()
+"""
+
+
+@pytest.mark.slow
+def test_local_mode_binds_the_dashboard_to_loopback_only(ray_address):
+    """No RAY_ADDRESS and no `ray start` cluster to join (a fresh RAY_TMPDIR hides the session's): the driver
+    starts its own Ray, whose dashboard listens on 127.0.0.1 and nowhere else."""
+    import subprocess
+    import sys
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="ray", dir="/tmp") as temp:  # short: Ray's socket paths live under it
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_TMPDIR": temp, "RAY_AUTH_MODE": "disabled"}
+        result = subprocess.run([sys.executable, "-c", LOCAL_MODE], capture_output=True, text=True, env=env, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    seen = json.loads(result.stdout.strip().splitlines()[-1])
+    assert seen["dashboard"].startswith("127.0.0.1:") and seen["listening"] == ["127.0.0.1"], seen

@@ -2,7 +2,9 @@
 that lose their job, a worker and their driver, then end exactly where an uninterrupted run ends.
 
 All runs are the embedded default (`hdpo-ray train`, no --config) on 24 real pairs: 2 DeepSpeed CPU
-workers, ZeRO-2, 2 epochs of 6 steps, a checkpoint every 3 steps.
+workers, 2 epochs of 6 steps, a checkpoint every 3 steps. The uninterrupted run uses ZeRO-2; the
+interrupted one ZeRO-3 (gradient checkpointing, several LM-head chunks per micro-batch): the same
+numbers from both also check that ZeRO-3 partitions, consolidates and restores without changing them.
 """
 
 from __future__ import annotations
@@ -19,13 +21,13 @@ from pathlib import Path
 
 import psutil
 import pytest
-import torch
 
 from tests.conftest import REPO, _ray_cli, shared
 from tests.integration.checks import assert_finished_run, metric_rows, registered_checkpoints, trained_state
 
 FAST = ["data.max_length=64", "data.max_prompt_length=32", "train.per_device_batch_size=2", "reference.batch_size=8"]
 STEPS = 12
+ZERO3 = ["train.zero_stage=3", "model.gradient_checkpointing=true", "model.logprob_chunk_tokens=16"]
 
 
 @pytest.fixture(scope="module")
@@ -118,10 +120,10 @@ def uninterrupted(dashboard_url, work) -> tuple[Path, str]:
 
 @pytest.mark.slow
 def test_job_submit_trains_the_embedded_default(dashboard_url, uninterrupted):
-    """SUCCEEDED, `ray job logs`, the run's files, MLflow, and the dashboard's names for stages and actors."""
+    """SUCCEEDED, `ray job logs` (progress lines), the run's files, MLflow, and the dashboard's names."""
     out, submission_id = uninterrupted
     logs = ray_job(dashboard_url, "logs", submission_id)
-    assert logs.returncode == 0 and f"[hdpo-ray] step {STEPS}/{STEPS} | loss" in logs.stdout and "[hdpo-ray] done in" in logs.stdout, logs.stdout[-3000:]
+    assert logs.returncode == 0 and f"[hdpo-ray] step 2/{STEPS} | loss" in logs.stdout and f"[hdpo-ray] step {STEPS}/{STEPS} | loss" in logs.stdout and "[hdpo-ray] done in" in logs.stdout, logs.stdout[-3000:]
     assert "Traceback" not in logs.stdout
     listed = ray_job(dashboard_url, "list")
     assert submission_id in listed.stdout and "SUCCEEDED" in listed.stdout
@@ -158,7 +160,7 @@ def test_killed_worker_stopped_job_and_resume_end_like_the_uninterrupted_run(das
     out = work / "interrupted"
 
     # 1. One training worker is SIGKILLed after step 4 (checkpoint 3); Ray Train restores the group.
-    submit(dashboard_url, "hdpo-interrupted", train_args(out, work))
+    submit(dashboard_url, "hdpo-interrupted", train_args(out, work, *ZERO3))
     wait_for(lambda: last_step(out) >= 4, "step 4")
     (worker, *_) = processes("RayTrainWorker")
     killed_at = time.time()
@@ -189,11 +191,15 @@ def test_killed_worker_stopped_job_and_resume_end_like_the_uninterrupted_run(das
     assert 0 < restored[0]["recovery_s"] < 180
     assert_finished_run(out, steps_per_epoch=6, epochs=2, checkpoints_kept=2)  # steps 1..12 each logged once
 
-    # The same run, to float tolerance: data order, skipped batches and optimizer state all restored.
+    # The same run as the uninterrupted ZeRO-2 one, to float tolerance (ZeRO-3 sums in another order:
+    # 2e-6 relative on the losses when measured): data order, skipped batches, optimizer state all restored.
     reference, rows = metric_rows(uninterrupted[0]), metric_rows(out)
     assert [r["step"] for r in rows] == [r["step"] for r in reference]
     for key in ("loss", "rewards/margins", "eval/loss", "eval/rewards/accuracies", "grad_norm", "lr"):
-        assert [r.get(key) for r in rows] == pytest.approx([r.get(key) for r in reference], rel=1e-4, abs=1e-5), key
+        assert [r.get(key) for r in rows] == pytest.approx([r.get(key) for r in reference], rel=1e-3, abs=1e-4), key
+    # Weights: 2e-7 relative (Frobenius) when measured; a few embedding entries whose gradients are ~0 differ
+    # by up to 2e-5, as Adam divides such a gradient's sign noise by its own tiny scale.
     uninterrupted_weights = trained_state(registered_checkpoints(uninterrupted[0])[-1])
     for name, tensor in trained_state(registered_checkpoints(out)[-1]).items():
-        assert torch.allclose(tensor, uninterrupted_weights[name], rtol=1e-4, atol=1e-5), name
+        difference = (tensor - uninterrupted_weights[name]).detach()
+        assert difference.norm() <= 1e-5 * uninterrupted_weights[name].norm() and difference.abs().max() < 1e-4, name
