@@ -22,7 +22,7 @@ def _parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train a policy with H-DPO (no --config: the embedded default)")
     train.add_argument("--config", help="YAML file of config sections (see jobs/)")
     train.add_argument("--help-config", action="store_true", help="list every config key with its default and meaning")
-    train.add_argument("--resume", metavar="RUN_DIR", help="continue the unfinished run in RUN_DIR (its OUTPUT_DIR) from its latest checkpoint, with its saved config.json")
+    train.add_argument("--resume", metavar="RUN_DIR", help="continue the unfinished or stopped run in RUN_DIR (its OUTPUT_DIR) from its latest checkpoint, with its saved config.json (key=value overrides on top)")
     train.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides with YAML values, e.g. loss.alpha=0.9")
     sweep = commands.add_parser("sweep", help="train one policy per alpha (x beta x lr) on Ray Tune, sharing one reference pass; rerun to resume")
     sweep.add_argument("--config", help="YAML file of config sections; the sweep: section holds the grid")
@@ -78,7 +78,7 @@ def _resume_config(args: argparse.Namespace):
     """RUN_DIR's own config.json with the run directory as output_dir; overrides apply on top (e.g. train.max_failures)."""
     from pathlib import Path
 
-    from hdpo_ray.train.trainer import read_run_state
+    from hdpo_ray.train.trainer import read_run_state, write_run_state
 
     run_dir = Path(args.resume).expanduser().absolute()
     if args.config:
@@ -86,9 +86,12 @@ def _resume_config(args: argparse.Namespace):
     state = read_run_state(str(run_dir)) if run_dir.is_dir() else None
     if state is None or not (run_dir / "config.json").is_file():
         raise ConfigError(f"--resume {args.resume}: no run there (a run directory holds run.json and config.json; it is the run's output_dir)")
-    if state.get("status") != "running":
+    if state.get("status") not in ("running", "stopped"):
         raise ConfigError(f"--resume {args.resume}: run {state['name']} is {state.get('status')}, nothing to continue (run without --resume to start a new one)")
-    return load_config(str(run_dir / "config.json"), [*args.overrides, f"output_dir={run_dir}"])
+    config = load_config(str(run_dir / "config.json"), [*args.overrides, f"output_dir={run_dir}"])
+    if state["status"] == "stopped":  # stopped on purpose (non-finite losses): continue it, with the overrides given
+        write_run_state(str(run_dir), state | {"status": "running"})
+    return config
 
 
 def _bad_input_message(err: BaseException) -> str | None:
@@ -112,6 +115,10 @@ def _bad_input_message(err: BaseException) -> str | None:
 def _stopped(err: BaseException) -> bool:
     from hdpo_ray.train.trainer import TrainingStopped
 
+    for _ in range(20):  # down the chain of causes, as Ray wraps errors
+        if err is None or isinstance(err, TrainingStopped):
+            break
+        err = getattr(err, "cause", None) or err.__cause__
     return isinstance(err, TrainingStopped)
 
 

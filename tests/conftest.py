@@ -90,7 +90,7 @@ def tensorboard_scalars(logdir: Path) -> dict[str, list[tuple[int, float]]]:
     from tensorboardX.proto.event_pb2 import Event, SessionLog
 
     scalars: dict[str, list[tuple[int, float]]] = {}
-    for file in sorted(logdir.glob("events.out.tfevents.*"), key=lambda f: f.stat().st_mtime):
+    for file in sorted(logdir.glob("events.out.tfevents.*")):  # by name (time of creation first), as TensorBoard reads them
         data = file.read_bytes()
         offset = 0
         while offset < len(data):

@@ -22,7 +22,7 @@ from itertools import product
 from pathlib import Path
 from typing import Any
 
-from hdpo_ray.config import Config, ConfigError
+from hdpo_ray.config import Config, ConfigError, flatten
 from hdpo_ray.train.trainer import DATA_CPUS
 
 log = logging.getLogger("hdpo_ray")
@@ -83,17 +83,11 @@ def _check_sweep(config: Config) -> None:
         raise ConfigError(f"sweep.early_stopping needs train.eval_steps > 0 and sweep.metric in {', '.join(EARLY_STOPPING_METRICS)} (reported at every evaluation)")
 
 
-def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for key, value in tree.items():
-        out |= _flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value}
-    return out
-
-
 def _claim_output_dir(config: Config, output_dir: Path) -> dict:
     """sweep.json pins the sweep to its output_dir: rerunning the same config resumes it, another config is refused."""
     state_file = output_dir / "sweep.json"
-    identity = {k: v for k, v in _flat(config.to_dict()).items() if k != "output_dir"}  # Tuner.restore keeps the first TuneConfig, concurrency included
+    # Tuner.restore keeps the first TuneConfig, concurrency included; where the metrics are also sent is not the sweep's identity
+    identity = {k: v for k, v in flatten(config.to_dict()).items() if k != "output_dir" and not k.startswith("logging.")}
     if state_file.exists():
         state = json.loads(state_file.read_text())
         changed = [k for k in sorted(set(identity) | set(state["config"])) if identity.get(k) != state["config"].get(k)]

@@ -194,7 +194,8 @@ def train_loop_per_worker(loop_config: dict) -> dict:
         if not applied:
             guard.skipped_step()
             if guard.exhausted:
-                return {"step": engine.global_steps, "epoch": state["epoch"], "stopped": guard.stop_message()}
+                state["step"] = engine.global_steps
+                return {"step": state["step"], "epoch": state["epoch"], "stopped": guard.stop_message()}
             if engine.global_steps == state["step"]:  # ZeRO-0: the step did not happen
                 continue
         else:

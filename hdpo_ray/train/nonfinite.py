@@ -27,7 +27,9 @@ def finite_everywhere(loss: torch.Tensor) -> bool:
 
 @dataclass
 class NonFiniteGuard:
-    """Counts skips into `state` (saved with every checkpoint) and says when `limit` came in a row."""
+    """Counts skips into `state` (saved with every checkpoint) and says when `limit` came in a row: skipped
+    micro-batches and skipped steps with no applied optimizer step between them (with gradient accumulation,
+    non-finite micro-batches of one window count together). The streak itself starts again after a restore."""
 
     state: dict
     limit: int
@@ -59,7 +61,8 @@ class NonFiniteGuard:
         return (
             f"training stopped after step {self.state['step']}: {self.in_a_row} non-finite losses or gradients in a row "
             f"({self.state['skipped_batches']} micro-batches and {self.state['skipped_steps']} optimizer steps skipped in all); "
-            "the latest checkpoint is kept. Lower train.lr, check the data and the model, or raise train.max_consecutive_nonfinite"
+            "the latest checkpoint is kept: lower train.lr, check the data and the model, or raise train.max_consecutive_nonfinite, "
+            "then continue with `hdpo-ray train --resume OUTPUT_DIR key=value ...`"
         )
 
 

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from hdpo_ray.config import Config
+from hdpo_ray.config import Config, flatten
 
 RESTORED_KEY = "restored_from_step"  # in the first report after a restore (train/loop.py)
 
@@ -69,7 +69,7 @@ def start_mlflow_run(config: Config, output_dir: str, run_name: str, run_id: str
     run = client.create_run(experiment_id, run_name=run_name, tags={"hdpo_ray.output_dir": output_dir})
     from mlflow.entities import Param
 
-    params = [Param(key, json.dumps(value)[:6000]) for key, value in _flatten(config.to_dict()).items()]
+    params = [Param(key, json.dumps(value)[:6000]) for key, value in flatten(config.to_dict()).items()]
     for start in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
         client.log_batch(run.info.run_id, params=params[start : start + 100])
     return run.info.run_id
@@ -77,7 +77,20 @@ def start_mlflow_run(config: Config, output_dir: str, run_name: str, run_id: str
 
 def end_mlflow_run(config: Config, run_id: str | None, status: str) -> None:
     if run_id:
-        mlflow_client(config.logging.mlflow_uri).set_terminated(run_id, status=status)
+        mlflow_client(absolute_tracking_uri(config.logging.mlflow_uri)).set_terminated(run_id, status=status)
+
+
+def absolute_tracking_uri(uri: str) -> str:
+    """Local MLflow stores with relative paths made absolute: the driver, a Tune trial and the Train
+    controller log to the same store though their working directories differ."""
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return "sqlite:///" + os.path.abspath(uri.removeprefix("sqlite:///"))
+    if uri.startswith("file:"):
+        path = uri.removeprefix("file:").removeprefix("//")
+        return "file://" + os.path.abspath(path)
+    if "://" not in uri and not uri.startswith("databricks"):
+        return "file://" + os.path.abspath(os.path.expanduser(uri))
+    return uri
 
 
 def mlflow_client(uri: str):
@@ -87,16 +100,6 @@ def mlflow_client(uri: str):
     from mlflow.tracking import MlflowClient
 
     return MlflowClient(tracking_uri=uri)
-
-
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and value:
-            flat |= _flatten(value, f"{prefix}{key}.")
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def make_tracker(config: Config, output_dir: str, total_steps: int, mlflow_run_id: str | None):
@@ -111,6 +114,8 @@ def make_tracker(config: Config, output_dir: str, total_steps: int, mlflow_run_i
             self.failed_at: float | None = None
             self.tensorboard = None  # writers and clients are made on first use, in the controller (not pickled)
             self.mlflow = None
+            self.sink_errors: set[str] = set()
+            self.writers = 0
 
         def after_exception(self, run_context, worker_exceptions):
             self.failed_at = time.time()
@@ -124,16 +129,20 @@ def make_tracker(config: Config, output_dir: str, total_steps: int, mlflow_run_i
             step = int(row.get("step", 0))
             if RESTORED_KEY in row:
                 self._restored(int(row.pop(RESTORED_KEY)))
+            elif self.failed_at is not None:  # a new attempt with no checkpoint to restore starts from step 0
+                self._restored(0)
             if len(row) <= 2:  # a checkpoint-only report
                 return
             row["time"] = round(time.time() - self.started, 2)
             if step <= self.last_step:  # a replayed step whose first row was written before the failure
                 drop_rows_from(self.rows, step)
-                self._reopen_tensorboard(purge_from=step)
+                self._guarded("tensorboard", lambda _row, _step: self._reopen_tensorboard(purge_from=step), row, step)
             with open(self.rows, "a") as f:
                 f.write(json.dumps(row) + "\n")
             self.last_step = step
-            self._log_scalars(row, step)
+            self._guarded("tensorboard", self._tensorboard_scalars, row, step)
+            if mlflow_run_id:
+                self._guarded("mlflow", self._mlflow_scalars, row, step)
             now = time.time()
             self.first_step = self.first_step or (step, now)
             done, since = step - self.first_step[0], now - self.first_step[1]
@@ -156,26 +165,46 @@ def make_tracker(config: Config, output_dir: str, total_steps: int, mlflow_run_i
             if config.logging.tensorboard:
                 if self.tensorboard is not None:
                     self.tensorboard.close()
-                from tensorboardX import SummaryWriter
+                self._open_tensorboard(purge_from)
 
-                # purge_step: TensorBoard hides the earlier events of this logdir from that step on
-                self.tensorboard = SummaryWriter(logdir=str(Path(output_dir, "tensorboard")), purge_step=purge_from)
+        def _guarded(self, sink: str, write, row: dict, step: int) -> None:
+            """A TensorBoard or MLflow write that fails (a full disk, an MLflow server away) costs its row, not the
+            run: an exception here would end the Train controller. Said once per sink, and in events.jsonl."""
+            try:
+                write(row, step)
+            except Exception as err:  # noqa: BLE001
+                if sink not in self.sink_errors:
+                    self.sink_errors.add(sink)
+                    self._event({"event": f"{sink}_error", "step": step, "error": f"{type(err).__name__}: {err}"[:300]})
+                    print(f"[hdpo-ray] warning: {sink} logging failed at step {step} ({type(err).__name__}: {err}); training goes on, metrics.jsonl has every row", flush=True)
 
-        def _log_scalars(self, row: dict, step: int) -> None:
-            scalars = {k: v for k, v in row.items() if k not in ("step", "epoch", "time") and isinstance(v, (int, float)) and math.isfinite(v)}
-            if config.logging.tensorboard:
-                if self.tensorboard is None:
-                    from tensorboardX import SummaryWriter
+        @staticmethod
+        def _scalars(row: dict) -> dict[str, float]:
+            return {k: v for k, v in row.items() if k not in ("step", "epoch", "time") and isinstance(v, (int, float)) and math.isfinite(v)}
 
-                    self.tensorboard = SummaryWriter(logdir=str(Path(output_dir, "tensorboard")))
-                for key, value in scalars.items():
-                    self.tensorboard.add_scalar(key, value, step)
-                self.tensorboard.flush()  # one report every logging_steps: cheap, and the board stays current
-            if mlflow_run_id:
-                from mlflow.entities import Metric
+        def _tensorboard_scalars(self, row: dict, step: int) -> None:
+            if not config.logging.tensorboard:
+                return
+            if self.tensorboard is None:
+                self._open_tensorboard(purge_from=None)
+            for key, value in self._scalars(row).items():
+                self.tensorboard.add_scalar(key, value, step)
+            self.tensorboard.flush()  # one report every logging_steps: cheap, and the board stays current
 
-                self.mlflow = self.mlflow or mlflow_client(config.logging.mlflow_uri)
-                stamp = int(time.time() * 1000)
-                self.mlflow.log_batch(mlflow_run_id, metrics=[Metric(key, float(value), stamp, step) for key, value in scalars.items()])
+        def _open_tensorboard(self, purge_from: int | None) -> None:
+            from tensorboardX import SummaryWriter
+
+            # purge_step: TensorBoard hides the earlier events of this logdir from that step on. The suffix keeps
+            # two writers opened in the same second (files are named by the second) from overwriting each other.
+            self.writers += 1
+            suffix = f".{os.getpid()}.{self.writers}"
+            self.tensorboard = SummaryWriter(logdir=str(Path(output_dir, "tensorboard")), purge_step=purge_from, filename_suffix=suffix)
+
+        def _mlflow_scalars(self, row: dict, step: int) -> None:
+            from mlflow.entities import Metric
+
+            self.mlflow = self.mlflow or mlflow_client(config.logging.mlflow_uri)
+            stamp = int(time.time() * 1000)
+            self.mlflow.log_batch(mlflow_run_id, metrics=[Metric(key, float(value), stamp, step) for key, value in self._scalars(row).items()])
 
     return RunTracker()

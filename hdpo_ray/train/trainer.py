@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import shutil
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,7 @@ from hdpo_ray.config import Config
 # or the pipeline waits forever.
 DATA_CPUS = 1.0
 from hdpo_ray.train.engine import EXPORT_DIR
-from hdpo_ray.train.tracking import make_tracker, start_mlflow_run
+from hdpo_ray.train.tracking import absolute_tracking_uri, end_mlflow_run, make_tracker, start_mlflow_run
 
 log = logging.getLogger("hdpo_ray")
 
@@ -104,14 +105,32 @@ def _run_state(output_dir: str) -> dict[str, Any]:
     """Same output_dir and an unfinished run: the same name, so Ray Train resumes from its latest checkpoint."""
     state = read_run_state(output_dir)
     if state and state.get("status") == "running":
+        _refuse_if_driven(state, output_dir)
         log.info("resuming run %s from its latest checkpoint", state["name"])
-        return state
+        return state | {"driver": _this_driver()}
     Path(output_dir, "metrics.jsonl").unlink(missing_ok=True)  # a new run starts new metrics and events
     Path(output_dir, "events.jsonl").unlink(missing_ok=True)
     shutil.rmtree(Path(output_dir, "tensorboard"), ignore_errors=True)
-    state = {"name": f"hdpo-{time.strftime('%Y%m%d-%H%M%S')}", "status": "running"}
-    write_run_state(output_dir, state)
-    return state
+    return {"name": f"hdpo-{time.strftime('%Y%m%d-%H%M%S')}", "status": "running", "driver": _this_driver()}
+
+
+def _this_driver() -> dict[str, Any]:
+    return {"host": socket.gethostname(), "pid": os.getpid()}
+
+
+def _refuse_if_driven(state: dict[str, Any], output_dir: str) -> None:
+    """Two drivers on one run would fight over its checkpoints (and the second would delete the first one's
+    save in flight as unregistered): refuse while the recorded driver still runs on this host."""
+    driver = state.get("driver") or {}
+    pid = driver.get("pid")
+    if driver.get("host") != socket.gethostname() or not pid or pid == os.getpid():
+        return
+    try:
+        command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return  # gone
+    if "hdpo" in command:
+        raise ResourceError(f"run {state['name']} in {output_dir} is still being trained by process {pid} on this host; stop it first (ray job stop, or kill {pid}) or use another output_dir")
 
 
 def fit(config: Config, train_split, eval_split, callbacks: tuple = ()) -> tuple[Any, int, dict[str, Any]]:
@@ -129,6 +148,9 @@ def fit(config: Config, train_split, eval_split, callbacks: tuple = ()) -> tuple
     name = state["name"]
     storage = storage if "://" in storage else os.path.abspath(os.path.expanduser(storage))
     remove_unregistered_checkpoints(storage, name)
+    if config.logging.mlflow_uri:
+        config = config.model_copy(deep=True)
+        config.logging.mlflow_uri = absolute_tracking_uri(config.logging.mlflow_uri)
     state["mlflow_run_id"] = start_mlflow_run(config, output_dir, name, state.get("mlflow_run_id"))
     write_run_state(output_dir, state)
     datasets = {"train": train_split.dataset} | ({"eval": eval_split.dataset} if eval_split else {})
@@ -148,7 +170,11 @@ def fit(config: Config, train_split, eval_split, callbacks: tuple = ()) -> tuple
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"], execution_options=_ordered_ingest()),
     )
     log.info("training: %d steps on %d workers (ZeRO-%d), %d train pairs, run %s, checkpoints in %s", total_steps, train.num_workers, train.zero_stage, train_split.num_pairs, name, storage)
-    return trainer.fit(), total_steps, state
+    try:
+        return trainer.fit(), total_steps, state
+    except BaseException as err:  # the MLflow run says so; run.json stays "running": the same command resumes
+        end_mlflow_run(config, state["mlflow_run_id"], "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+        raise
 
 
 def remove_unregistered_checkpoints(storage: str, name: str) -> list[str]:
@@ -183,8 +209,6 @@ def remove_unregistered_checkpoints(storage: str, name: str) -> list[str]:
 def finish(config: Config, result, total_steps: int, state: dict[str, Any]) -> str:
     """After fit(): the final model to OUTPUT_DIR/final and run.json marked finished -- or, when the workers
     stopped the run, run.json marked stopped and TrainingStopped raised."""
-    from hdpo_ray.train.tracking import end_mlflow_run
-
     output_dir = os.path.abspath(config.output_dir)
     stopped = (result.return_value or {}).get("stopped")
     if stopped:
@@ -213,7 +237,7 @@ def _ordered_ingest():
 def export_final(result, output_dir: str) -> str:
     """Copy the Hugging Face model from the final checkpoint (local or cloud storage) to OUTPUT_DIR/final.
 
-    Copied beside it first and renamed into place: OUTPUT_DIR/final is a whole model or the previous one.
+    Copied beside it first and renamed into place: OUTPUT_DIR/final is never a partial copy.
     """
     target = Path(output_dir, "final")
     if result.checkpoint is None:
@@ -222,8 +246,9 @@ def export_final(result, output_dir: str) -> str:
         source = Path(directory, EXPORT_DIR)
         if not source.is_dir():
             raise RuntimeError(f"the final checkpoint {result.checkpoint.path} holds no exported model")
+        for leftover in [*Path(output_dir).glob(".final.partial-*"), *Path(output_dir).glob(".final.old-*")]:
+            shutil.rmtree(leftover, ignore_errors=True)  # from an export cut short
         partial, previous = Path(output_dir, f".final.partial-{os.getpid()}"), Path(output_dir, f".final.old-{os.getpid()}")
-        shutil.rmtree(partial, ignore_errors=True)
         shutil.copytree(source, partial)
         if target.exists():
             os.replace(target, previous)

@@ -128,7 +128,8 @@ def test_non_finite_losses_are_skipped_then_stop_the_run(ray_address, tmp_path):
     assert result.returncode == 1, result.stderr[-3000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("hdpo-ray: error:")]
     assert errors == ["hdpo-ray: error: training stopped after step 3: 3 non-finite losses or gradients in a row (4 micro-batches and 0 optimizer steps "
-                      "skipped in all); the latest checkpoint is kept. Lower train.lr, check the data and the model, or raise train.max_consecutive_nonfinite"], errors  # fmt: skip
+                      "skipped in all); the latest checkpoint is kept: lower train.lr, check the data and the model, or raise train.max_consecutive_nonfinite, "
+                      "then continue with `hdpo-ray train --resume OUTPUT_DIR key=value ...`"], errors  # fmt: skip
     assert "Traceback" not in result.stderr
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [(r["step"], r["nonfinite/skipped_batches"]) for r in rows] == [(1, 0), (2, 0), (3, 1)]
@@ -141,9 +142,10 @@ import json, psutil, ray
 from hdpo_ray.config import load_config
 from hdpo_ray.pipeline import init_ray
 init_ray(load_config())
-port = int(ray.get_dashboard_url().rsplit(":", 1)[1])
+url = ray._private.worker.get_dashboard_url()  # host:port
+port = int(url.rsplit(":", 1)[1])
 listening = sorted({c.laddr.ip for c in psutil.net_connections("inet") if c.status == psutil.CONN_LISTEN and c.laddr.port == port})
-print(json.dumps({"dashboard": ray.get_dashboard_url(), "listening": listening}))
+print(json.dumps({"dashboard": url, "listening": listening}))
 ray.shutdown()
 """
 

@@ -95,6 +95,11 @@ def last_step(out: Path) -> int:
     return max(steps)
 
 
+def checkpoint_step(out: Path) -> int:
+    """The step of the run's latest registered checkpoint: where a restore starts."""
+    return json.loads((registered_checkpoints(out)[-1] / "hdpo_state.json").read_text())["step"]
+
+
 def events(out: Path) -> list[dict]:
     path = out / "events.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
@@ -163,6 +168,7 @@ def test_killed_worker_stopped_job_and_resume_end_like_the_uninterrupted_run(das
     submit(dashboard_url, "hdpo-interrupted", train_args(out, work, *ZERO3))
     wait_for(lambda: last_step(out) >= 4, "step 4")
     (worker, *_) = processes("RayTrainWorker")
+    first_restore = checkpoint_step(out)  # 3, unless step 6's save registered in the meantime
     killed_at = time.time()
     os.kill(worker.pid, signal.SIGKILL)
     restored = wait_for(lambda: [e for e in events(out) if e["event"] == "restored"], "Ray Train to restore after the worker kill")
@@ -172,22 +178,23 @@ def test_killed_worker_stopped_job_and_resume_end_like_the_uninterrupted_run(das
     wait_for(lambda: last_step(out) >= 7, "step 7")
     assert ray_job(dashboard_url, "stop", "hdpo-interrupted").returncode == 0
     assert wait_for_job(dashboard_url, "hdpo-interrupted") == "STOPPED"
+    second_restore = checkpoint_step(out)  # 6, or 9 if the job got that far before it stopped
     assert json.loads((out / "run.json").read_text())["status"] == "running"
     # A save cut short (as if the driver died while uploading one) is never used: a folder Ray Train did not register.
     newest = registered_checkpoints(out)[-1]
     partial = newest.with_name("checkpoint_2099-01-01_00-00-00.000000")
     shutil.copytree(newest, partial)
-    (partial / "hdpo_state.json").write_text(json.dumps({"step": 8, "epoch": 1, "micro_batches_in_epoch": 2}))
+    (partial / "hdpo_state.json").write_text(json.dumps({"step": 11, "epoch": 1, "micro_batches_in_epoch": 5}))
     shutil.rmtree(partial / "engine")  # no DeepSpeed state at all
 
-    # 3. The next submission, `hdpo-ray train --resume RUN_DIR`, finishes the run from checkpoint 6.
+    # 3. The next submission, `hdpo-ray train --resume RUN_DIR`, finishes the run from the latest checkpoint.
     submit(dashboard_url, "hdpo-resumed", ["train", "--resume", str(out)])
     assert wait_for_job(dashboard_url, "hdpo-resumed") == "SUCCEEDED", ray_job(dashboard_url, "logs", "hdpo-resumed").stdout[-4000:]
     assert not partial.exists()
     logs = ray_job(dashboard_url, "logs", "hdpo-resumed").stdout
-    assert "resuming run" in logs and "restoring the checkpoint at step 6" in logs, logs[-3000:]
+    assert "resuming run" in logs and f"restoring the checkpoint at step {second_restore}" in logs, logs[-3000:]
     kinds = [(e["event"], e.get("from_step")) for e in events(out)]
-    assert kinds == [("worker_failure", None), ("restored", 3), ("restored", 6)], kinds
+    assert kinds == [("worker_failure", None), ("restored", first_restore), ("restored", second_restore)], kinds
     assert 0 < restored[0]["recovery_s"] < 180
     assert_finished_run(out, steps_per_epoch=6, epochs=2, checkpoints_kept=2)  # steps 1..12 each logged once
 
