@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 EMBEDDED_MODEL = "hdpo-ray/tiny-llama"
 """A tiny random-init Llama built from a config (see hdpo_ray.models): the fastest model for tests."""
@@ -105,6 +105,21 @@ class LoggingConfig(_Section):
     tensorboard: bool = Field(True, description="TensorBoard event files in OUTPUT_DIR/tensorboard (`tensorboard --logdir OUTPUT_DIR/tensorboard`).")
     mlflow_uri: str | None = Field(None, description="MLflow tracking URI (http://host:5000, sqlite:///mlflow.db, file:///path/mlruns, databricks); null: no MLflow. Needs `pip install 'hdpo-ray[mlflow]'`.")
     mlflow_experiment: str = Field("hdpo-ray", min_length=1, description="MLflow experiment the run is logged under (created if missing).")
+
+    @field_validator("mlflow_uri")
+    @classmethod
+    def _absolute_store(cls, uri: str | None) -> str | None:
+        """Local stores with relative paths made absolute, here at the edge: the driver, a Tune trial and the
+        Train controller log to the same store though their working directories differ."""
+        if not uri:
+            return uri
+        if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+            return "sqlite:///" + os.path.abspath(uri.removeprefix("sqlite:///"))
+        if uri.startswith("file:"):
+            return "file://" + os.path.abspath(uri.removeprefix("file:").removeprefix("//"))
+        if "://" not in uri and not uri.startswith("databricks"):
+            return "file://" + os.path.abspath(os.path.expanduser(uri))
+        return uri
 
 
 PAPER_ALPHAS = (0.8, 0.9, 0.95, 1.0, 1.1, 1.2)

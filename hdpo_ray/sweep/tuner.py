@@ -113,7 +113,7 @@ def run_trial(point: dict, shared: dict) -> None:
     from hdpo_ray.pipeline import _quiet_ray_data, last_metrics
     from hdpo_ray.sweep.entropy import measure_policy_entropy
     from hdpo_ray.sweep.results import trial_row
-    from hdpo_ray.train.trainer import finish, fit, total_optimizer_steps
+    from hdpo_ray.train.trainer import finish, fit, read_run_state, total_optimizer_steps
 
     params = {k: point[k] for k in ("alpha", "beta", "lr")}
     config = trial_config(Config.model_validate(shared["config"]), params, shared["output_dir"])
@@ -125,14 +125,14 @@ def run_trial(point: dict, shared: dict) -> None:
         return
     started = time.time()
     _quiet_ray_data()
-    # Every trial reads the same cached pairs; ask Ray Data to keep their order, so that alpha (beta,
-    # lr) is what differs between trials, not the order of the batches.
+    # Ray Data keeps rows in order in this trial's process (the trainer asks the same for the pairs it
+    # feeds the workers, whatever the process): alpha (beta, lr) is what differs between trials.
     ray.data.DataContext.get_current().execution_options.preserve_order = True
 
     def split(entry: str, pairs: int) -> PreparedSplit:
         return PreparedSplit(ray.data.read_parquet(entry, file_extensions=["parquet"], num_cpus=READ_CPUS), pairs, {}, 0, entry)
 
-    run_state = json.loads((trial_dir / "run.json").read_text()) if (trial_dir / "run.json").exists() else {}
+    run_state = read_run_state(str(trial_dir)) or {}
     final = str(trial_dir / "final")
     if run_state.get("status") == "finished" and Path(final, "config.json").exists():
         steps = run_state["steps"]  # trained and exported before an interruption: only the measures are missing

@@ -77,24 +77,12 @@ def start_mlflow_run(config: Config, output_dir: str, run_name: str, run_id: str
 
 def end_mlflow_run(config: Config, run_id: str | None, status: str) -> None:
     if run_id:
-        mlflow_client(absolute_tracking_uri(config.logging.mlflow_uri)).set_terminated(run_id, status=status)
-
-
-def absolute_tracking_uri(uri: str) -> str:
-    """Local MLflow stores with relative paths made absolute: the driver, a Tune trial and the Train
-    controller log to the same store though their working directories differ."""
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        return "sqlite:///" + os.path.abspath(uri.removeprefix("sqlite:///"))
-    if uri.startswith("file:"):
-        path = uri.removeprefix("file:").removeprefix("//")
-        return "file://" + os.path.abspath(path)
-    if "://" not in uri and not uri.startswith("databricks"):
-        return "file://" + os.path.abspath(os.path.expanduser(uri))
-    return uri
+        mlflow_client(config.logging.mlflow_uri).set_terminated(run_id, status=status)
 
 
 def mlflow_client(uri: str):
-    if uri.startswith("file:") or "://" not in uri and not uri.startswith("databricks"):
+    """A client for logging.mlflow_uri (local paths already made absolute file: URIs by the config)."""
+    if uri.startswith("file:"):
         # The user chose a file store on purpose; MLflow 3 refuses one unless told so.
         os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
     from mlflow.tracking import MlflowClient
@@ -113,9 +101,10 @@ def make_tracker(config: Config, output_dir: str, total_steps: int, mlflow_run_i
             self.first_step: tuple[int, float] | None = None
             self.failed_at: float | None = None
             self.tensorboard = None  # writers and clients are made on first use, in the controller (not pickled)
+            self.purge_from: int | None = None  # the next TensorBoard writer hides earlier events from this step on
+            self.writers = 0
             self.mlflow = None
             self.sink_errors: set[str] = set()
-            self.writers = 0
 
         def after_exception(self, run_context, worker_exceptions):
             self.failed_at = time.time()
@@ -136,7 +125,7 @@ def make_tracker(config: Config, output_dir: str, total_steps: int, mlflow_run_i
             row["time"] = round(time.time() - self.started, 2)
             if step <= self.last_step:  # a replayed step whose first row was written before the failure
                 drop_rows_from(self.rows, step)
-                self._guarded("tensorboard", lambda _row, _step: self._reopen_tensorboard(purge_from=step), row, step)
+                self.purge_from = step
             with open(self.rows, "a") as f:
                 f.write(json.dumps(row) + "\n")
             self.last_step = step
@@ -161,12 +150,6 @@ def make_tracker(config: Config, output_dir: str, total_steps: int, mlflow_run_i
             with open(Path(output_dir, "events.jsonl"), "a") as f:
                 f.write(json.dumps({"time": round(time.time(), 3), **event}) + "\n")
 
-        def _reopen_tensorboard(self, purge_from: int) -> None:
-            if config.logging.tensorboard:
-                if self.tensorboard is not None:
-                    self.tensorboard.close()
-                self._open_tensorboard(purge_from)
-
         def _guarded(self, sink: str, write, row: dict, step: int) -> None:
             """A TensorBoard or MLflow write that fails (a full disk, an MLflow server away) costs its row, not the
             run: an exception here would end the Train controller. Said once per sink, and in events.jsonl."""
@@ -185,20 +168,20 @@ def make_tracker(config: Config, output_dir: str, total_steps: int, mlflow_run_i
         def _tensorboard_scalars(self, row: dict, step: int) -> None:
             if not config.logging.tensorboard:
                 return
-            if self.tensorboard is None:
-                self._open_tensorboard(purge_from=None)
+            if self.tensorboard is None or self.purge_from is not None:
+                from tensorboardX import SummaryWriter
+
+                if self.tensorboard is not None:
+                    self.tensorboard.close()
+                # purge_step: TensorBoard hides the earlier events of this logdir from that step on. The suffix keeps
+                # two writers opened in the same second (files are named by the second) from overwriting each other.
+                self.writers += 1
+                suffix = f".{os.getpid()}.{self.writers}"
+                self.tensorboard = SummaryWriter(logdir=str(Path(output_dir, "tensorboard")), purge_step=self.purge_from, filename_suffix=suffix)
+                self.purge_from = None
             for key, value in self._scalars(row).items():
                 self.tensorboard.add_scalar(key, value, step)
             self.tensorboard.flush()  # one report every logging_steps: cheap, and the board stays current
-
-        def _open_tensorboard(self, purge_from: int | None) -> None:
-            from tensorboardX import SummaryWriter
-
-            # purge_step: TensorBoard hides the earlier events of this logdir from that step on. The suffix keeps
-            # two writers opened in the same second (files are named by the second) from overwriting each other.
-            self.writers += 1
-            suffix = f".{os.getpid()}.{self.writers}"
-            self.tensorboard = SummaryWriter(logdir=str(Path(output_dir, "tensorboard")), purge_step=purge_from, filename_suffix=suffix)
 
         def _mlflow_scalars(self, row: dict, step: int) -> None:
             from mlflow.entities import Metric

@@ -25,7 +25,7 @@ from hdpo_ray.config import Config
 # or the pipeline waits forever.
 DATA_CPUS = 1.0
 from hdpo_ray.train.engine import EXPORT_DIR
-from hdpo_ray.train.tracking import absolute_tracking_uri, end_mlflow_run, make_tracker, start_mlflow_run
+from hdpo_ray.train.tracking import end_mlflow_run, make_tracker, start_mlflow_run
 
 log = logging.getLogger("hdpo_ray")
 
@@ -148,9 +148,6 @@ def fit(config: Config, train_split, eval_split, callbacks: tuple = ()) -> tuple
     name = state["name"]
     storage = storage if "://" in storage else os.path.abspath(os.path.expanduser(storage))
     remove_unregistered_checkpoints(storage, name)
-    if config.logging.mlflow_uri:
-        config = config.model_copy(deep=True)
-        config.logging.mlflow_uri = absolute_tracking_uri(config.logging.mlflow_uri)
     state["mlflow_run_id"] = start_mlflow_run(config, output_dir, name, state.get("mlflow_run_id"))
     write_run_state(output_dir, state)
     datasets = {"train": train_split.dataset} | ({"eval": eval_split.dataset} if eval_split else {})

@@ -12,6 +12,9 @@ import torch
 
 from tests.conftest import tensorboard_scalars
 
+FAST = ["data.max_length=64", "data.max_prompt_length=32", "train.per_device_batch_size=2", "reference.batch_size=8"]
+"""Overrides for tiny end-to-end runs: short pairs, small batches."""
+
 TRAIN_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected", "entropy", "lr", "grad_norm", "tokens_per_s")
 
 

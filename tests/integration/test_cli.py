@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from tests.conftest import run_cli, shared
+from tests.integration.checks import FAST, metric_rows
 
-FAST = ["data.max_length=64", "data.max_prompt_length=32", "train.per_device_batch_size=2", "reference.batch_size=8"]
 
 
 @pytest.mark.parametrize(
@@ -131,7 +131,7 @@ def test_non_finite_losses_are_skipped_then_stop_the_run(ray_address, tmp_path):
                       "skipped in all); the latest checkpoint is kept: lower train.lr, check the data and the model, or raise train.max_consecutive_nonfinite, "
                       "then continue with `hdpo-ray train --resume OUTPUT_DIR key=value ...`"], errors  # fmt: skip
     assert "Traceback" not in result.stderr
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = metric_rows(out)
     assert [(r["step"], r["nonfinite/skipped_batches"]) for r in rows] == [(1, 0), (2, 0), (3, 1)]
     assert all(math.isfinite(r["loss"]) for r in rows)  # the skipped micro-batch is not in the averages
     assert json.loads((out / "run.json").read_text())["status"] == "stopped" and not (out / "final").exists()

@@ -23,9 +23,8 @@ import psutil
 import pytest
 
 from tests.conftest import REPO, _ray_cli, shared
-from tests.integration.checks import assert_finished_run, metric_rows, registered_checkpoints, trained_state
+from tests.integration.checks import FAST, assert_finished_run, metric_rows, registered_checkpoints, trained_state
 
-FAST = ["data.max_length=64", "data.max_prompt_length=32", "train.per_device_batch_size=2", "reference.batch_size=8"]
 STEPS = 12
 ZERO3 = ["train.zero_stage=3", "model.gradient_checkpointing=true", "model.logprob_chunk_tokens=16"]
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from hdpo_ray.config import Config, ConfigError, describe_keys, load_config, parse_overrides
+from hdpo_ray.config import Config, ConfigError, LoggingConfig, describe_keys, load_config, parse_overrides
 
 REPO = Path(__file__).resolve().parents[2]
 JOBS = REPO / "jobs"
@@ -217,3 +217,19 @@ def test_tiny_job_values():
     assert config.sweep.alphas == [0.8, 1.0, 1.2]
     assert config.data.on_invalid == "skip"
     assert config.data.max_prompt_length < config.data.max_length
+
+
+def test_local_mlflow_stores_become_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cases = {
+        "mlruns": f"file://{tmp_path}/mlruns",
+        "file:mlruns": f"file://{tmp_path}/mlruns",
+        "file:///srv/mlruns": "file:///srv/mlruns",
+        "sqlite:///mlflow.db": f"sqlite:///{tmp_path}/mlflow.db",  # sqlite://// + absolute path
+        "sqlite:////srv/mlflow.db": "sqlite:////srv/mlflow.db",
+        "http://mlflow:5000": "http://mlflow:5000",
+        "databricks": "databricks",
+    }
+    for given, expected in cases.items():
+        uri = LoggingConfig(mlflow_uri=given).mlflow_uri
+        assert uri == expected and LoggingConfig(mlflow_uri=uri).mlflow_uri == uri, given  # and stays so when validated again
