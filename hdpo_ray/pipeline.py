@@ -24,6 +24,8 @@ def init_ray(config: Config) -> None:
     if ray.is_initialized():
         return
     wanted = {"DS_ACCELERATOR": "cuda" if config.train.use_gpu else "cpu", "TOKENIZERS_PARALLELISM": "false"}
+    if os.environ.get("HDPO_RAY_MODEL_CACHE"):  # where converted GGUF models live: the driver's choice holds for its workers
+        wanted["HDPO_RAY_MODEL_CACHE"] = os.environ["HDPO_RAY_MODEL_CACHE"]
     env = {"env_vars": {k: v for k, v in wanted.items() if k not in _job_env_vars()}}
     if os.environ.get("RAY_ADDRESS"):
         ray.init(runtime_env=env, log_to_driver=True)

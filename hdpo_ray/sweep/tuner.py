@@ -228,6 +228,31 @@ def early_stopping_scheduler(config: Config, total_steps: int):
     return ASHAScheduler(time_attr="step", metric=sweep.metric, mode=sweep.mode, max_t=total_steps, grace_period=grace, reduction_factor=2, stop_last_trials=False)
 
 
+def reference_entropy(config: Config, output_dir: Path, eval_encoded_entry: str) -> dict[str, float]:
+    """Both entropy measures of the reference model on the trials' prompts and seed: where every alpha started.
+
+    Measured once per sweep directory (reference_entropy.json), on a Ray task sized like a trial's workers.
+    """
+    import ray
+
+    from hdpo_ray.sweep.entropy import measure_policy_entropy
+
+    saved = output_dir / "reference_entropy.json"
+    if saved.exists():
+        return json.loads(saved.read_text())
+    train, sweep = config.train, config.sweep
+    cpus = train.num_workers * train.cpus_per_worker
+    measure = ray.remote(measure_policy_entropy).options(num_cpus=cpus, num_gpus=1 if train.use_gpu else 0)
+    entropy = ray.get(
+        measure.remote(config.model.reference, eval_encoded_entry, num_prompts=sweep.entropy_prompts, max_new_tokens=sweep.entropy_max_new_tokens,
+                       seed=sweep.entropy_seed, use_gpu=train.use_gpu, torch_threads=train.torch_threads or max(1, int(cpus)))
+    )  # fmt: skip
+    partial = saved.with_suffix(".partial")
+    partial.write_text(json.dumps(entropy, indent=2))
+    os.replace(partial, saved)
+    return entropy
+
+
 def _tune_trial_name(trial) -> str:
     return trial_name(trial.config)
 
@@ -292,5 +317,6 @@ def run_sweep(config: Config) -> dict[str, Any]:
     cached = [_read_manifest(split.cache_entry) for split in (data.train, data.eval)]
     reference = {"pairs": data.train.num_pairs + data.eval.num_pairs, "forward_pairs": forward_pairs, "this_run": data.reference_forward_pairs, "invocations": len(state["invocations"]),
                  "entries": [{"entry": m["key"], "pairs": m["pairs"], "seconds": m["seconds"]} for m in cached]}  # fmt: skip
+    reference["entropy"] = reference_entropy(config, output_dir, shared["eval_encoded_entry"])
     best = write_results(config, output_dir, rows, reference)
     return {"rows": rows, "best": best, "reference_forward_pairs": forward_pairs, "wall_s": time.time() - started}

@@ -23,7 +23,7 @@ from hdpo_ray.train.engine import build_engine, export_model, load_checkpoint, s
 from hdpo_ray.train.nonfinite import NonFiniteGuard, finite_everywhere, step_engine
 from hdpo_ray.train.tracking import RESTORED_KEY
 
-SUMS = ("seconds", "loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "policy_accuracy", "logps/chosen", "logps/rejected", "pairs", "entropy", "entropy_tokens", "tokens")
+SUMS = ("seconds", "loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "policy_accuracy", "reference_accuracy", "logps/chosen", "logps/rejected", "pairs", "entropy", "entropy_tokens", "tokens")
 
 
 @dataclass
@@ -32,7 +32,8 @@ class Window:
 
     sums: dict[str, float] = field(default_factory=lambda: dict.fromkeys(SUMS, 0.0))  # "seconds": time in training micro-steps
 
-    def add(self, out, stats, n: int, tokens: int, seconds: float = 0.0, with_entropy: bool = True) -> None:
+    def add(self, out, stats, n: int, tokens: int, seconds: float = 0.0, with_entropy: bool = True, ref_logps: torch.Tensor | None = None) -> None:
+        """out: HDPOLoss over n pairs; stats: CompletionStats over 2n sequences (chosen first); ref_logps: (2n,)."""
         s = self.sums
         s["seconds"] += seconds
         s["loss"] += out.loss.item() * n
@@ -43,6 +44,9 @@ class Window:
         # depend on alpha or the reference, so it compares trials of an alpha sweep.
         per_token = stats.logps.detach() / stats.num_tokens.clamp(min=1)
         s["policy_accuracy"] += (per_token[:n] > per_token[n:]).float().sum().item()
+        if ref_logps is not None:  # the same ranking by the reference: what policy_accuracy was before training
+            ref_per_token = ref_logps / stats.num_tokens.clamp(min=1)
+            s["reference_accuracy"] += (ref_per_token[:n] > ref_per_token[n:]).float().sum().item()
         s["logps/chosen"] += stats.logps[:n].detach().sum().item()
         s["logps/rejected"] += stats.logps[n:].detach().sum().item()
         if with_entropy:
@@ -57,7 +61,7 @@ class Window:
             dist.all_reduce(totals)
         t = dict(zip(SUMS, totals.tolist()))
         pairs = max(t["pairs"], 1.0)
-        metrics = {k: t[k] / pairs for k in ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "policy_accuracy", "logps/chosen", "logps/rejected")}
+        metrics = {k: t[k] / pairs for k in ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "policy_accuracy", "reference_accuracy", "logps/chosen", "logps/rejected")}
         metrics["rewards/margins"] = metrics["rewards/chosen"] - metrics["rewards/rejected"]
         metrics["entropy"] = t["entropy"] / max(t["entropy_tokens"], 1.0)
         # Ranks run concurrently: tokens of all ranks over the mean rank's busy time.
@@ -67,7 +71,7 @@ class Window:
 
 
 def _forward_loss(engine, batch: dict, config: Config, device: torch.device, with_entropy: bool = True):
-    """One micro-batch of B pairs -> (HDPOLoss, CompletionStats over 2B sequences, real tokens)."""
+    """One micro-batch of B pairs -> (HDPOLoss, CompletionStats over 2B sequences, real tokens, reference log-probs (2B,))."""
     tensors = collate_pairs(batch["prompt_ids"], batch["chosen_ids"], batch["rejected_ids"], _pad_id(config))
     tensors = {k: v.to(device) for k, v in tensors.items()}
     stats = engine(**tensors, with_entropy=with_entropy)
@@ -75,7 +79,7 @@ def _forward_loss(engine, batch: dict, config: Config, device: torch.device, wit
     ref_c = torch.as_tensor(batch["ref_chosen_logps"], dtype=torch.float32, device=device)
     ref_r = torch.as_tensor(batch["ref_rejected_logps"], dtype=torch.float32, device=device)
     out = hdpo_loss(stats.logps[:n], stats.logps[n:], ref_c, ref_r, alpha=config.loss.alpha, beta=config.loss.beta, label_smoothing=config.loss.label_smoothing)
-    return out, stats, int(tensors["attention_mask"].sum())
+    return out, stats, int(tensors["attention_mask"].sum()), torch.cat([ref_c, ref_r])
 
 
 def _pad_id(config: Config) -> int:
@@ -104,8 +108,8 @@ def evaluate(engine, config: Config, device: torch.device, num_pairs: int) -> di
     for i, batch in enumerate(_batches(ray.train.get_dataset_shard("eval"), batch_size)):
         spare = spare or batch
         if i % world == rank:
-            out, stats, tokens = _forward_loss(engine, batch, config, device)
-            window.add(out, stats, len(batch["prompt_ids"]), tokens)
+            out, stats, tokens, ref = _forward_loss(engine, batch, config, device)
+            window.add(out, stats, len(batch["prompt_ids"]), tokens, ref_logps=ref)
             done += 1
     for _ in range(per_rank - done):
         _forward_loss(engine, spare, config, device)
@@ -176,7 +180,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
         # Entropy costs one more pass over the logits: measure it on the optimizer steps that get logged.
         next_step = engine.global_steps + 1
         with_entropy = next_step % train.logging_steps == 0 or next_step >= total_steps
-        out, stats, tokens = _forward_loss(engine, batch, config, device, with_entropy)
+        out, stats, tokens, ref = _forward_loss(engine, batch, config, device, with_entropy)
         if not finite_everywhere(out.loss):  # no backward on any rank: the micro-batch is consumed, not trained on
             guard.skipped_batch()
             if guard.exhausted:
@@ -187,7 +191,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
         applied, norm = step_engine(engine, boundary=boundary, zero_stage=train.zero_stage)
         stage0_grad_norm = norm if norm is not None else stage0_grad_norm
         now = time.perf_counter()
-        window.add(out, stats, len(batch["prompt_ids"]), tokens, now - last, with_entropy)
+        window.add(out, stats, len(batch["prompt_ids"]), tokens, now - last, with_entropy, ref_logps=ref)
         last = now
         if not boundary:
             continue

@@ -24,7 +24,7 @@ from hdpo_ray.config import Config
 # reads/writes ask for READ_CPUS each: one CPU must stay free beside the workers or the reference pool,
 # or the pipeline waits forever.
 DATA_CPUS = 1.0
-from hdpo_ray.train.engine import EXPORT_DIR
+from hdpo_ray.train.engine import ADAPTER_DIR, EXPORT_DIR
 from hdpo_ray.train.tracking import end_mlflow_run, make_tracker, start_mlflow_run
 
 log = logging.getLogger("hdpo_ray")
@@ -232,23 +232,29 @@ def _ordered_ingest():
 
 
 def export_final(result, output_dir: str) -> str:
-    """Copy the Hugging Face model from the final checkpoint (local or cloud storage) to OUTPUT_DIR/final.
+    """Copy the Hugging Face model from the final checkpoint (local or cloud storage) to OUTPUT_DIR/final,
+    and with LoRA the trained adapters to OUTPUT_DIR/adapter.
 
-    Copied beside it first and renamed into place: OUTPUT_DIR/final is never a partial copy.
+    Each is copied beside its target first and renamed into place: never a partial copy.
     """
-    target = Path(output_dir, "final")
     if result.checkpoint is None:
         raise RuntimeError("training finished without a final checkpoint")
     with result.checkpoint.as_directory() as directory:
         source = Path(directory, EXPORT_DIR)
         if not source.is_dir():
             raise RuntimeError(f"the final checkpoint {result.checkpoint.path} holds no exported model")
-        for leftover in [*Path(output_dir).glob(".final.partial-*"), *Path(output_dir).glob(".final.old-*")]:
+        for leftover in [*Path(output_dir).glob(".final.partial-*"), *Path(output_dir).glob(".final.old-*"), *Path(output_dir).glob(".adapter.partial-*"), *Path(output_dir).glob(".adapter.old-*")]:
             shutil.rmtree(leftover, ignore_errors=True)  # from an export cut short
-        partial, previous = Path(output_dir, f".final.partial-{os.getpid()}"), Path(output_dir, f".final.old-{os.getpid()}")
-        shutil.copytree(source, partial)
-        if target.exists():
-            os.replace(target, previous)
-        os.replace(partial, target)
-        shutil.rmtree(previous, ignore_errors=True)
-    return str(target)
+        if Path(directory, ADAPTER_DIR).is_dir():
+            _copy_into_place(Path(directory, ADAPTER_DIR), Path(output_dir, "adapter"))
+        _copy_into_place(source, Path(output_dir, "final"))
+    return str(Path(output_dir, "final"))
+
+
+def _copy_into_place(source: Path, target: Path) -> None:
+    partial, previous = target.with_name(f".{target.name}.partial-{os.getpid()}"), target.with_name(f".{target.name}.old-{os.getpid()}")
+    shutil.copytree(source, partial)
+    if target.exists():
+        os.replace(target, previous)
+    os.replace(partial, target)
+    shutil.rmtree(previous, ignore_errors=True)

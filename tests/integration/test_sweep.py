@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import signal
 import subprocess
@@ -97,6 +98,10 @@ def test_sweep_resumes_shares_one_reference_pass_and_orders_entropy_by_alpha(ray
     for measure in ("entropy/teacher_forced", "entropy/sampled"):
         values = [float(r[measure]) for r in rows]
         assert values[0] < values[1] < values[2], (measure, values)
+    # The reference's own entropy on the same prompts and seed, measured once and shown beside the trials.
+    reference = json.loads((out / "reference_entropy.json").read_text())
+    assert reference["entropy/prompts"] == 32 and all(math.isfinite(reference[m]) and reference[m] > 0 for m in ("entropy/teacher_forced", "entropy/sampled"))
+    assert f"the reference model on the same prompts: teacher-forced {reference['entropy/teacher_forced']:.4g}" in (out / "results.md").read_text()
     best = json.loads((out / "best.json").read_text())
     assert best["metric"] == TASK_METRIC and best["best"]["trial"] in {r["trial"] for r in rows} and best["best"]["final_model"]
     assert (out / "alpha_sweep.png").stat().st_size > 10_000

@@ -28,3 +28,15 @@ def test_policy_accuracy_uses_mean_logprob_per_token_and_ignores_alpha():
     low = Window()
     low.add(hdpo_loss(logps[:2], logps[2:], *ref, alpha=1.0, beta=0.1), stats, n=2, tokens=100)
     assert low.averages(torch.device("cpu"))["rewards/accuracies"] == 0.5  # pair 2: -30 < -20
+
+
+def test_reference_accuracy_ranks_the_reference_log_probs_per_token():
+    # the same token counts as the policy: chosen 5 and 20 tokens, rejected 4 and 10
+    # reference pair 1: -10/5 = -2.0 vs -12/4 = -3.0 -> chosen wins; pair 2: -40/20 = -2.0 vs -15/10 = -1.5 -> rejected wins
+    logps = torch.tensor([-10.0, -30.0, -12.0, -20.0])
+    stats = CompletionStats(logps, entropy_sum=torch.zeros(4), num_tokens=torch.tensor([5, 20, 4, 10]))
+    ref_c, ref_r = torch.tensor([-10.0, -40.0]), torch.tensor([-12.0, -15.0])
+    window = Window()
+    window.add(hdpo_loss(logps[:2], logps[2:], ref_c, ref_r, alpha=1.0, beta=0.1), stats, n=2, tokens=10, ref_logps=torch.cat([ref_c, ref_r]))
+    metrics = window.averages(torch.device("cpu"))
+    assert metrics["reference_accuracy"] == 0.5 and metrics["policy_accuracy"] == 1.0
