@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -49,6 +50,27 @@ def smollm2_dir() -> Path:
     from hdpo_ray.config import SMOLLM2_MODEL
 
     return Path(resolve_model(SMOLLM2_MODEL))
+
+
+@pytest.fixture(scope="session")
+def one_rank_group():
+    """One process group (gloo, one CPU rank) for the session's real DeepSpeed engines: DeepSpeed keeps its
+    groups from the first engine on, so the group is never torn down and made again."""
+    import torch.distributed as dist
+
+    saved = {k: os.environ.get(k) for k in ("DS_ACCELERATOR", "LOCAL_RANK")}
+    os.environ |= {"DS_ACCELERATOR": "cpu", "LOCAL_RANK": "0"}  # as Ray Train sets them in each worker
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 def _ray_cli() -> str:

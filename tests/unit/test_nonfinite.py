@@ -3,12 +3,8 @@ handed a NaN gradient and must not apply it."""
 
 from __future__ import annotations
 
-import os
-import socket
-
 import pytest
 import torch
-import torch.distributed as dist
 
 from hdpo_ray.config import load_config
 from hdpo_ray.train.nonfinite import NonFiniteGuard, finite_everywhere, step_engine
@@ -34,24 +30,6 @@ def test_guard_keeps_totals_restored_from_a_checkpoint():
     guard = NonFiniteGuard({"step": 4, "skipped_batches": 2, "skipped_steps": 1}, limit=2)
     guard.skipped_batch()
     assert guard.metrics() == {"nonfinite/skipped_batches": 3.0, "nonfinite/skipped_steps": 1.0} and not guard.exhausted
-
-
-@pytest.fixture(scope="module")
-def one_rank_group():
-    """One process group for the module: DeepSpeed keeps its groups from the first engine on."""
-    saved = {k: os.environ.get(k) for k in ("DS_ACCELERATOR", "LOCAL_RANK")}
-    os.environ |= {"DS_ACCELERATOR": "cpu", "LOCAL_RANK": "0"}  # as Ray Train sets them in each worker
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
 
 
 def _batch():
