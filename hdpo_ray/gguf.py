@@ -111,7 +111,8 @@ def _require_gguf_reader() -> None:
 
 
 def _local_copy(source: str) -> Path:
-    """A local path as is; a URI (s3://, gs://, hf://, https://) downloaded once into the cache."""
+    """A local path as is; a URI (s3://, gs://, hf://, https://) downloaded into the cache, again only when the
+    remote file's size differs from the copy's (a changed file of the same size: remove the copy)."""
     if "://" not in source:
         path = Path(os.path.expanduser(source))
         if not path.is_file():
@@ -120,7 +121,7 @@ def _local_copy(source: str) -> Path:
     import fsspec
 
     target = cache_root() / "downloads" / hashlib.blake2b(source.encode(), digest_size=8).hexdigest() / source.rsplit("/", 1)[-1]
-    if not target.is_file():
+    if not target.is_file() or _remote_size(source) not in (None, target.stat().st_size):
         target.parent.mkdir(parents=True, exist_ok=True)
         partial = target.with_name(f".{target.name}.partial-{os.getpid()}")
         try:
@@ -131,6 +132,16 @@ def _local_copy(source: str) -> Path:
             raise GGUFError(f"GGUF file {source} could not be read ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
         os.replace(partial, target)
     return target
+
+
+def _remote_size(source: str) -> int | None:
+    import fsspec
+
+    try:
+        fs, path = fsspec.core.url_to_fs(source)
+        return fs.size(path)
+    except (OSError, ValueError, ImportError):
+        return None  # unreachable now: the open below says why, or the copy stands
 
 
 def recorded_digest(directory: Path) -> str | None:
