@@ -152,11 +152,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hdpo-ray: error: {message}", file=sys.stderr)
         return EXIT_BAD_INPUT if not _stopped(err) else EXIT_STOPPED
     m = result.metrics
-    print(
-        f"[hdpo-ray] done in {result.wall_seconds:.0f} s: {result.steps} steps, loss {m.get('loss', float('nan')):.4f}, "
-        f"rewards/accuracies {m.get('rewards/accuracies', float('nan')):.3f}, eval/rewards/accuracies {m.get('eval/rewards/accuracies', float('nan')):.3f}; "
-        f"model in {result.final_model}"
-    )  # fmt: skip
+    shown = [("loss", 4), ("rewards/accuracies", 3), ("eval/rewards/accuracies", 3), ("eval/policy_accuracy", 3), ("eval/reference_accuracy", 3)]
+    figures = "".join(f", {key} {m[key]:.{digits}f}" for key, digits in shown if key in m)  # only what was computed: no "nan"
+    print(f"[hdpo-ray] done in {result.wall_seconds:.0f} s: {result.steps} steps{figures}; model in {result.final_model}")
     return 0
 
 
