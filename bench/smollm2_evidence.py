@@ -24,7 +24,7 @@ def learning_table(run: Path) -> list[str]:
     lines = ["| step | eval/loss | eval/rewards/accuracies | eval/policy_accuracy | eval/reference_accuracy (pi_ref, same pairs) |", "|---|---|---|---|---|"]
     lines += [f"| {r['step']} | {r['eval/loss']:.4f} | {r['eval/rewards/accuracies']:.3f} | {r['eval/policy_accuracy']:.3f} | {r['eval/reference_accuracy']:.3f} |" for r in evals]
     train = [r for r in rows if "loss" in r]
-    lines += ["", f"Training: step 1 loss {train[0]['loss']:.4f}, last window (step {train[-1]['step']}) loss {train[-1]['loss']:.4f}, "
+    lines += ["", f"Training: first logged window (step {train[0]['step']}) loss {train[0]['loss']:.4f}, last window (step {train[-1]['step']}) loss {train[-1]['loss']:.4f}, "
               f"rewards/accuracies {train[-1]['rewards/accuracies']:.3f}; mean training tokens/s {sum(r['tokens_per_s'] for r in train[1:]) / max(len(train) - 1, 1):.0f}."]  # fmt: skip
     return lines
 

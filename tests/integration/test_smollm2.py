@@ -96,4 +96,5 @@ def test_eval_takes_a_gguf_file(ray_address, tmp_path, smollm2_dir):
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
     assert results["model"] == str(model) and results["model_fingerprint"].startswith("gguf:")
-    assert results["tasks"]["gsm8k"]["0.5"]["samples"] == 2
+    assert results["tasks"]["gsm8k"]["0.5"]["problems"] == 2  # and the embedded default's 4 samples each
+    assert results["tasks"]["gsm8k"]["0.5"]["samples"] == 8
