@@ -10,6 +10,7 @@ import argparse
 import logging
 import sys
 
+from hdpo_ray import __version__
 from hdpo_ray.config import EMBEDDED_DEFAULT, ConfigError, describe_keys, load_config
 
 EXIT_BAD_INPUT = 2
@@ -18,6 +19,7 @@ EXIT_STOPPED = 1  # the run started and stopped itself (non-finite losses); the 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hdpo-ray", description="H-DPO training on Ray.")
+    parser.add_argument("--version", action="version", version=f"hdpo-ray {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     train = commands.add_parser("train", help="train a policy with H-DPO (no --config: the embedded default)")
     train.add_argument("--config", help="YAML file of config sections (see jobs/)")

@@ -11,7 +11,8 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal, get_args
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -32,6 +33,24 @@ class ConfigError(ValueError):
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bare_values_as_lists(cls, data: Any) -> Any:
+        """`data.train_files=my.jsonl` means a one-file list: a bare value for a list key is wrapped in one."""
+        if not isinstance(data, dict):
+            return data
+        wrapped = {name: [value] for name, value in data.items() if name in cls.model_fields and _wants_list(cls.model_fields[name].annotation, value)}
+        return {**data, **wrapped}
+
+
+def _wants_list(annotation: Any, value: Any) -> bool:
+    """A list-typed key (optionally `| None` or `| Literal[...]`) given one scalar that is none of its literals."""
+    options = get_args(annotation) if get_origin(annotation) in (Union, UnionType) else (annotation,)
+    if value is None or isinstance(value, (list, tuple, dict)) or not any(get_origin(o) is list for o in options):
+        return False
+    literals = [x for o in options if get_origin(o) is Literal for x in get_args(o)]
+    return value not in literals
 
 
 class LoraConfig(_Section):
@@ -94,8 +113,8 @@ class TrainConfig(_Section):
     per_device_batch_size: int = Field(4, gt=0, description="Pairs per worker per micro-step.")
     gradient_accumulation_steps: int = Field(1, gt=0, description="Micro-steps per optimizer step.")
     lr: float = Field(5e-5, gt=0, description="Peak learning rate (AdamW).")
-    weight_decay: float = Field(0.0, ge=0)
-    adam_betas: tuple[float, float] = Field((0.9, 0.999))
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay, on weight matrices only (not norms or biases).")
+    adam_betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW (beta1, beta2).")
     max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping; 0 disables it.")
     lr_scheduler: Literal["cosine", "linear", "constant"] = Field("cosine", description="Decay after warmup.")
     warmup_ratio: float = Field(0.1, ge=0, le=1, description="Fraction of steps spent warming up linearly (step s of W uses (s+1)/(W+1) of lr).")
@@ -260,11 +279,30 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def _first_error_line(err: ValidationError) -> str:
+_STRUCTURE_ERRORS = ("extra_forbidden", "model_type", "model_attributes_type", "dict_type")
+
+
+def known_keys(model: type[BaseModel] = None, prefix: str = "") -> list[str]:
+    """Every dotted key of the config tree (sections included), for suggestions."""
+    keys = []
+    for name, field in (model or Config).model_fields.items():
+        keys.append(f"{prefix}{name}")
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            keys.extend(known_keys(field.annotation, f"{prefix}{name}."))
+    return keys
+
+
+def _first_error_line(err: ValidationError, source: str = "") -> str:
     first = err.errors()[0]
     where = ".".join(str(p) for p in first["loc"]) or "config"
     if first["type"] == "extra_forbidden":
-        return f"unknown key '{where}' (see `hdpo-ray train --help-config` for the keys)"
+        import difflib
+
+        close = difflib.get_close_matches(where, known_keys(), n=1, cutoff=0.75)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        return f"unknown key '{where}'{source} ({hint}see `hdpo-ray train --help-config` for the keys)"
+    if first["type"] in _STRUCTURE_ERRORS[1:]:
+        return f"{where} is a section, not a value{source}: set its keys, e.g. {where}.<key>=... (see `hdpo-ray train --help-config`)"
     if first["type"] == "value_error":  # our own model validators: the message already names the keys
         return str(first["ctx"]["error"])
     value = first.get("input")
@@ -285,6 +323,11 @@ def load_config(path: str | None = None, overrides: list[str] | None = None, *, 
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {path} must hold a mapping of sections, not {type(loaded).__name__}")
         tree = _merge(tree, loaded)
+        try:  # a key the file misspells or misplaces is named with the file (values may still be fixed by overrides)
+            Config.model_validate(tree)
+        except ValidationError as err:
+            if err.errors()[0]["type"] in _STRUCTURE_ERRORS:
+                raise ConfigError(_first_error_line(err, f" in {path}")) from None
     tree = _merge(tree, parse_overrides(overrides or []))
     try:
         config = Config.model_validate(tree)

@@ -55,6 +55,14 @@ def test_help_config_lists_keys():
     assert result.returncode == 0 and "loss.alpha = 1.0: H-DPO entropy coefficient" in result.stdout
 
 
+def test_version_and_suggestions():
+    from hdpo_ray import __version__
+
+    assert run_cli(["--version"], ray_address=None, timeout=120).stdout.strip() == f"hdpo-ray {__version__}"
+    typo = run_cli(["train", "loss.alhpa=0.9"], ray_address=None, timeout=120)
+    assert typo.returncode == 2 and typo.stderr.strip().splitlines() == ["hdpo-ray: error: unknown key 'loss.alhpa' (did you mean 'loss.alpha'? see `hdpo-ray train --help-config` for the keys)"]
+
+
 def test_python_dash_m_is_the_same_cli(tmp_path):
     import subprocess
     import sys

@@ -125,3 +125,9 @@ def test_rayjobs_run_the_jobs_configs_and_clean_up(name, command):
     in_repo = REPO / Path(config_path).relative_to("/home/ray/hdpo-ray")  # the Dockerfile copies the repository there
     config = load_config(str(in_repo), overrides)
     assert config.train.use_gpu and config.output_dir.startswith("/mnt/shared/")
+
+
+def test_the_image_leaves_out_git_runs_and_checkpoints():
+    ignored = {line.strip() for line in (REPO / ".dockerignore").read_text().splitlines() if line.strip() and not line.startswith("#")}
+    assert {".git", "outputs/", "checkpoints/", "tests/"} <= ignored
+    assert "COPY --chown=1000:100 . ." in (REPO / "cluster" / "Dockerfile").read_text()  # the build context is the repository root

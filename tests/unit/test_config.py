@@ -183,6 +183,28 @@ def test_yaml_file_with_unknown_key(tmp_path):
     assert "loss.alpah" in _error(path=str(path))
 
 
+def test_a_bare_value_for_a_list_key_is_a_one_element_list():
+    config = load_config(overrides=["data.train_files=embedded:ultrafeedback/test_prefs-100.parquet", "eval.temperatures=0.5", "sweep.alphas=0.9", "model.lora.target_modules=q_proj"])
+    assert config.data.train_files == ["embedded:ultrafeedback/test_prefs-100.parquet"]
+    assert config.eval.temperatures == [0.5] and config.sweep.alphas == [0.9] and config.model.lora.target_modules == ["q_proj"]
+    assert load_config(overrides=["model.lora.target_modules=all-linear"]).model.lora.target_modules == "all-linear"
+
+
+def test_unknown_keys_get_a_suggestion_and_the_yaml_file_is_named(tmp_path):
+    assert "did you mean 'loss.alpha'" in _error(["loss.alhpa=0.9"])
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  lr_sheduler: linear\n")
+    message = _error(path=str(path))
+    assert f"in {path}" in message and "did you mean 'train.lr_scheduler'" in message
+    path.write_text("data:\n  max_length: 64\n")  # a value the overrides fix is no error of the file
+    assert load_config(str(path), ["data.max_prompt_length=32"]).data.max_length == 64
+
+
+def test_a_section_given_a_value_says_so_without_internal_names():
+    message = _error(["model=foo"])
+    assert "model is a section" in message and "Config" not in message
+
+
 def test_hub_id_train_file_is_allowed():
     config = load_config(overrides=["data.train_files=[HuggingFaceH4/ultrafeedback_binarized:train_prefs]"])
     assert config.data.train_files == ["HuggingFaceH4/ultrafeedback_binarized:train_prefs"]
@@ -191,7 +213,7 @@ def test_hub_id_train_file_is_allowed():
 # ---- job files --------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["tiny.yaml", "zephyr-7b-hdpo.yaml"])
+@pytest.mark.parametrize("name", ["tiny.yaml", "zephyr-7b-hdpo.yaml", "smollm2-135m.yaml"])
 def test_job_files_load(name):
     path = JOBS / name
     if not path.exists():
@@ -200,7 +222,7 @@ def test_job_files_load(name):
     assert isinstance(config, Config)
 
 
-@pytest.mark.parametrize("name", ["tiny.yaml", "zephyr-7b-hdpo.yaml"])
+@pytest.mark.parametrize("name", ["tiny.yaml", "zephyr-7b-hdpo.yaml", "smollm2-135m.yaml"])
 def test_job_files_first_line_is_the_command(name):
     path = JOBS / name
     if not path.exists():
