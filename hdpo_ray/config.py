@@ -349,6 +349,10 @@ def check_local_files(config: Config) -> None:
         for spec in getattr(config.data, key):
             if _is_local(spec) and not has_magic(spec) and not os.path.exists(os.path.expanduser(spec)) and not looks_like_hub_id(spec):
                 raise ConfigError(f"data.{key}: {spec} does not exist (give a parquet/jsonl/json file, a folder of them, a URI or a hub id owner/name:split)")
+    for key in ("name_or_path", "ref_name_or_path"):
+        spec = getattr(config.model, key)
+        if spec and spec.lower().endswith(".gguf") and "://" not in spec and not os.path.isfile(os.path.expanduser(spec)):
+            raise ConfigError(f"model.{key}: GGUF file {spec} does not exist")
     if config.train.max_steps == 0:
         raise ConfigError("train.max_steps: 0 runs nothing; give a positive number, or -1 to run train.epochs")
     if config.train.deepspeed_config:

@@ -205,6 +205,10 @@ def test_a_section_given_a_value_says_so_without_internal_names():
     assert "model is a section" in message and "Config" not in message
 
 
+def test_a_missing_local_gguf_model_is_refused_before_ray_starts(tmp_path):
+    assert _error([f"model.ref_name_or_path={tmp_path}/ref.gguf"]) == f"model.ref_name_or_path: GGUF file {tmp_path}/ref.gguf does not exist"
+
+
 def test_hub_id_train_file_is_allowed():
     config = load_config(overrides=["data.train_files=[HuggingFaceH4/ultrafeedback_binarized:train_prefs]"])
     assert config.data.train_files == ["HuggingFaceH4/ultrafeedback_binarized:train_prefs"]
