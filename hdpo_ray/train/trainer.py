@@ -243,8 +243,8 @@ def export_final(result, output_dir: str) -> str:
         source = Path(directory, EXPORT_DIR)
         if not source.is_dir():
             raise RuntimeError(f"the final checkpoint {result.checkpoint.path} holds no exported model")
-        for leftover in [*Path(output_dir).glob(".final.partial-*"), *Path(output_dir).glob(".final.old-*"), *Path(output_dir).glob(".adapter.partial-*"), *Path(output_dir).glob(".adapter.old-*")]:
-            shutil.rmtree(leftover, ignore_errors=True)  # from an export cut short
+        for leftover in (p for name in ("final", "adapter") for p in Path(output_dir).glob(f".{name}.*-*")):
+            shutil.rmtree(leftover, ignore_errors=True)  # .partial-PID / .old-PID: from an export cut short
         if Path(directory, ADAPTER_DIR).is_dir():
             _copy_into_place(Path(directory, ADAPTER_DIR), Path(output_dir, "adapter"))
         _copy_into_place(source, Path(output_dir, "final"))
@@ -252,6 +252,7 @@ def export_final(result, output_dir: str) -> str:
 
 
 def _copy_into_place(source: Path, target: Path) -> None:
+    """Copy beside `target`, then rename into place: a reader sees the old copy or the new one."""
     partial, previous = target.with_name(f".{target.name}.partial-{os.getpid()}"), target.with_name(f".{target.name}.old-{os.getpid()}")
     shutil.copytree(source, partial)
     if target.exists():
