@@ -41,12 +41,24 @@ def entropy_table(sweep: Path) -> list[str]:
 
 
 def behaviour_table(evals: list[tuple[str, Path]]) -> list[str]:
-    lines = ["| model | task | T | pass@1 | pass@4 | prompt_strict | instruction_strict | prompt_loose | finished | entropy | mean tokens |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for name, directory in evals:
-        results = json.loads((directory / "results.json").read_text())
-        for task, by_t in results["tasks"].items():
-            for t, row in by_t.items():
-                cells = [name, task, t, *(f"{row[k]:.3f}" if k in row else "" for k in ("pass@1", "pass@4", "prompt_strict", "instruction_strict", "prompt_loose", "finished", "entropy")), f"{row['tokens']:.0f}"]
+    """Per model, task and temperature, recomputed from samples.jsonl on the problems every model was evaluated
+    on (the first N of each task, N the smallest eval.limit among the runs), so the rows compare."""
+    from hdpo_ray.eval.report import aggregate
+    from hdpo_ray.eval.tasks import get_task
+
+    runs = [(name, [json.loads(line) for line in (d / "samples.jsonl").read_text().splitlines()], json.loads((d / "results.json").read_text())) for name, d in evals]
+    common: dict[str, set[str]] = {}
+    for _, samples, _ in runs:
+        for task in {s["task"] for s in samples}:
+            ids = {s["problem_id"] for s in samples if s["task"] == task}
+            common[task] = common.get(task, ids) & ids
+    lines = ["| model | task (problems) | T | pass@1 | pass@4 | prompt_strict | instruction_strict | prompt_loose | finished | entropy | mean tokens |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, samples, results in runs:
+        for task in sorted({s["task"] for s in samples}):
+            for t in sorted({s["temperature"] for s in samples if s["task"] == task}):
+                mine = [s for s in samples if s["task"] == task and s["temperature"] == t and s["problem_id"] in common[task]]
+                row = aggregate(mine, [k for k in results["k"] if k in (1, 4)], get_task(task).summarize)
+                cells = [name, f"{task} ({row['problems']})", f"{t:g}", *(f"{row[k]:.3f}" if k in row else "" for k in ("pass@1", "pass@4", "prompt_strict", "instruction_strict", "prompt_loose", "finished", "entropy")), f"{row['tokens']:.0f}"]
                 lines.append("| " + " | ".join(cells) + " |")
     return lines
 

@@ -317,6 +317,7 @@ def run_sweep(config: Config) -> dict[str, Any]:
     cached = [_read_manifest(split.cache_entry) for split in (data.train, data.eval)]
     reference = {"pairs": data.train.num_pairs + data.eval.num_pairs, "forward_pairs": forward_pairs, "this_run": data.reference_forward_pairs, "invocations": len(state["invocations"]),
                  "entries": [{"entry": m["key"], "pairs": m["pairs"], "seconds": m["seconds"]} for m in cached]}  # fmt: skip
-    reference["entropy"] = reference_entropy(config, output_dir, shared["eval_encoded_entry"])
+    if not any(r["status"] == "interrupted" for r in rows):  # an interrupted sweep starts no new work
+        reference["entropy"] = reference_entropy(config, output_dir, shared["eval_encoded_entry"])
     best = write_results(config, output_dir, rows, reference)
     return {"rows": rows, "best": best, "reference_forward_pairs": forward_pairs, "wall_s": time.time() - started}
