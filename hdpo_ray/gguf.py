@@ -41,11 +41,11 @@ def cache_root() -> Path:
 
 
 def file_digest(path: Path) -> str:
-    """blake2b-128 of the file's bytes (4 MiB at a time)."""
+    """blake2b-128 of the file's bytes."""
+    from hdpo_ray.data.read import update_with_file
+
     digest = hashlib.blake2b(digest_size=16)
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            digest.update(block)
+    update_with_file(digest, path)
     return digest.hexdigest()
 
 
