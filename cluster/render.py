@@ -9,6 +9,7 @@ limits on every container, the dashboard kept inside the cluster).
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -72,9 +73,13 @@ def pod_template(main: dict[str, Any], *, gpus: bool, shm: str) -> dict[str, Any
 
 
 def worker_group(name: str, *, replicas: tuple[int, int], gpus: int, cpu: int, memory: str) -> dict[str, Any]:
+    """A GPU group whose nodes also offer a custom resource named after the group, one unit per GPU: the job
+    file's train.resources_per_worker / reference.resources / eval.resources name it, so the autoscaler
+    knows which group to grow for which actors, and an 8-GPU training node never hosts reference actors."""
     return {
         "groupName": name, "minReplicas": replicas[0], "maxReplicas": replicas[1], "replicas": replicas[0],
-        "rayStartParams": {}, "template": pod_template(container("ray-worker", cpu=cpu, memory=memory, gpus=gpus), gpus=True, shm="64Gi"),
+        "rayStartParams": {"resources": json.dumps(json.dumps({name: gpus}))},  # KubeRay passes it to `ray start --resources` as one quoted string
+        "template": pod_template(container("ray-worker", cpu=cpu, memory=memory, gpus=gpus), gpus=True, shm="64Gi"),
     }  # fmt: skip
 
 

@@ -103,7 +103,8 @@ def _bad_input_message(err: BaseException) -> str | None:
     from hdpo_ray.data.template import TemplateError
     from hdpo_ray.eval.tasks.base import TaskDataError
     from hdpo_ray.models import ModelSourceError
-    from hdpo_ray.train.trainer import ResourceError, TrainingStopped
+    from hdpo_ray.capacity import ResourceError
+    from hdpo_ray.train.trainer import TrainingStopped
 
     seen = set()
     while err is not None and id(err) not in seen:

@@ -53,6 +53,23 @@ def _wants_list(annotation: Any, value: Any) -> bool:
     return value not in literals
 
 
+RAY_BUILTIN_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")
+
+
+def _custom_resources(resources: dict[str, float], key: str) -> dict[str, float]:
+    """Custom Ray resources only: CPUs and GPUs have keys of their own."""
+    for name, amount in resources.items():
+        if name in RAY_BUILTIN_RESOURCES:
+            raise ValueError(f"{key}.{name}: CPUs, GPUs and memory have keys of their own; {key} takes custom node resources (e.g. {{trainer: 1}})")
+        if amount <= 0:
+            raise ValueError(f"{key}.{name} must be a positive amount (got {amount:g})")
+    return resources
+
+
+RESOURCES_HELP = "Custom Ray resources each {who} also reserves (e.g. {{{example}: 1}}): steers it to the node groups that offer them."
+LABELS_HELP = "Node labels each {who} requires (e.g. {{ray.io/node-group: {example}}}), as Ray's label selectors; empty: any node."
+
+
 class LoraConfig(_Section):
     rank: int = Field(0, ge=0, description="LoRA rank; 0 (the default) trains every weight. With a rank, only the adapters train (peft); the reference stays the frozen base.")
     alpha: float | None = Field(None, gt=0, description="LoRA scaling numerator (the update is scaled by alpha/rank); null means 2 x rank.")
@@ -100,7 +117,14 @@ class ReferenceConfig(_Section):
     num_gpus_per_actor: float = Field(0.0, ge=0, description="GPUs each reference actor reserves.")
     batch_size: int = Field(8, gt=0, description="Pairs per reference forward pass.")
     torch_threads: int | None = Field(None, gt=0, description="Intra-op threads per CPU actor; null derives it from num_cpus_per_actor.")
-    cache_dir: str | None = Field("~/.cache/hdpo_ray/reference", description="Where prepared pairs with reference log-probs are kept (local path or URI), keyed by a hash of every input.")
+    cache_dir: str | None = Field("~/.cache/hdpo_ray/reference", description="Where prepared pairs with reference log-probs are kept (local path or URI), keyed by a hash of every input. On several nodes: shared storage or a URI.")
+    resources: dict[str, float] = Field(default_factory=dict, description=RESOURCES_HELP.format(who="reference actor", example="reference"))
+    label_selector: dict[str, str] = Field(default_factory=dict, description=LABELS_HELP.format(who="reference actor", example="reference-gpu"))
+
+    @field_validator("resources")
+    @classmethod
+    def _custom(cls, resources: dict[str, float]) -> dict[str, float]:
+        return _custom_resources(resources, "reference.resources")
 
 
 class TrainConfig(_Section):
@@ -127,7 +151,17 @@ class TrainConfig(_Section):
     keep_checkpoints: int = Field(2, gt=0, description="Checkpoints kept; older ones are deleted.")
     max_failures: int = Field(0, ge=-1, description="Worker-group failures (a worker process or node lost) to recover from by restoring the latest checkpoint; -1 retries forever.")
     max_consecutive_nonfinite: int = Field(3, gt=0, description="A micro-batch with a non-finite loss, or an optimizer step with a non-finite gradient, is skipped and counted; this many in a row stop the run.")
-    storage_path: str | None = Field(None, description="Ray Train storage (local path or cloud URI); null means OUTPUT_DIR/checkpoints.")
+    storage_path: str | None = Field(None, description="Ray Train storage (local path or cloud URI); null means OUTPUT_DIR/checkpoints. On several nodes: shared storage or a URI.")
+    resources_per_worker: dict[str, float] = Field(default_factory=dict, description=RESOURCES_HELP.format(who="training worker", example="trainer"))
+    label_selector: dict[str, str] = Field(default_factory=dict, description=LABELS_HELP.format(who="training worker", example="train-gpu"))
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="How Ray places the workers: PACK fills a node before the next (spreading when they do not fit one); SPREAD one per node where it can."
+    )
+
+    @field_validator("resources_per_worker")
+    @classmethod
+    def _custom(cls, resources: dict[str, float]) -> dict[str, float]:
+        return _custom_resources(resources, "train.resources_per_worker")
 
 
 class LoggingConfig(_Section):
@@ -205,6 +239,13 @@ class EvalConfig(_Section):
     code_memory_mb: int = Field(1024, gt=0, description="HumanEval: address-space limit per program run in the sandbox.")
     code_workers: int | None = Field(None, gt=0, description="HumanEval: programs run at once; null means the CPUs this process may use.")
     output_dir: str | None = Field(None, description="Where results.json/md, samples.jsonl and plots go; null means OUTPUT_DIR/eval.")
+    resources: dict[str, float] = Field(default_factory=dict, description=RESOURCES_HELP.format(who="sampling actor", example="eval"))
+    label_selector: dict[str, str] = Field(default_factory=dict, description=LABELS_HELP.format(who="sampling actor", example="eval-gpu"))
+
+    @field_validator("resources")
+    @classmethod
+    def _custom(cls, resources: dict[str, float]) -> dict[str, float]:
+        return _custom_resources(resources, "eval.resources")
 
     @model_validator(mode="after")
     def _sampling_plan(self) -> "EvalConfig":
@@ -220,6 +261,19 @@ class EvalConfig(_Section):
         return self
 
 
+class ClusterConfig(_Section):
+    autoscaling: Literal["auto", "on", "off"] = Field(
+        "auto", description="auto: when an autoscaler reports to the cluster (KubeRay, ray up), ask it for what the run needs and wait; on: always ask and wait; off: refuse at once what the cluster cannot hold now."
+    )
+    wait_for_resources_s: float = Field(900.0, gt=0, description="How long a run waits for an autoscaling cluster to add the nodes it needs before it stops, naming what never came.")
+
+    @field_validator("autoscaling", mode="before")
+    @classmethod
+    def _yaml_booleans(cls, value: Any) -> Any:
+        """YAML reads a bare on/off (cluster.autoscaling=on) as a boolean."""
+        return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
+
+
 class Config(_Section):
     output_dir: str = Field("outputs/hdpo-tiny", description="Where metrics.jsonl, data_report.json and final/ go.")
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -230,6 +284,7 @@ class Config(_Section):
     sweep: SweepConfig = Field(default_factory=SweepConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

@@ -11,7 +11,9 @@ from pathlib import Path
 
 from hdpo_ray.config import Config
 from hdpo_ray.data.prepare import EncodedSplit, PreparedSplit
-from hdpo_ray.train.trainer import TrainResult, check_resources, finish, fit
+from hdpo_ray.capacity import held
+from hdpo_ray.shared_storage import check_shared, run_paths
+from hdpo_ray.train.trainer import TrainResult, finish, fit, training_phases
 
 log = logging.getLogger("hdpo_ray")
 
@@ -87,18 +89,16 @@ def prepare_data(config: Config, output_dir: str, *, stream: bool = True) -> Pre
 
 
 def run_training(config: Config) -> TrainResult:
-    import ray
-
     started = time.perf_counter()
     output_dir = os.path.abspath(config.output_dir)
     Path(output_dir).mkdir(parents=True, exist_ok=True)
     Path(output_dir, "config.json").write_text(json.dumps(config.to_dict(), indent=2))
     init_ray(config)
-    check_resources(config, ray.cluster_resources())
-    data = prepare_data(config, output_dir)
-
-    result, total_steps, state = fit(config, data.train, data.eval)
-    final = finish(config, result, total_steps, state)
+    with held(training_phases(config), config.cluster.autoscaling, config.cluster.wait_for_resources_s):
+        check_shared(run_paths(config))
+        data = prepare_data(config, output_dir)
+        result, total_steps, state = fit(config, data.train, data.eval)
+        final = finish(config, result, total_steps, state)
     metrics = last_metrics(Path(output_dir, "metrics.jsonl"))
     return TrainResult(output_dir, final, metrics, total_steps, data.reference_forward_pairs, time.perf_counter() - started)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import pyarrow as pa
 import torch
 
+from hdpo_ray.capacity import placement_options
 from hdpo_ray.config import Config
 from hdpo_ray.data.collate import collate_pairs
 from hdpo_ray.logprobs import completion_logprobs
@@ -54,6 +55,7 @@ def add_reference_logprobs(dataset, config: Config, pad_id: int):
         compute=ActorPoolStrategy(size=ref.num_actors),
         num_cpus=ref.num_cpus_per_actor,
         num_gpus=ref.num_gpus_per_actor,
+        **placement_options(ref.resources, ref.label_selector),
         batch_size=ref.batch_size,
         batch_format="pyarrow",
     )

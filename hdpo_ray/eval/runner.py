@@ -13,6 +13,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from hdpo_ray.capacity import Group, Phase, check_fits, held, placement_options
 from hdpo_ray.config import EVAL_TASKS, Config, EvalConfig
 
 log = logging.getLogger("hdpo_ray")
@@ -39,16 +40,14 @@ def selectable_task_metrics(e: EvalConfig) -> list[str]:
     return names
 
 
+def eval_group(e: EvalConfig) -> Group:
+    bundle = {"CPU": e.num_cpus_per_actor, "GPU": e.num_gpus_per_actor, **e.resources}
+    return Group("eval pool", e.num_actors, bundle, e.label_selector, "lower eval.num_actors or eval.num_cpus_per_actor / eval.num_gpus_per_actor")
+
+
 def check_eval_resources(e: EvalConfig, cluster: dict[str, float]) -> None:
     """The sampling pool must fit the cluster, or Ray Data would wait for its actors forever."""
-    from hdpo_ray.train.trainer import ResourceError
-
-    cpus, gpus = cluster.get("CPU", 0.0), cluster.get("GPU", 0.0)
-    if e.num_actors * e.num_cpus_per_actor > cpus + 1e-9 or e.num_actors * e.num_gpus_per_actor > gpus + 1e-9:
-        raise ResourceError(
-            f"eval pool of {e.num_actors} actors x ({e.num_cpus_per_actor:g} CPU, {e.num_gpus_per_actor:g} GPU) does not fit the cluster "
-            f"({cpus:g} CPU, {gpus:g} GPU); lower eval.num_actors or eval.num_cpus_per_actor / eval.num_gpus_per_actor"
-        )  # fmt: skip
+    check_fits([Phase((eval_group(e),))], cluster)
 
 
 def plan_eval(config: Config, tasks: list[str]) -> tuple[str, dict[str, Any], dict[str, list]]:
@@ -76,10 +75,6 @@ def run_eval(config: Config, model: str, *, tasks: list[str], output_dir: str, n
 
     node_id: sample on that node when it can hold the pool (where a sweep trial just wrote its model).
     """
-    import ray
-
-    from hdpo_ray.eval.report import aggregate, flat_metrics, write_results
-    from hdpo_ray.eval.sampling import SamplingPlan, sample_completions
     from hdpo_ray.models import model_fingerprint
     from hdpo_ray.pipeline import init_ray
 
@@ -89,12 +84,20 @@ def run_eval(config: Config, model: str, *, tasks: list[str], output_dir: str, n
     fingerprint = model_fingerprint(model)  # a model that is not there fails here, in one line
     backend, task_objects, problems = plan_eval(config, tasks)
     init_ray(config)
-    check_eval_resources(e, ray.cluster_resources())
+    with held([Phase((eval_group(e),))], config.cluster.autoscaling, config.cluster.wait_for_resources_s):
+        return _sample_and_score(config, model, fingerprint, backend, task_objects, problems, output_dir, node_id, started)
 
+
+def _sample_and_score(config: Config, model: str, fingerprint: str, backend: str, task_objects: dict, problems: dict, output_dir: str, node_id: str | None, started: float) -> dict[str, Any]:
+    from hdpo_ray.eval.report import aggregate, flat_metrics, write_results
+    from hdpo_ray.eval.sampling import SamplingPlan, sample_completions
+
+    e = config.eval
     rows = [{"task": name, "problem_id": p.id, "prompt": p.prompt, "temperature": t} for name, ps in problems.items() for p in ps for t in e.temperatures]
     log.info(f"eval: {len(rows)} prompts ({', '.join(f'{n} {len(ps)}' for n, ps in problems.items())} problems x {len(e.temperatures)} temperatures) "
              f"x {e.num_samples} samples on {e.num_actors} {backend} actor(s)")  # fmt: skip
-    samples = sample_completions(rows, SamplingPlan.from_config(config, model), backend, num_actors=e.num_actors, num_cpus=e.num_cpus_per_actor, num_gpus=e.num_gpus_per_actor, node_id=node_id)
+    samples = sample_completions(rows, SamplingPlan.from_config(config, model), backend, num_actors=e.num_actors, num_cpus=e.num_cpus_per_actor, num_gpus=e.num_gpus_per_actor, node_id=node_id,
+                                 placement=placement_options(e.resources, e.label_selector))
     drawn = Counter((s["task"], s["problem_id"], s["temperature"], s["sample"]) for s in samples)
     short = next(((r["task"], r["problem_id"], r["temperature"]) for r in rows if any(drawn[(r["task"], r["problem_id"], r["temperature"], i)] != 1 for i in range(e.num_samples))), None)
     if short is not None or len(samples) != len(rows) * e.num_samples:

@@ -121,11 +121,13 @@ def choose_backend(requested: str, num_gpus_per_actor: float) -> str:
 
 
 def sample_completions(
-    rows: list[dict[str, Any]], plan: SamplingPlan, backend: str, *, num_actors: int, num_cpus: float, num_gpus: float, node_id: str | None = None
+    rows: list[dict[str, Any]], plan: SamplingPlan, backend: str, *, num_actors: int, num_cpus: float, num_gpus: float, node_id: str | None = None,
+    placement: dict[str, dict] | None = None,
 ) -> list[dict[str, Any]]:
     """rows (task, problem_id, prompt, temperature) -> one dict per completion, through a Ray Data actor pool.
 
     node_id: prefer that node for the actors (a sweep trial's model directory is on its node).
+    placement: more actor options (custom resources, a label selector) that steer the actors to node groups.
     """
     import ray.data
     from ray.data import ActorPoolStrategy
@@ -137,7 +139,7 @@ def sample_completions(
     dataset = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), 4 * num_actors)))
     sampled = dataset.map_batches(
         sampler, fn_constructor_kwargs={"plan": asdict(plan)}, batch_size=sampler.rows_per_batch,
-        compute=ActorPoolStrategy(size=num_actors), num_cpus=num_cpus, num_gpus=num_gpus, **_on_node(node_id),
+        compute=ActorPoolStrategy(size=num_actors), num_cpus=num_cpus, num_gpus=num_gpus, **_on_node(node_id), **(placement or {}),
     )  # fmt: skip
     sampled.set_name("eval-sampling")
     return sampled.take_all()

@@ -22,8 +22,10 @@ from itertools import product
 from pathlib import Path
 from typing import Any
 
+from hdpo_ray.capacity import DATA_CPUS, Phase, held
 from hdpo_ray.config import Config, ConfigError, flatten
-from hdpo_ray.train.trainer import DATA_CPUS
+from hdpo_ray.shared_storage import check_shared, run_paths
+from hdpo_ray.train.trainer import training_phases, worker_group
 
 log = logging.getLogger("hdpo_ray")
 TUNE_DIR = "tune"
@@ -56,11 +58,10 @@ def trial_config(base: Config, params: dict[str, float], sweep_dir: str) -> Conf
 
 
 def concurrent_trials(config: Config, cluster: dict[str, float]) -> int:
-    """sweep.max_concurrent_trials, or as many trials as the cluster holds side by side."""
-    train = config.train
-    fit = math.floor((cluster.get("CPU", 0.0) - DATA_CPUS + 1e-9) / (train.num_workers * train.cpus_per_worker))
-    if train.use_gpu:
-        fit = min(fit, math.floor(cluster.get("GPU", 0.0) / train.num_workers))
+    """sweep.max_concurrent_trials, or as many trials as the cluster holds side by side (one CPU kept for Ray Data)."""
+    workers = worker_group(config)
+    spare = {resource: cluster.get(resource, 0.0) - (DATA_CPUS if resource == "CPU" else 0.0) for resource in workers.bundle}
+    fit = min(math.floor((spare[r] + 1e-9) / workers.total(r)) for r, amount in workers.bundle.items() if amount)
     return max(1, min(fit, config.sweep.max_concurrent_trials or fit))
 
 
@@ -87,7 +88,7 @@ def _claim_output_dir(config: Config, output_dir: Path) -> dict:
     """sweep.json pins the sweep to its output_dir: rerunning the same config resumes it, another config is refused."""
     state_file = output_dir / "sweep.json"
     # Tuner.restore keeps the first TuneConfig, concurrency included; where the metrics are also sent is not the sweep's identity
-    identity = {k: v for k, v in flatten(config.to_dict()).items() if k != "output_dir" and not k.startswith("logging.")}
+    identity = {k: v for k, v in flatten(config.to_dict()).items() if k != "output_dir" and not k.startswith(("logging.", "cluster."))}
     if state_file.exists():
         state = json.loads(state_file.read_text())
         changed = [k for k in sorted(set(identity) | set(state["config"])) if identity.get(k) != state["config"].get(k)]
@@ -257,29 +258,14 @@ def _tune_trial_name(trial) -> str:
     return trial_name(trial.config)
 
 
-def run_sweep(config: Config) -> dict[str, Any]:
-    """The whole sweep; returns {"rows", "best", "reference_forward_pairs", "wall_s"} and writes the result files."""
+def _run_trials(config: Config, output_dir: Path, state: dict) -> tuple[Any, Any]:
+    """One reference pass for the whole sweep, then the Tuner over the grid: (Tune's ResultGrid, the prepared data)."""
     import ray
 
-    from hdpo_ray.pipeline import init_ray, last_metrics, prepare_data
-    from hdpo_ray.sweep.results import trial_row, write_results
-    from hdpo_ray.train.trainer import check_resources, total_optimizer_steps
+    from hdpo_ray.pipeline import prepare_data
+    from hdpo_ray.train.trainer import total_optimizer_steps
 
-    started = time.time()
-    _check_sweep(config)
-    output_dir = Path(os.path.abspath(config.output_dir))
-    output_dir.mkdir(parents=True, exist_ok=True)
-    state = _claim_output_dir(config, output_dir)
-    (output_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
-    init_ray(config)
-    cluster = ray.cluster_resources()
-    check_resources(config, cluster, stream=False)  # one trial must fit; the trials never stream the reference pool
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")  # eval metrics arrive only at evaluations
-
-    if config.eval.tasks:  # the eval pool must fit too, checked now, not after every trial has trained
-        from hdpo_ray.eval.runner import check_eval_resources
-
-        check_eval_resources(config.eval, cluster)
     data = prepare_data(config, str(output_dir), stream=False)
     state["invocations"].append({"started": time.strftime("%Y-%m-%d %H:%M:%S"), "reference_forward_pairs": data.reference_forward_pairs})
     (output_dir / "sweep.json").write_text(json.dumps(state, indent=2))
@@ -289,16 +275,49 @@ def run_sweep(config: Config) -> dict[str, Any]:
         "eval_entry": data.eval.cache_entry, "eval_pairs": data.eval.num_pairs, "eval_encoded_entry": data.eval_encoded.entry,
     }  # fmt: skip
     grid = trial_grid(config)
-    concurrency = concurrent_trials(config, cluster)
+    concurrency = concurrent_trials(config, ray.cluster_resources())
     total_steps = total_optimizer_steps(config, data.train.num_pairs)
     log.info("sweep: %d trials (%s), %d at a time, %d steps each; reference log-probs for %d pairs shared by all", len(grid), ", ".join(map(trial_name, grid)), concurrency, total_steps, data.train.num_pairs + data.eval.num_pairs)
-    results = _tuner(config, output_dir, shared, concurrency, total_steps).fit()
+    return _tuner(config, output_dir, shared, concurrency, total_steps).fit(), data
+
+
+def run_sweep(config: Config) -> dict[str, Any]:
+    """The whole sweep; returns {"rows", "best", "reference_forward_pairs", "wall_s"} and writes the result files."""
+    from hdpo_ray.pipeline import init_ray
+    from hdpo_ray.sweep.results import write_results
+
+    started = time.time()
+    _check_sweep(config)
+    output_dir = Path(os.path.abspath(config.output_dir))
+    output_dir.mkdir(parents=True, exist_ok=True)
+    state = _claim_output_dir(config, output_dir)
+    (output_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+    init_ray(config)
+    phases = training_phases(config, stream=False)  # one trial must fit; the trials never stream the reference pool
+    if config.eval.tasks:  # the eval pool must fit too, checked now, not after every trial has trained
+        from hdpo_ray.eval.runner import eval_group
+
+        phases.append(Phase((eval_group(config.eval),)))
+    with held(phases, config.cluster.autoscaling, config.cluster.wait_for_resources_s):
+        check_shared(run_paths(config, sweep=True))
+        results, data = _run_trials(config, output_dir, state)
+        rows, reference = _trial_rows(config, output_dir, results), _reference_summary(state, data)
+        if not any(r["status"] == "interrupted" for r in rows):  # an interrupted sweep starts no new work
+            reference["entropy"] = reference_entropy(config, output_dir, data.eval_encoded.entry)
+    best = write_results(config, output_dir, rows, reference)
+    return {"rows": rows, "best": best, "reference_forward_pairs": reference["forward_pairs"], "wall_s": time.time() - started}
+
+
+def _trial_rows(config: Config, output_dir: Path, results) -> list[dict[str, Any]]:
+    """One row per grid point: a finished trial's summary, or its last metrics with why it has no summary."""
+    from hdpo_ray.pipeline import last_metrics
+    from hdpo_ray.sweep.results import trial_row
 
     errors = {trial_name(r.config): r.error for r in results if r.config and r.error}
     # Tune's own trial states (TERMINATED, ERROR, PENDING, RUNNING, PAUSED) tell an early stop from an interruption.
     states = {trial_name(t.config): t.status for t in getattr(getattr(results, "_experiment_analysis", None), "trials", [])}
     rows = []
-    for params in grid:
+    for params in trial_grid(config):
         trial_dir = output_dir / TRIALS_DIR / trial_name(params)
         if (trial_dir / SUMMARY).exists():
             rows.append(json.loads((trial_dir / SUMMARY).read_text()))
@@ -311,13 +330,16 @@ def run_sweep(config: Config) -> dict[str, Any]:
         else:
             status = "interrupted"
         rows.append(trial_row(params, last_metrics(trial_dir / "metrics.jsonl"), {}, steps=None, wall_s=None, final_model=None, status=status))
-    forward_pairs = sum(i["reference_forward_pairs"] for i in state["invocations"])
+    return rows
+
+
+def _reference_summary(state: dict, data) -> dict[str, Any]:
+    """The sweep's reference pass: pairs, forward passes over all invocations, the cache entries."""
     from hdpo_ray.data.prepare import _read_manifest
 
     cached = [_read_manifest(split.cache_entry) for split in (data.train, data.eval)]
-    reference = {"pairs": data.train.num_pairs + data.eval.num_pairs, "forward_pairs": forward_pairs, "this_run": data.reference_forward_pairs, "invocations": len(state["invocations"]),
-                 "entries": [{"entry": m["key"], "pairs": m["pairs"], "seconds": m["seconds"]} for m in cached]}  # fmt: skip
-    if not any(r["status"] == "interrupted" for r in rows):  # an interrupted sweep starts no new work
-        reference["entropy"] = reference_entropy(config, output_dir, shared["eval_encoded_entry"])
-    best = write_results(config, output_dir, rows, reference)
-    return {"rows": rows, "best": best, "reference_forward_pairs": forward_pairs, "wall_s": time.time() - started}
+    return {
+        "pairs": data.train.num_pairs + data.eval.num_pairs, "forward_pairs": sum(i["reference_forward_pairs"] for i in state["invocations"]),
+        "this_run": data.reference_forward_pairs, "invocations": len(state["invocations"]),
+        "entries": [{"entry": m["key"], "pairs": m["pairs"], "seconds": m["seconds"]} for m in cached],
+    }  # fmt: skip

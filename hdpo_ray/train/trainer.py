@@ -18,20 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from hdpo_ray.capacity import DATA_GROUP, Group, Phase, ResourceError, check_fits
 from hdpo_ray.config import Config
-
-# Ray Data's file listing runs as a task that asks for one whole CPU (Ray 2.60 gives it no knob), and
-# reads/writes ask for READ_CPUS each: one CPU must stay free beside the workers or the reference pool,
-# or the pipeline waits forever.
-DATA_CPUS = 1.0
 from hdpo_ray.train.engine import ADAPTER_DIR, EXPORT_DIR
 from hdpo_ray.train.tracking import end_mlflow_run, make_tracker, start_mlflow_run
 
 log = logging.getLogger("hdpo_ray")
-
-
-class ResourceError(RuntimeError):
-    """The cluster cannot hold what the run asks for; one line for the user."""
 
 
 class TrainingStopped(RuntimeError):
@@ -64,29 +56,36 @@ def total_optimizer_steps(config: Config, num_pairs: int) -> int:
     return steps
 
 
-def check_resources(config: Config, cluster: dict[str, float], *, stream: bool = True) -> None:
-    """Fail fast where Ray would wait forever: workers and the reference pool must fit, with CPU left for Ray Data.
+def worker_group(config: Config) -> Group:
+    train = config.train
+    bundle = {"CPU": train.cpus_per_worker, "GPU": 1.0 if train.use_gpu else 0.0, **train.resources_per_worker}
+    hint = "lower train.cpus_per_worker (fractions are fine) or train.num_workers, or add nodes"
+    return Group("training workers", train.num_workers, bundle, train.label_selector, hint)
+
+
+def reference_group(config: Config) -> Group:
+    ref = config.reference
+    bundle = {"CPU": ref.num_cpus_per_actor, "GPU": ref.num_gpus_per_actor, **ref.resources}
+    return Group("reference pool", ref.num_actors, bundle, ref.label_selector, "lower reference.num_actors or its per-actor resources")
+
+
+def training_phases(config: Config, *, stream: bool = True) -> list[Phase]:
+    """What a training run holds at once: the reference pass (with Ray Data), then the workers (with Ray
+    Data); when the reference pool streams (reference.cache_dir null), all three together.
 
     stream=False: the reference pool never runs beside the workers (a sweep always caches its output).
     """
-    train, ref = config.train, config.reference
-    cpus, gpus = cluster.get("CPU", 0.0), cluster.get("GPU", 0.0)
-    need_cpu = train.num_workers * train.cpus_per_worker
-    if need_cpu > cpus - DATA_CPUS + 1e-9:
-        raise ResourceError(
-            f"train.num_workers={train.num_workers} x train.cpus_per_worker={train.cpus_per_worker:g} needs {need_cpu:g} CPUs and Ray Data needs {DATA_CPUS:g} "
-            f"beside them, but the cluster has {cpus:g}; lower train.cpus_per_worker (fractions are fine) or add nodes"
-        )  # fmt: skip
-    if train.use_gpu and train.num_workers > gpus:
-        raise ResourceError(f"train.use_gpu with {train.num_workers} workers needs {train.num_workers} GPUs; the cluster has {gpus:g}")
-    if ref.num_actors * ref.num_cpus_per_actor > cpus - DATA_CPUS + 1e-9 or ref.num_actors * ref.num_gpus_per_actor > gpus + 1e-9:
-        raise ResourceError(
-            f"reference pool of {ref.num_actors} actors x ({ref.num_cpus_per_actor:g} CPU, {ref.num_gpus_per_actor:g} GPU) plus {DATA_CPUS:g} CPU for Ray Data "
-            f"does not fit the cluster ({cpus:g} CPU, {gpus:g} GPU); lower reference.num_actors or its per-actor resources"
-        )  # fmt: skip
-    if config.reference.cache_dir is None and stream:  # streaming: the pool runs beside the training workers
-        if need_cpu + ref.num_actors * ref.num_cpus_per_actor > cpus - DATA_CPUS + 1e-9 or (train.num_workers if train.use_gpu else 0) + ref.num_actors * ref.num_gpus_per_actor > gpus + 1e-9:
-            raise ResourceError("reference.cache_dir is null, so the reference pool streams beside the training workers, but both do not fit the cluster at once; set a cache_dir or lower their resources")
+    workers, reference = worker_group(config), reference_group(config)
+    phases = [Phase((workers, DATA_GROUP)), Phase((reference, DATA_GROUP))]
+    if config.reference.cache_dir is None and stream:
+        note = "reference.cache_dir is null, so the reference pool streams beside the training workers: "
+        phases.append(Phase((workers, reference, DATA_GROUP), note, "or set a reference.cache_dir"))
+    return phases
+
+
+def check_resources(config: Config, cluster: dict[str, float], *, stream: bool = True) -> None:
+    """Fail fast where Ray would wait forever: the workers and the reference pool must fit, with CPU left for Ray Data."""
+    check_fits(training_phases(config, stream=stream), cluster)
 
 
 def read_run_state(output_dir: str) -> dict[str, Any] | None:
@@ -154,7 +153,10 @@ def fit(config: Config, train_split, eval_split, callbacks: tuple = ()) -> tuple
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": config.to_dict(), "total_steps": total_steps, "num_eval_pairs": eval_split.num_pairs if eval_split else 0},
-        scaling_config=ray.train.ScalingConfig(num_workers=train.num_workers, use_gpu=train.use_gpu, resources_per_worker={"CPU": train.cpus_per_worker}),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=train.num_workers, use_gpu=train.use_gpu, resources_per_worker={"CPU": train.cpus_per_worker, **train.resources_per_worker},
+            placement_strategy=train.placement_strategy, label_selector=train.label_selector or None,
+        ),
         run_config=ray.train.RunConfig(
             name=name,
             storage_path=storage,

@@ -1,16 +1,19 @@
-"""What a finished `hdpo-ray train` run directory must hold; shared by the CLI and job-submit tests."""
+"""What a finished `hdpo-ray train` run directory must hold, and helpers that submit and watch runs; shared by the CLI, job and multi-node tests."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import tensorboard_scalars
+from tests.conftest import REPO, _ray_cli, tensorboard_scalars
 
 FAST = ["data.max_length=64", "data.max_prompt_length=32", "train.per_device_batch_size=2", "reference.batch_size=8"]
 """Overrides for tiny end-to-end runs: short pairs, small batches."""
@@ -89,3 +92,58 @@ def mlflow_history(uri: str):
     (run,) = client.search_runs([client.get_experiment_by_name("hdpo-ray").experiment_id])
     history = {key: [(m.step, m.value) for m in sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: m.step)] for key in run.data.metrics}
     return run, history
+
+
+def ray_job(dashboard_url: str, command: str, *args: str, timeout: int = 180) -> subprocess.CompletedProcess:
+    """`ray job COMMAND --address URL ARGS...` (options before any `--` entrypoint)."""
+    env = os.environ | {"RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_ADDRESS", None)
+    return subprocess.run([_ray_cli(), "job", command, "--address", dashboard_url, *args], capture_output=True, text=True, env=env, cwd=REPO, timeout=timeout)
+
+
+def submit(dashboard_url: str, submission_id: str, hdpo_args: list[str]) -> None:
+    """`ray job submit --no-wait` of `python -m hdpo_ray ...` with jobs/runtime_env.yaml, as jobs/README.md says.
+    The head's PATH may not lead to this interpreter, so its absolute path is the entrypoint's python."""
+    result = ray_job(dashboard_url, "submit", "--submission-id", submission_id, "--runtime-env", "jobs/runtime_env.yaml", "--no-wait", "--", sys.executable, "-m", "hdpo_ray", *hdpo_args)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def job_status(dashboard_url: str, submission_id: str) -> str:
+    from ray.job_submission import JobSubmissionClient
+
+    return str(JobSubmissionClient(dashboard_url).get_job_status(submission_id).value)
+
+
+def wait_for(predicate, what: str, timeout: float = 300, every: float = 0.5):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def wait_for_job(dashboard_url: str, submission_id: str, timeout: float = 400) -> str:
+    status = wait_for(lambda: (s := job_status(dashboard_url, submission_id)) in ("SUCCEEDED", "FAILED", "STOPPED") and s, f"job {submission_id} to end", timeout)
+    return status
+
+
+def last_step(out: Path) -> int:
+    """Highest step logged so far (a row being written may be cut short)."""
+    try:
+        lines = (out / "metrics.jsonl").read_text().splitlines()
+    except FileNotFoundError:
+        return 0
+    steps = [0]
+    for line in lines:
+        try:
+            steps.append(json.loads(line)["step"])
+        except (json.JSONDecodeError, KeyError):
+            pass
+    return max(steps)
+
+
+def events(out: Path) -> list[dict]:
+    path = out / "events.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []

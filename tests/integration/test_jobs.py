@@ -13,8 +13,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -22,8 +20,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.conftest import REPO, _ray_cli, shared
-from tests.integration.checks import FAST, assert_finished_run, metric_rows, registered_checkpoints, trained_state
+from tests.conftest import shared
+from tests.integration.checks import FAST, assert_finished_run, events, last_step, metric_rows, ray_job, registered_checkpoints, submit, trained_state, wait_for, wait_for_job
 
 STEPS = 12
 ZERO3 = ["train.zero_stage=3", "model.gradient_checkpointing=true", "model.logprob_chunk_tokens=16"]
@@ -44,64 +42,9 @@ def train_args(out: Path, work: Path, *extra: str) -> list[str]:
             "train.eval_steps=6", "train.keep_checkpoints=2", "train.warmup_ratio=0", "train.max_failures=1", *FAST, *extra]  # fmt: skip
 
 
-def ray_job(dashboard_url: str, command: str, *args: str, timeout: int = 180) -> subprocess.CompletedProcess:
-    """`ray job COMMAND --address URL ARGS...` (options before any `--` entrypoint)."""
-    env = os.environ | {"RAY_AUTH_MODE": "disabled"}
-    env.pop("RAY_ADDRESS", None)
-    return subprocess.run([_ray_cli(), "job", command, "--address", dashboard_url, *args], capture_output=True, text=True, env=env, cwd=REPO, timeout=timeout)
-
-
-def submit(dashboard_url: str, submission_id: str, hdpo_args: list[str]) -> None:
-    """`ray job submit --no-wait` of `python -m hdpo_ray ...` with jobs/runtime_env.yaml, as jobs/README.md says.
-    The head's PATH may not lead to this interpreter, so its absolute path is the entrypoint's python."""
-    result = ray_job(dashboard_url, "submit", "--submission-id", submission_id, "--runtime-env", "jobs/runtime_env.yaml", "--no-wait", "--", sys.executable, "-m", "hdpo_ray", *hdpo_args)
-    assert result.returncode == 0, result.stdout + result.stderr
-
-
-def job_status(dashboard_url: str, submission_id: str) -> str:
-    from ray.job_submission import JobSubmissionClient
-
-    return str(JobSubmissionClient(dashboard_url).get_job_status(submission_id).value)
-
-
-def wait_for(predicate, what: str, timeout: float = 300, every: float = 0.5):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-
-
-def wait_for_job(dashboard_url: str, submission_id: str, timeout: float = 400) -> str:
-    status = wait_for(lambda: (s := job_status(dashboard_url, submission_id)) in ("SUCCEEDED", "FAILED", "STOPPED") and s, f"job {submission_id} to end", timeout)
-    return status
-
-
-def last_step(out: Path) -> int:
-    """Highest step logged so far (a row being written may be cut short)."""
-    try:
-        lines = (out / "metrics.jsonl").read_text().splitlines()
-    except FileNotFoundError:
-        return 0
-    steps = [0]
-    for line in lines:
-        try:
-            steps.append(json.loads(line)["step"])
-        except (json.JSONDecodeError, KeyError):
-            pass
-    return max(steps)
-
-
 def checkpoint_step(out: Path) -> int:
     """The step of the run's latest registered checkpoint: where a restore starts."""
     return json.loads((registered_checkpoints(out)[-1] / "hdpo_state.json").read_text())["step"]
-
-
-def events(out: Path) -> list[dict]:
-    path = out / "events.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
 def processes(*words: str) -> list[psutil.Process]:

@@ -6,6 +6,7 @@ images pinned by version, the Hugging Face token from a Secret, shared storage f
 from __future__ import annotations
 
 import importlib.util
+import json
 import re
 from functools import lru_cache
 from pathlib import Path
@@ -131,3 +132,32 @@ def test_the_image_leaves_out_git_runs_and_checkpoints():
     ignored = {line.strip() for line in (REPO / ".dockerignore").read_text().splitlines() if line.strip() and not line.startswith("#")}
     assert {".git", "outputs/", "checkpoints/", "tests/"} <= ignored
     assert "COPY --chown=1000:100 . ." in (REPO / "cluster" / "Dockerfile").read_text()  # the build context is the repository root
+
+
+@pytest.mark.parametrize("name", ["rayjob-train.yaml", "rayjob-sweep.yaml"])
+def test_the_job_waits_for_the_autoscaler_and_fits_the_groups_at_full_size(name):
+    """The GPU groups start at 0 nodes: the job must ask the autoscaler and wait (not refuse), and what it asks
+    for must fit the groups at maxReplicas, each actor on the group that offers its custom resource."""
+    from hdpo_ray.capacity import ResourceError, check_fits
+    from hdpo_ray.train.trainer import training_phases
+
+    manifest = _manifest(name)
+    spec = manifest["spec"]
+    _, command, _, config_path, *overrides = spec["entrypoint"].split()
+    config = load_config(str(REPO / Path(config_path).relative_to("/home/ray/hdpo-ray")), overrides)
+    assert config.cluster.autoscaling == "on" and config.cluster.wait_for_resources_s >= 1200
+
+    def cluster_at(replicas: str) -> dict[str, float]:
+        total: dict[str, float] = {}
+        for group in _cluster_spec(manifest)["workerGroupSpecs"]:
+            limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
+            node = {"CPU": float(limits["cpu"]), "GPU": float(limits["nvidia.com/gpu"])} | json.loads(json.loads(group["rayStartParams"]["resources"]))
+            for resource, amount in node.items():
+                total[resource] = total.get(resource, 0.0) + amount * group[replicas]
+        return total
+
+    phases = training_phases(config, stream=command == "train")
+    check_fits(phases, cluster_at("maxReplicas"))
+    with pytest.raises(ResourceError, match="need 33 CPU, but the cluster has 0"):
+        check_fits(phases, cluster_at("minReplicas"))
+    assert set(config.train.resources_per_worker) == {"train-gpu"} and set(config.reference.resources) == set(config.eval.resources) == {"reference-gpu"}

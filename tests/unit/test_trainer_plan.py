@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from hdpo_ray.config import load_config
-from hdpo_ray.train.trainer import ResourceError, check_resources, total_optimizer_steps
+from hdpo_ray.capacity import ResourceError
+from hdpo_ray.train.trainer import check_resources, total_optimizer_steps
 
 TWO_CORES = {"CPU": 2.0}
 
@@ -19,17 +20,17 @@ def test_default_fits_two_cores():
 
 
 def test_workers_holding_every_cpu_are_refused_before_they_deadlock_ray_data():
-    with pytest.raises(ResourceError, match=r"needs 2 CPUs and Ray Data needs 1 beside them, but the cluster has 2"):
+    with pytest.raises(ResourceError, match=r"training workers \(2 x 1 CPU\) \+ Ray Data \(1 x 1 CPU\) need 3 CPU, but the cluster has 2; lower train.cpus_per_worker"):
         check_resources(_config("train.num_workers=2", "train.cpus_per_worker=1"), TWO_CORES)
 
 
 def test_reference_pool_must_leave_a_cpu_for_ray_data():
-    with pytest.raises(ResourceError, match="reference pool of 2 actors"):
+    with pytest.raises(ResourceError, match=r"reference pool \(2 x 0.75 CPU\) \+ Ray Data \(1 x 1 CPU\) need 2.5 CPU, but the cluster has 2; lower reference.num_actors"):
         check_resources(_config("reference.num_actors=2", "reference.num_cpus_per_actor=0.75"), TWO_CORES)
 
 
 def test_gpus_are_required_for_gpu_training_and_gpu_reference():
-    with pytest.raises(ResourceError, match="needs 2 GPUs; the cluster has 0"):
+    with pytest.raises(ResourceError, match=r"training workers \(2 x 0.5 CPU, 1 GPU\) need 2 GPU, but the cluster has 0"):
         check_resources(_config("train.use_gpu=true"), {"CPU": 16.0})
     with pytest.raises(ResourceError, match="reference pool"):
         check_resources(_config("reference.num_gpus_per_actor=1"), {"CPU": 16.0})

@@ -1,0 +1,182 @@
+"""Scale-out on real multi-node Ray, all on this machine: a cluster that autoscales from zero (Ray's real
+autoscaler, fake multi-node provider), and a fixed cluster of labelled nodes (ray.cluster_utils.Cluster)
+that trains across nodes, loses a node mid-run, and runs a sweep whose trials land on different nodes.
+
+Every run: 24 real pairs (6 held out) from the embedded data, the embedded SFT'd tiny Llama, 2 workers,
+2 epochs of 6 steps, a checkpoint every 3 steps. The figures printed (-s) go into docs/results.md.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from hdpo_ray.models import ASSETS
+from tests.conftest import free_port, run_cli
+from tests.integration.checks import FAST, events, last_step, metric_rows, registered_checkpoints, submit, wait_for, wait_for_job
+from tests.integration.multinode import AutoscalingHead, TimedRun, start_fixed_cluster
+
+pytestmark = pytest.mark.slow
+STEPS = 12
+TRAIN_ROLE = ["train.label_selector.hdpo-role=train", "reference.label_selector.hdpo-role=reference"]
+COMPARED = ("loss", "rewards/margins", "logps/chosen", "grad_norm", "eval/loss")
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory) -> tuple[Path, Path]:
+    work = tmp_path_factory.mktemp("multinode-data")
+    train, test = work / "train.parquet", work / "test.parquet"
+    pq.write_table(pq.read_table(ASSETS / "ultrafeedback/train_prefs-900.parquet").slice(0, 24), train)
+    pq.write_table(pq.read_table(ASSETS / "ultrafeedback/test_prefs-100.parquet").slice(0, 6), test)
+    return train, test
+
+
+def train_args(out: Path, cache: Path, pairs: tuple[Path, Path], *extra: str) -> list[str]:
+    train, test = pairs
+    return ["train", f"output_dir={out}", f"reference.cache_dir={cache}", f"data.train_files=[{train}]", f"data.eval_files=[{test}]",
+            "train.num_workers=2", "train.epochs=2", "train.lr=2e-3", "train.warmup_ratio=0", "train.logging_steps=1", "train.save_steps=3",
+            "train.eval_steps=6", "train.max_failures=1", *FAST, *extra]  # fmt: skip
+
+
+def assert_same_numbers(rows: list[dict], reference: list[dict], rel: float = 1e-5) -> None:
+    assert [r["step"] for r in rows] == [r["step"] for r in reference]
+    for key in COMPARED:
+        assert [r.get(key) for r in rows] == pytest.approx([r.get(key) for r in reference], rel=rel, abs=1e-7), key
+
+
+def one_line_error(result) -> str:
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("hdpo-ray: error: "), result.stderr[-3000:]
+    return lines[0]
+
+
+# 1. A cluster that scales from zero, as KubeRay's and `ray up`'s do.
+def test_a_cluster_that_scales_from_zero_is_asked_for_its_nodes(tmp_path, pairs):
+    node_types = {"cpu2": {"resources": {"CPU": 2}, "max_workers": 2}, "ref1": {"resources": {"CPU": 1, "reference": 1}, "max_workers": 1}}
+    with AutoscalingHead(node_types) as head:
+        assert head.worker_nodes() == []  # the head has 0 CPUs: nothing can run yet
+
+        # `hdpo-ray train`: 2 workers x 1 CPU, the reference actor and Ray Data need 4 CPUs: two cpu2 nodes.
+        run = TimedRun(train_args(tmp_path / "run", tmp_path / "cache", pairs, "train.cpus_per_worker=1"), head.address, tmp_path / "train.log")
+        assert run.wait(600) == 0, run.output[-4000:]
+        assert "waiting for the autoscaler" in run.output and "the cluster holds the run after" in run.output, run.output[-4000:]
+        nodes = head.worker_nodes()
+        assert len(nodes) == 2 and all(n.resources_total.get("CPU") == 2 for n in nodes), nodes
+        assert [r["step"] for r in metric_rows(tmp_path / "run") if "loss" in r] == list(range(1, STEPS + 1))
+        print(f"\nautoscaling from zero: nodes up after {run.first('the cluster holds the run'):.1f} s, first step at {run.first(f'step 1/{STEPS}'):.1f} s, "
+              f"done at {run.lines[-1][0]:.1f} s")  # fmt: skip
+
+        # `ray job submit` of the same training, to the same cluster's job server.
+        submit(head.dashboard, "hdpo-autoscaled", train_args(tmp_path / "job", tmp_path / "cache", pairs, "train.cpus_per_worker=1"))
+        assert wait_for_job(head.dashboard, "hdpo-autoscaled", timeout=600) == "SUCCEEDED"
+        assert json.loads((tmp_path / "job" / "run.json").read_text())["status"] == "finished"
+
+        # A resource no node type offers: refused once the autoscaler has looked, not after the whole wait.
+        impossible = run_cli(train_args(tmp_path / "tpu", tmp_path / "cache", pairs, "train.resources_per_worker={tpu-slice: 1}"), head.address, timeout=300)
+        assert "the autoscaler starts no node for this run: training workers (2 x 0.5 CPU, 1 tpu-slice) need 2 tpu-slice, but the cluster has 0" in one_line_error(impossible)
+        # A node type that exists but cannot come within cluster.wait_for_resources_s.
+        hurried = run_cli(train_args(tmp_path / "ref", tmp_path / "cache2", pairs, "reference.resources={reference: 1}", "cluster.wait_for_resources_s=1"), head.address, timeout=300)
+        assert "waited 1 s (cluster.wait_for_resources_s) and the cluster still cannot hold the run: reference pool (1 x 1 CPU, 1 reference)" in one_line_error(hurried)
+        assert not (tmp_path / "ref" / "checkpoints").exists()
+
+
+@pytest.fixture(scope="module")
+def fixed_cluster():
+    """A head (1 CPU, for Ray Data) and three 1-CPU nodes: two labelled for training, one for the reference pool."""
+    dashboard_port = free_port()
+    cluster = start_fixed_cluster(dashboard_port)
+    for role in ("train", "train", "reference"):
+        cluster.add_node(num_cpus=1, labels={"hdpo-role": role})
+    cluster.wait_for_nodes()
+    yield cluster, f"http://127.0.0.1:{dashboard_port}"
+    cluster.shutdown()
+
+
+def actors(dashboard: str, class_name: str) -> dict[str, str]:
+    """actor id -> node id, for every actor of that class the cluster has had."""
+    from ray.util.state import list_actors
+
+    return {a.actor_id: a.node_id for a in list_actors(address=dashboard, filters=[("class_name", "=", class_name)], limit=10_000)}
+
+
+def node_roles(dashboard: str) -> dict[str, str]:
+    from ray.util.state import list_nodes
+
+    return {n.node_id: n.labels.get("hdpo-role") for n in list_nodes(address=dashboard, limit=1000, detail=True)}
+
+
+@pytest.fixture(scope="module")
+def single_node_run(ray_address, pairs, tmp_path_factory) -> Path:
+    """The run on the session's one-node cluster that the multi-node runs must equal."""
+    work = tmp_path_factory.mktemp("single-node")
+    result = run_cli(train_args(work / "run", work / "cache", pairs), ray_address)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return work / "run"
+
+
+@pytest.fixture(scope="module")
+def multi_node_run(fixed_cluster, pairs, tmp_path_factory) -> tuple[Path, Path]:
+    """The same run on the fixed cluster: workers (1 CPU each) on the two train nodes, the reference pool on its node.
+    Returns (output_dir, cache)."""
+    cluster, dashboard = fixed_cluster
+    work = tmp_path_factory.mktemp("multi-node")
+    before = set(actors(dashboard, "RayTrainWorker"))
+    result = run_cli(train_args(work / "run", work / "cache", pairs, "train.cpus_per_worker=1", *TRAIN_ROLE), cluster.address)
+    assert result.returncode == 0, result.stderr[-4000:]
+    roles = node_roles(dashboard)
+    workers = {a: n for a, n in actors(dashboard, "RayTrainWorker").items() if a not in before}
+    assert len(workers) == 2 and len(set(workers.values())) == 2 and {roles[n] for n in workers.values()} == {"train"}, (workers, roles)
+    scorers = actors(dashboard, "MapWorker(MapBatches(ReferenceScorer))")
+    assert scorers and {roles[n] for n in scorers.values()} == {"reference"}
+    return work / "run", work / "cache"
+
+
+# 2. Several nodes: the same numbers as on one node.
+def test_training_across_nodes_equals_the_one_node_run(single_node_run, multi_node_run):
+    assert_same_numbers(metric_rows(multi_node_run[0]), metric_rows(single_node_run))
+    assert json.loads((multi_node_run[0] / "run.json").read_text())["status"] == "finished"
+    assert (multi_node_run[0] / "final" / "model.safetensors").exists()
+
+
+# 3. A lost node: its worker's group is restored from the last registered checkpoint on a replacement node.
+def test_a_lost_node_is_replaced_and_the_run_ends_as_if_uninterrupted(fixed_cluster, multi_node_run, pairs, tmp_path):
+    cluster, dashboard = fixed_cluster
+    out = tmp_path / "run"
+    before = set(actors(dashboard, "RayTrainWorker"))
+    run = TimedRun(train_args(out, multi_node_run[1], pairs, "train.cpus_per_worker=1", *TRAIN_ROLE), cluster.address, tmp_path / "lost-node.log")
+    wait_for(lambda: (out / "checkpoints").exists() and registered_checkpoints(out) and last_step(out) >= 4, "a registered checkpoint and step 4", timeout=300)
+    worker_node = next(n for a, n in actors(dashboard, "RayTrainWorker").items() if a not in before)
+    (lost,) = [node for node in cluster.worker_nodes if node.unique_id == worker_node]
+    step_at_loss = last_step(out)
+    cluster.remove_node(lost, allow_graceful=False)  # the raylet and every process of that node, at once
+    cluster.add_node(num_cpus=1, labels={"hdpo-role": "train"})
+    assert run.wait(600) == 0, run.output[-4000:]
+
+    kinds = [(e["event"], e.get("from_step")) for e in events(out)]
+    assert kinds[0] == ("worker_failure", None) and kinds[1][0] == "restored" and len(kinds) == 2, kinds
+    restored = events(out)[1]
+    print(f"\nnode lost at step {step_at_loss}: restored from step {restored['from_step']} ({step_at_loss - restored['from_step']} steps recomputed), "
+          f"training again {restored['recovery_s']} s after the failure was noticed")  # fmt: skip
+    assert_same_numbers(metric_rows(out), metric_rows(multi_node_run[0]))
+
+
+# 4. A sweep across nodes: one reference pass, trials on different nodes, the numbers of one node.
+def test_sweep_trials_run_on_different_nodes_from_one_reference_pass(fixed_cluster, single_node_run, pairs, tmp_path):
+    cluster, dashboard = fixed_cluster
+    before = set(actors(dashboard, "RayTrainWorker"))
+    args = train_args(tmp_path / "sweep", tmp_path / "cache", pairs, "train.cpus_per_worker=0.5", *TRAIN_ROLE)
+    args = ["sweep", *args[1:], "sweep.alphas=[1.0,1.2]", "sweep.max_concurrent_trials=2", "sweep.entropy_prompts=6", "sweep.entropy_max_new_tokens=8"]
+    result = run_cli(args, cluster.address, timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+
+    sweep = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
+    assert [i["reference_forward_pairs"] for i in sweep["invocations"]] == [30]  # 24 train + 6 eval pairs, once for both trials
+    roles = node_roles(dashboard)
+    workers = {a: n for a, n in actors(dashboard, "RayTrainWorker").items() if a not in before}
+    # Each trial packs its two half-CPU workers on one train node; the two trials ran side by side on both.
+    assert len(workers) == 4 and len(set(workers.values())) == 2 and {roles[n] for n in workers.values()} == {"train"}, (workers, roles)
+    trial = tmp_path / "sweep" / "trials" / "alpha=1_beta=0.1_lr=0.002"
+    assert_same_numbers(metric_rows(trial), metric_rows(single_node_run))
