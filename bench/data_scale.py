@@ -8,8 +8,8 @@ rows (real text unchanged, prompt_id made distinct per copy) and written as one 
 1000-row files in a folder ("many"). Each input is trained on by the real CLI, `hdpo-ray train`, in a
 subprocess joined to one Ray head (2 CPUs) that this script starts and kills, for 2 optimizer steps on the
 embedded tiny default (hdpo_ray/assets/tiny.yaml, 2 workers):
-  - stream: reference.cache_dir=null, the reference pool streams beside the training workers
-    (every size and layout);
+  - stream: reference.cache_dir=null, the reference pool streams beside the training workers (every size and
+    layout; with reference.num_cpus_per_actor=0.5 and train.cpus_per_worker=0.25, so that all fit in 2 CPUs);
   - cached: reference.cache_dir set, the whole reference pass runs first (--reference-pass-sizes, one file):
     reference pass seconds and pairs/s, reference-cache bytes per pair, and a projection to 61,135 pairs.
 Every run tokenizes its whole input first; encode pairs/s is rows read / seconds from the encoded entry's
@@ -52,8 +52,13 @@ FULL_SIZE = 61135  # UltraFeedback binarized train_prefs
 ROWS_PER_FILE = 1000
 SAMPLE_EVERY_S = 0.25
 FIRST_STEP_MARK = "step 1/"
+WORKER_MARK, REFERENCE_MARK = "RayTrainWorker", "ReferenceScorer"  # in Ray's process titles: ray::RayTrainWorker, ...
 RSS_GOAL = 1.15
 MB = 1 << 20
+# Streaming holds workers, reference pool and Ray Data's 1 CPU at once: 3 CPUs with the tiny default's claims.
+# These are the claims hdpo_ray's capacity check suggests for 2 CPUs (tests/unit/test_trainer_plan.py); threads
+# stay as they were (reference.torch_threads is 2 in tiny.yaml, a worker gets max(1, int(cpus_per_worker)) = 1).
+STREAM_ON_TWO_CPUS = ["reference.cache_dir=null", "reference.num_cpus_per_actor=0.5", "train.cpus_per_worker=0.25"]
 
 
 # ---- inputs -------------------------------------------------------------------------------------------------
@@ -120,19 +125,24 @@ class RayHead:
         self.temp_dir = tempfile.mkdtemp(prefix="hdpo-ds-", dir="/tmp")  # short: Ray's socket paths live under it
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
-        # The head's env reaches every Ray worker: they import hdpo_ray from this checkout, as the driver does.
+        # The head's env reaches every Ray worker: they import hdpo_ray from this checkout, as the driver does, and
+        # whatever in them looks a cluster up (Ray Train's placement-group cleaner) finds this one, not the newest
+        # `ray start` on the machine.
         pythonpath = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-        self.env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": pythonpath}
-        self.env.pop("RAY_ADDRESS", None)
+        self.env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": pythonpath, "RAY_ADDRESS": self.address}
         self.roots: list[psutil.Process] = []
 
     def start(self) -> None:
-        flags = ["--ray-client-server-port", "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
-                 "--runtime-env-agent-port", "--metrics-export-port", "--node-manager-port", "--object-manager-port"]
+        # With the dashboard on (loopback only): it serves the State API that Ray Train's placement-group cleaner
+        # polls; without it the cleaner logs a failure every second. `hdpo-ray train` on its own starts it too.
+        flags = ["--dashboard-port", "--ray-client-server-port", "--dashboard-agent-listen-port",
+                 "--dashboard-agent-grpc-port", "--runtime-env-agent-port", "--metrics-export-port",
+                 "--node-manager-port", "--object-manager-port"]  # fmt: skip
         ports = [str(x) for flag in flags for x in (flag, free_port())]  # Ray's fixed defaults may be taken by others
         command = [bin_next_to_python("ray") or "ray", "start", "--head", "--num-cpus", str(self.num_cpus),
                    "--port", str(self.port), "--node-ip-address", "127.0.0.1", "--temp-dir", self.temp_dir,
-                   "--include-dashboard", "false", "--disable-usage-stats", *ports]  # fmt: skip
+                   "--include-dashboard", "true", "--dashboard-host", "127.0.0.1", "--disable-usage-stats",
+                   *ports]  # fmt: skip
         done = subprocess.run(command, env=self.env, capture_output=True, text=True, timeout=300)
         if done.returncode != 0:
             raise RuntimeError(f"ray start failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
@@ -177,11 +187,13 @@ class RayHead:
 
 
 def describe(proc: psutil.Process) -> str:
-    """Name and command line together: Ray puts "ray::RayTrainWorker..." in the cmdline, a short name in comm."""
+    """The command line, and the name where the command line lacks it: Ray puts "ray::RayTrainWorker" in the command
+    line and a 15-character cut of it in the name."""
     try:
-        return f"{proc.name()} {' '.join(proc.cmdline())}"
+        name, cmdline = proc.name(), " ".join(proc.cmdline()).strip()
     except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
         return ""
+    return cmdline if name in cmdline else f"{name} {cmdline}".strip()
 
 
 class MemorySampler(threading.Thread):
@@ -196,6 +208,7 @@ class MemorySampler(threading.Thread):
         self.driver_peak = 0.0
         self.peaks: dict[int, float] = {}
         self.labels: dict[int, str] = {}
+        self.parents: dict[int, int] = {}
 
     def run(self) -> None:
         while not self.stopping.is_set():
@@ -211,22 +224,29 @@ class MemorySampler(threading.Thread):
             label = describe(proc)
             try:
                 rss = proc.memory_info().rss / MB
+                self.parents[proc.pid] = proc.ppid()
             except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
                 continue
-            if proc.pid not in self.labels or "::" in label:  # keep the actor's name once Ray has renamed the process
+            # A Ray worker is renamed "ray::<actor or task>" once it has work: keep the newest name, except that a
+            # training worker or reference actor keeps its name to the end (an empty command line says nothing).
+            old = self.labels.get(proc.pid, "")
+            if label and not any(mark in old for mark in (WORKER_MARK, REFERENCE_MARK)):
                 self.labels[proc.pid] = label
             self.peaks[proc.pid] = max(self.peaks.get(proc.pid, 0.0), rss)
 
     def max_peak(self, mark: str) -> float | None:
-        values = [peak for pid, peak in self.peaks.items() if mark in self.labels[pid]]
+        """The largest peak among the processes titled `mark`, leaving out their forks: a fork keeps its parent's
+        title (DeepSpeed's py-cpuinfo probe and compiler calls in a training worker show as ray::RayTrainWorker)."""
+        values = [
+            peak
+            for pid, peak in self.peaks.items()
+            if mark in self.labels.get(pid, "") and mark not in self.labels.get(self.parents.get(pid, -1), "")
+        ]
         return max(values) if values else None
 
     def named_peaks(self) -> dict[str, float]:
         """Peak RSS of every Ray process seen, keyed by its (shortened) title and pid, for the JSON."""
-        return {
-            f"{self.labels[pid].split(' ', 1)[-1][:80]} [{pid}]": round(peak, 1)
-            for pid, peak in sorted(self.peaks.items())
-        }
+        return {f"{self.labels.get(pid, '?')[:100]} [{pid}]": round(mb, 1) for pid, mb in sorted(self.peaks.items())}
 
 
 class LogReader(threading.Thread):
@@ -252,7 +272,7 @@ def cli_command() -> list[str]:
 
 
 def run_cli(overrides: list[str], log_path: Path, head: RayHead) -> dict:
-    env = {**head.env, "RAY_ADDRESS": head.address, "PYTHONUNBUFFERED": "1"}  # unbuffered: the step line's time is real
+    env = {**head.env, "PYTHONUNBUFFERED": "1"}  # head.env has RAY_ADDRESS; unbuffered: the step line's time is real
     started = time.perf_counter()
     proc = subprocess.Popen(
         [*cli_command(), "train", *overrides], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
@@ -274,8 +294,8 @@ def run_cli(overrides: list[str], log_path: Path, head: RayHead) -> dict:
         "wall_s": time.perf_counter() - started,
         "first_step_s": reader.first_step_s,
         "driver_peak_mb": sampler.driver_peak,
-        "worker_peak_mb": sampler.max_peak("RayTrainWorker"),
-        "reference_peak_mb": sampler.max_peak("ReferenceScorer"),
+        "worker_peak_mb": sampler.max_peak(WORKER_MARK),
+        "reference_peak_mb": sampler.max_peak(REFERENCE_MARK),
         "ray_processes_peak_mb": sampler.named_peaks(),
     }
 
@@ -325,7 +345,7 @@ def measure(size: int, layout: str, mode: str, inputs: dict, work: Path, head: R
         "train.logging_steps=1",
         "train.eval_steps=0",
         "train.save_steps=0",
-        "reference.cache_dir=null" if mode == "stream" else f"reference.cache_dir={cache_dir}",
+        *(STREAM_ON_TWO_CPUS if mode == "stream" else [f"reference.cache_dir={cache_dir}"]),
     ]
     print(f"[data_scale] {name}: hdpo-ray train {shlex.join(overrides)}", file=sys.stderr, flush=True)
     log_path = output_dir.with_name(name + ".log")
@@ -374,9 +394,10 @@ def print_table(rows: list[dict]) -> None:
         "| pairs | layout | mode | encode pairs/s | reference pass s | ref-cache bytes/pair | driver peak RSS MB "
         "| max worker peak RSS MB | max reference actor peak RSS MB | time to first step s | wall s |"
     )
-    print("|" + "---:|" * 2 + "---|" + "---:|" * 8)
+    print("|---:|---|---|" + "---:|" * 8)
     for r in rows:
-        layout = "1 file" if r["files"] == 1 else f"{r['files']} files"
+        # "many" below 1000 pairs is a folder holding 1 file: the layout's name keeps the two rows apart
+        layout = f"{r['layout']}: {r['files']} file{'s' if r['files'] > 1 else ''}"
         cells = [
             f"{r['pairs']:,}",
             layout,

@@ -107,19 +107,24 @@ def ray_address():
 
 
 def kill_processes(*marks: str) -> int:
-    """SIGKILL every process (but this one) whose command line holds one of `marks`; returns how many."""
+    """SIGKILL every process (but this one) whose command line holds one of `marks`, and all their descendants
+    (Ray renames its agents and workers, so their own command lines no longer say which cluster they serve).
+    Returns how many."""
     import psutil
 
-    killed = 0
+    found: dict[int, psutil.Process] = {}
     for process in psutil.process_iter(["cmdline"]):
-        command = " ".join(process.info["cmdline"] or [])
-        if process.pid != os.getpid() and any(mark in command for mark in marks):
+        if process.pid != os.getpid() and any(mark in " ".join(process.info["cmdline"] or []) for mark in marks):
             try:
-                process.kill()
-                killed += 1
+                found |= {p.pid: p for p in [process, *process.children(recursive=True)]}
             except psutil.Error:
                 pass
-    return killed
+    for process in found.values():
+        try:
+            process.kill()
+        except psutil.Error:
+            pass
+    return len(found)
 
 
 @pytest.fixture(scope="session")

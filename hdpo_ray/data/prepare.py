@@ -177,6 +177,22 @@ def encode_split(config: Config, specs: list[str], split: str) -> EncodedSplit:
     return EncodedSplit(split, entry, manifest)
 
 
+def read_entry(entry: str):
+    """A cache entry's parquet files as a Ray Dataset whose blocks are the files themselves.
+
+    Ray Data would otherwise split each file into a number of blocks that depends on the CPUs the cluster
+    has at that moment, and Ray Train's equal split deals blocks to the workers by size: the same pairs would
+    reach other ranks in another order on another cluster (or the same cluster under load). One block per
+    file makes every rank's pairs, and so the run's numbers, the same on one node or many.
+    """
+    import pyarrow.dataset as pads
+    import ray.data
+
+    fs, path = _entry_fs(entry)
+    files = pads.dataset(path, filesystem=fs, format="parquet", exclude_invalid_files=True).files
+    return ray.data.read_parquet(entry, file_extensions=["parquet"], num_cpus=READ_CPUS, override_num_blocks=max(1, len(files)))
+
+
 def _parquet_rows(entry: str) -> int:
     import pyarrow.dataset as pads
 
@@ -191,13 +207,12 @@ def score_split(config: Config, encoded: EncodedSplit, *, stream: bool = True) -
     streamed into training. Eval data is never streamed (stream=False): Ray Train hands unsplit
     datasets to every worker, so a streamed eval split would start one reference pool per worker.
     """
-    import ray.data
 
     from hdpo_ray.models import load_tokenizer, model_fingerprint
 
     split, report = encoded.name, encoded.report
     pad_id = load_tokenizer(config.model.name_or_path, config.data.chat_template, config.model.trust_remote_code).pad_token_id
-    valid = ray.data.read_parquet(encoded.entry, file_extensions=["parquet"], num_cpus=READ_CPUS).map_batches(_valid_only, batch_format="pyarrow", num_cpus=READ_CPUS)
+    valid = read_entry(encoded.entry).map_batches(_valid_only, batch_format="pyarrow", num_cpus=READ_CPUS)
     if config.reference.cache_dir is None and stream:
         scored = add_reference_logprobs(valid, config, pad_id).select_columns(TRAIN_COLUMNS)
         scored.set_name(f"reference-{split}")
@@ -222,7 +237,7 @@ def score_split(config: Config, encoded: EncodedSplit, *, stream: bool = True) -
         log.info("%s reference log-probs: %d pairs scored in %.1f s -> %s", split, forward_pairs, ref_manifest["seconds"], entry)
     else:
         log.info("%s reference log-probs: cache hit, no reference forward pass (%s)", split, entry)
-    dataset = ray.data.read_parquet(entry, file_extensions=["parquet"], num_cpus=READ_CPUS)
+    dataset = read_entry(entry)
     return PreparedSplit(dataset, report["valid"], report, forward_pairs, entry)
 
 

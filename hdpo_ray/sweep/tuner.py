@@ -110,7 +110,7 @@ def run_trial(point: dict, shared: dict) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    from hdpo_ray.data.prepare import READ_CPUS, PreparedSplit
+    from hdpo_ray.data.prepare import PreparedSplit, read_entry
     from hdpo_ray.pipeline import _quiet_ray_data, last_metrics
     from hdpo_ray.sweep.entropy import measure_policy_entropy
     from hdpo_ray.sweep.results import trial_row
@@ -131,7 +131,7 @@ def run_trial(point: dict, shared: dict) -> None:
     ray.data.DataContext.get_current().execution_options.preserve_order = True
 
     def split(entry: str, pairs: int) -> PreparedSplit:
-        return PreparedSplit(ray.data.read_parquet(entry, file_extensions=["parquet"], num_cpus=READ_CPUS), pairs, {}, 0, entry)
+        return PreparedSplit(read_entry(entry), pairs, {}, 0, entry)
 
     run_state = read_run_state(str(trial_dir)) or {}
     final = str(trial_dir / "final")

@@ -36,7 +36,7 @@ def trained_state(checkpoint_dir: Path) -> dict[str, torch.Tensor]:
 
 def registered_checkpoints(out: Path) -> list[Path]:
     """The run's checkpoint folders that Ray Train registered, oldest first."""
-    (run_dir,) = (out / "checkpoints").iterdir()
+    (run_dir,) = [p for p in (out / "checkpoints").iterdir() if p.is_dir() and not p.name.startswith(".")]
     snapshot = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
     return [run_dir / r["checkpoint_dir_name"] for r in snapshot["checkpoint_results"]]
 
@@ -101,10 +101,11 @@ def ray_job(dashboard_url: str, command: str, *args: str, timeout: int = 180) ->
     return subprocess.run([_ray_cli(), "job", command, "--address", dashboard_url, *args], capture_output=True, text=True, env=env, cwd=REPO, timeout=timeout)
 
 
-def submit(dashboard_url: str, submission_id: str, hdpo_args: list[str]) -> None:
-    """`ray job submit --no-wait` of `python -m hdpo_ray ...` with jobs/runtime_env.yaml, as jobs/README.md says.
-    The head's PATH may not lead to this interpreter, so its absolute path is the entrypoint's python."""
-    result = ray_job(dashboard_url, "submit", "--submission-id", submission_id, "--runtime-env", "jobs/runtime_env.yaml", "--no-wait", "--", sys.executable, "-m", "hdpo_ray", *hdpo_args)
+def submit(dashboard_url: str, submission_id: str, hdpo_args: list[str], runtime_env: tuple[str, ...] = ("--runtime-env", "jobs/runtime_env.yaml")) -> None:
+    """`ray job submit --no-wait` of `python -m hdpo_ray ...`, with jobs/runtime_env.yaml as jobs/README.md says
+    (or other runtime-env options). The head's PATH may not lead to this interpreter, so its absolute path is the
+    entrypoint's python."""
+    result = ray_job(dashboard_url, "submit", "--submission-id", submission_id, *runtime_env, "--no-wait", "--", sys.executable, "-m", "hdpo_ray", *hdpo_args)
     assert result.returncode == 0, result.stdout + result.stderr
 
 

@@ -79,7 +79,7 @@ def start_fixed_cluster(dashboard_port: int, head_cpus: float = 1):
     fast_health_check = {"health_check_initial_delay_ms": 0, "health_check_period_ms": 1000, "health_check_failure_threshold": 3}
     return Cluster(
         initialize_head=True,
-        head_node_args={"num_cpus": head_cpus, "port": free_port(), "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": dashboard_port,
+        head_node_args={"num_cpus": head_cpus, "gcs_server_port": free_port(), "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": dashboard_port,
                         "labels": {"hdpo-role": "head"}, "_system_config": fast_health_check},
     )  # fmt: skip
 
@@ -100,7 +100,7 @@ class TimedRun:
         with log.open("w") as out:
             for line in self.process.stdout:
                 self.lines.append((time.time() - self.started, line.rstrip("\n")))
-                out.write(line)
+                out.write(f"{self.lines[-1][0]:7.1f}  {line}")
                 out.flush()
 
     def wait(self, timeout: float = 600) -> int:

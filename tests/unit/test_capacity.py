@@ -23,7 +23,8 @@ def test_a_phase_sums_its_groups_per_resource():
     workers = Group("training workers", 2, {"CPU": 0.5, "trainer": 1.0}, hint="lower train.num_workers")
     assert shortfall(Phase((workers, DATA_GROUP)), {"CPU": 2.0, "trainer": 2.0}) is None  # 2 x 0.5 + 1 = 2 CPU
     assert shortfall(Phase((workers, DATA_GROUP)), {"CPU": 2.0, "trainer": 1.0}) == (
-        "training workers (2 x 0.5 CPU, 1 trainer) need 2 trainer, but the cluster has 1; lower train.num_workers"
+        "training workers (2 x 0.5 CPU, 1 trainer) need 2 trainer, but the cluster has 1; "
+        "only nodes started with the custom resource trainer offer it (ray start --resources, a KubeRay group's rayStartParams)"
     )
     assert shortfall(Phase((workers, DATA_GROUP)), {"CPU": 1.5, "trainer": 2.0}).startswith(
         "training workers (2 x 0.5 CPU, 1 trainer) + Ray Data (1 x 1 CPU) need 2 CPU, but the cluster has 1.5"
