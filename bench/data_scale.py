@@ -509,6 +509,8 @@ def main() -> None:
     runs = planned_runs(args)
     inputs = build_inputs(work, {(size, layout) for size, layout, _ in runs})
     head = RayHead()
+    # SIGTERM ends the script through the finally below too, so that the Ray head never outlives it.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
         head.start()
         print(f"[data_scale] Ray head at {head.address}, temp dir {head.temp_dir}", file=sys.stderr, flush=True)

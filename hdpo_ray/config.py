@@ -12,10 +12,10 @@ import os
 import re
 from pathlib import Path
 from types import UnionType
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 EMBEDDED_MODEL = "hdpo-ray/tiny-llama"
 """A tiny random-init Llama built from a config (see hdpo_ray.models): the fastest model for tests."""
@@ -56,14 +56,17 @@ def _wants_list(annotation: Any, value: Any) -> bool:
 RAY_BUILTIN_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")
 
 
-def _custom_resources(resources: dict[str, float], key: str) -> dict[str, float]:
+def _custom_resources(resources: dict[str, float]) -> dict[str, float]:
     """Custom Ray resources only: CPUs and GPUs have keys of their own."""
     for name, amount in resources.items():
         if name in RAY_BUILTIN_RESOURCES:
-            raise ValueError(f"{key}.{name}: CPUs, GPUs and memory have keys of their own; {key} takes custom node resources (e.g. {{trainer: 1}})")
+            raise ValueError(f"{name} is not a custom resource: CPUs, GPUs and memory have keys of their own; this key takes custom node resources (e.g. {{trainer: 1}})")
         if amount <= 0:
-            raise ValueError(f"{key}.{name} must be a positive amount (got {amount:g})")
+            raise ValueError(f"{name} must be a positive amount (got {amount:g})")
     return resources
+
+
+CustomResources = Annotated[dict[str, float], AfterValidator(_custom_resources)]
 
 
 RESOURCES_HELP = "Custom Ray resources each {who} also reserves (e.g. {{{example}: 1}}): steers it to the node groups that offer them."
@@ -118,13 +121,8 @@ class ReferenceConfig(_Section):
     batch_size: int = Field(8, gt=0, description="Pairs per reference forward pass.")
     torch_threads: int | None = Field(None, gt=0, description="Intra-op threads per CPU actor; null derives it from num_cpus_per_actor.")
     cache_dir: str | None = Field("~/.cache/hdpo_ray/reference", description="Where prepared pairs with reference log-probs are kept (local path or URI), keyed by a hash of every input. On several nodes: shared storage or a URI.")
-    resources: dict[str, float] = Field(default_factory=dict, description=RESOURCES_HELP.format(who="reference actor", example="reference"))
+    resources: CustomResources = Field(default_factory=dict, description=RESOURCES_HELP.format(who="reference actor", example="reference"))
     label_selector: dict[str, str] = Field(default_factory=dict, description=LABELS_HELP.format(who="reference actor", example="reference-gpu"))
-
-    @field_validator("resources")
-    @classmethod
-    def _custom(cls, resources: dict[str, float]) -> dict[str, float]:
-        return _custom_resources(resources, "reference.resources")
 
 
 class TrainConfig(_Section):
@@ -152,16 +150,11 @@ class TrainConfig(_Section):
     max_failures: int = Field(0, ge=-1, description="Worker-group failures (a worker process or node lost) to recover from by restoring the latest checkpoint; -1 retries forever.")
     max_consecutive_nonfinite: int = Field(3, gt=0, description="A micro-batch with a non-finite loss, or an optimizer step with a non-finite gradient, is skipped and counted; this many in a row stop the run.")
     storage_path: str | None = Field(None, description="Ray Train storage (local path or cloud URI); null means OUTPUT_DIR/checkpoints. On several nodes: shared storage or a URI.")
-    resources_per_worker: dict[str, float] = Field(default_factory=dict, description=RESOURCES_HELP.format(who="training worker", example="trainer"))
+    resources_per_worker: CustomResources = Field(default_factory=dict, description=RESOURCES_HELP.format(who="training worker", example="trainer"))
     label_selector: dict[str, str] = Field(default_factory=dict, description=LABELS_HELP.format(who="training worker", example="train-gpu"))
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
         "PACK", description="How Ray places the workers: PACK fills a node before the next (spreading when they do not fit one); SPREAD one per node where it can."
     )
-
-    @field_validator("resources_per_worker")
-    @classmethod
-    def _custom(cls, resources: dict[str, float]) -> dict[str, float]:
-        return _custom_resources(resources, "train.resources_per_worker")
 
 
 class LoggingConfig(_Section):
@@ -239,13 +232,8 @@ class EvalConfig(_Section):
     code_memory_mb: int = Field(1024, gt=0, description="HumanEval: address-space limit per program run in the sandbox.")
     code_workers: int | None = Field(None, gt=0, description="HumanEval: programs run at once; null means the CPUs this process may use.")
     output_dir: str | None = Field(None, description="Where results.json/md, samples.jsonl and plots go; null means OUTPUT_DIR/eval.")
-    resources: dict[str, float] = Field(default_factory=dict, description=RESOURCES_HELP.format(who="sampling actor", example="eval"))
+    resources: CustomResources = Field(default_factory=dict, description=RESOURCES_HELP.format(who="sampling actor", example="eval"))
     label_selector: dict[str, str] = Field(default_factory=dict, description=LABELS_HELP.format(who="sampling actor", example="eval-gpu"))
-
-    @field_validator("resources")
-    @classmethod
-    def _custom(cls, resources: dict[str, float]) -> dict[str, float]:
-        return _custom_resources(resources, "eval.resources")
 
     @model_validator(mode="after")
     def _sampling_plan(self) -> "EvalConfig":
@@ -358,8 +346,8 @@ def _first_error_line(err: ValidationError, source: str = "") -> str:
         return f"unknown key '{where}'{source} ({hint}see `hdpo-ray train --help-config` for the keys)"
     if first["type"] in _STRUCTURE_ERRORS[1:]:
         return f"{where} is a section, not a value{source}: set its keys, e.g. {where}.<key>=... (see `hdpo-ray train --help-config`)"
-    if first["type"] == "value_error":  # our own model validators: the message already names the keys
-        return str(first["ctx"]["error"])
+    if first["type"] == "value_error":  # our own validators: a model's message names its keys, a field's gets its key
+        return f"{where}: {first['ctx']['error']}" if first["loc"] else str(first["ctx"]["error"])
     value = first.get("input")
     shown = "" if isinstance(value, dict) else f" (got {value!r})"
     return f"{where}: {first['msg']}{shown}"

@@ -65,9 +65,9 @@ def test_placement_keys_reach_the_groups_and_the_actor_options():
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("train.resources_per_worker={CPU: 1}", "train.resources_per_worker.CPU: CPUs, GPUs and memory have keys of their own"),
-        ("reference.resources={GPU: 1}", "reference.resources.GPU: CPUs, GPUs and memory have keys of their own"),
-        ("eval.resources={eval: 0}", "eval.resources.eval must be a positive amount"),
+        ("train.resources_per_worker={CPU: 1}", "train.resources_per_worker: CPU is not a custom resource: CPUs, GPUs and memory have keys of their own"),
+        ("reference.resources={GPU: 1}", "reference.resources: GPU is not a custom resource"),
+        ("eval.resources={eval: 0}", "eval.resources: eval must be a positive amount"),
         ("train.placement_strategy=RANDOM", "train.placement_strategy"),
         ("cluster.autoscaling=maybe", "cluster.autoscaling"),
         ("cluster.wait_for_resources_s=0", "cluster.wait_for_resources_s"),
