@@ -346,8 +346,9 @@ def _first_error_line(err: ValidationError, source: str = "") -> str:
         return f"unknown key '{where}'{source} ({hint}see `hdpo-ray train --help-config` for the keys)"
     if first["type"] in _STRUCTURE_ERRORS[1:]:
         return f"{where} is a section, not a value{source}: set its keys, e.g. {where}.<key>=... (see `hdpo-ray train --help-config`)"
-    if first["type"] == "value_error":  # our own validators: a model's message names its keys, a field's gets its key
-        return f"{where}: {first['ctx']['error']}" if first["loc"] else str(first["ctx"]["error"])
+    if first["type"] == "value_error":  # our own validators: a section's message names its keys; a field's gets its key
+        message = str(first["ctx"]["error"])
+        return message if not first["loc"] or message.startswith(f"{first['loc'][0]}.") else f"{where}: {message}"
     value = first.get("input")
     shown = "" if isinstance(value, dict) else f" (got {value!r})"
     return f"{where}: {first['msg']}{shown}"

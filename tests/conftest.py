@@ -31,7 +31,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-RAY_PORT, DASHBOARD_PORT = free_port(), free_port()  # the session head's GCS, and its dashboard and job server on 127.0.0.1
+RAY_PORT = "6390"
+DASHBOARD_PORT = "8275"  # the session head's dashboard and job server, on 127.0.0.1
 
 
 def shared(relative: str) -> Path:
@@ -85,13 +86,12 @@ def _ray_cli() -> str:
 
 
 @pytest.fixture(scope="session")
-def ray_address():
-    """A head started with `ray start` in its own temp dir on free ports, stopped by killing its own processes
-    only: other Ray clusters on the machine (a user's, a benchmark's, the multi-node tests') are left alone."""
+def ray_address(tmp_path_factory):
     env = os.environ | {"RAY_AUTH_MODE": "disabled"}
-    temp = tempfile.mkdtemp(prefix="hdpo-ray-", dir="/tmp")  # short: Ray's socket paths live under it
+    temp = tmp_path_factory.mktemp("ray")
+    subprocess.run([_ray_cli(), "stop", "--force"], capture_output=True, env=env)
     subprocess.run(
-        [_ray_cli(), "start", "--head", "--port", str(RAY_PORT), "--num-cpus", "2", "--node-ip-address", "127.0.0.1", "--temp-dir", temp,
+        [_ray_cli(), "start", "--head", "--port", str(RAY_PORT), "--num-cpus", "2", "--node-ip-address", "127.0.0.1",
          "--dashboard-host", "127.0.0.1", "--dashboard-port", str(DASHBOARD_PORT), "--include-dashboard", "true", "--disable-usage-stats"],
         check=True, capture_output=True, env=env,
     )  # fmt: skip
@@ -102,8 +102,8 @@ def ray_address():
 
     if ray.is_initialized():
         ray.shutdown()
-    kill_processes(temp, f"127.0.0.1:{RAY_PORT}")
-    shutil.rmtree(temp, ignore_errors=True)
+    subprocess.run([_ray_cli(), "stop", "--force"], capture_output=True, env=env)
+    del temp
 
 
 def kill_processes(*marks: str) -> int:

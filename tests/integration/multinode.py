@@ -55,8 +55,10 @@ class AutoscalingHead:
 
     def __enter__(self) -> AutoscalingHead:
         env = os.environ | {"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1", "RAY_AUTH_MODE": "disabled"}
+        # Own temp dir and ports throughout (the default client-server port is the session head's).
         command = [_ray_cli(), "start", "--head", "--num-cpus=0", f"--port={self.port}", f"--temp-dir={self.temp}", f"--autoscaling-config={self.temp / 'autoscaler.yaml'}",
-                   "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}", "--include-dashboard=true", "--disable-usage-stats"]  # fmt: skip
+                   "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}", "--include-dashboard=true", "--disable-usage-stats",
+                   f"--ray-client-server-port={free_port()}"]  # fmt: skip
         subprocess.run(command, check=True, capture_output=True, env=env, timeout=120)
         return self
 
