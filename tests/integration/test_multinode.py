@@ -98,13 +98,25 @@ def test_a_cluster_that_scales_from_zero_is_asked_for_its_nodes(tmp_path, pairs)
 @pytest.fixture(scope="module")
 def fixed_cluster():
     """A head (1 CPU, for Ray Data) and three 1-CPU nodes: two labelled for training, one for the reference pool."""
+    from ray._common.utils import get_ray_address_file
+
+    # Cluster records its head as "the current cluster" of the machine, where Ray (the State API in Ray Train's
+    # placement-group cleaner, among others) looks for an address: put the session head's record back after.
+    record = Path(get_ray_address_file(None))
+    saved = record.read_text() if record.exists() else None
     dashboard_port = free_port()
     cluster = start_fixed_cluster(dashboard_port)
-    for role in ("train", "train", "reference"):
-        cluster.add_node(num_cpus=1, labels={"hdpo-role": role})
-    cluster.wait_for_nodes()
-    yield cluster, f"http://127.0.0.1:{dashboard_port}"
-    cluster.shutdown()
+    try:
+        for role in ("train", "train", "reference"):
+            cluster.add_node(num_cpus=1, labels={"hdpo-role": role})
+        cluster.wait_for_nodes()
+        yield cluster, f"http://127.0.0.1:{dashboard_port}"
+    finally:
+        cluster.shutdown()
+        if saved is None:
+            record.unlink(missing_ok=True)
+        else:
+            record.write_text(saved)
 
 
 def actors(dashboard: str, class_name: str) -> dict[str, str]:
