@@ -28,6 +28,10 @@ def init_ray(config: Config) -> None:
     wanted = {"DS_ACCELERATOR": "cuda" if config.train.use_gpu else "cpu", "TOKENIZERS_PARALLELISM": "false"}
     if os.environ.get("HDPO_RAY_MODEL_CACHE"):  # where converted GGUF models live: the driver's choice holds for its workers
         wanted["HDPO_RAY_MODEL_CACHE"] = os.environ["HDPO_RAY_MODEL_CACHE"]
+    if os.environ.get("RAY_ADDRESS"):
+        # Ray's State API, used inside the run's actors (Ray Train's placement-group cleaner), finds its cluster
+        # from RAY_ADDRESS, else by looking for a running GCS and failing when a machine runs more than one.
+        wanted["RAY_ADDRESS"] = os.environ["RAY_ADDRESS"]
     env = {"env_vars": {k: v for k, v in wanted.items() if k not in _job_env_vars()}}
     if os.environ.get("RAY_ADDRESS"):
         ray.init(runtime_env=env, log_to_driver=True)
