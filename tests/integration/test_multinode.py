@@ -73,7 +73,7 @@ def test_a_cluster_that_scales_from_zero_is_asked_for_its_nodes(tmp_path, pairs)
         assert run.wait(600) == 0, run.output[-4000:]
         assert "waiting for the autoscaler" in run.output and "the cluster holds the run after" in run.output, run.output[-4000:]
         nodes = head.worker_nodes()  # launched by the autoscaler: the head was alone (and had no CPU) before
-        assert nodes and all(n.resources_total.get("CPU") == 2 for n in nodes), nodes
+        assert sum(n.resources_total.get("CPU", 0) for n in nodes) >= 2, nodes  # the autoscaler picks the node types
         assert [r["step"] for r in metric_rows(tmp_path / "run") if "loss" in r] == [1, 2]
         print(f"\nautoscaling from zero: {len(nodes)} nodes, the run's resources there after {run.first('the cluster holds the run'):.1f} s, "
               f"first step at {run.first('step 1/2'):.1f} s, done at {run.lines[-1][0]:.1f} s")  # fmt: skip
