@@ -30,8 +30,10 @@ def local_paths(paths: dict[str, str | None]) -> dict[str, str]:
 def run_paths(config: Config, *, sweep: bool = False) -> dict[str, str | None]:
     """The paths a run shares across nodes: checkpoints and the reference cache; for a sweep also its
     output_dir, where each trial (on any node) writes its results."""
+    if sweep:  # each trial checkpoints under the sweep's output_dir unless train.storage_path says otherwise
+        return {"train.storage_path": config.train.storage_path, "reference.cache_dir": config.reference.cache_dir, "output_dir": config.output_dir}
     storage = config.train.storage_path or os.path.join(config.output_dir, "checkpoints")
-    return {"train.storage_path": storage, "reference.cache_dir": config.reference.cache_dir} | ({"output_dir": config.output_dir} if sweep else {})
+    return {"train.storage_path": storage, "reference.cache_dir": config.reference.cache_dir}
 
 
 def check_shared(paths: dict[str, str | None]) -> None:

@@ -109,6 +109,6 @@ def test_autoscaler_report_says_what_is_starting():
 def test_shared_paths_are_the_local_ones_made_absolute(tmp_path):
     config = _config(f"output_dir={tmp_path}/run", "reference.cache_dir=s3://bucket/cache")
     assert run_paths(config) == {"train.storage_path": f"{tmp_path}/run/checkpoints", "reference.cache_dir": "s3://bucket/cache"}
-    assert run_paths(config, sweep=True)["output_dir"] == f"{tmp_path}/run"
+    assert run_paths(config, sweep=True) == {"train.storage_path": None, "reference.cache_dir": "s3://bucket/cache", "output_dir": f"{tmp_path}/run"}
     assert local_paths(run_paths(config)) == {"train.storage_path": f"{tmp_path}/run/checkpoints"}  # a URI is shared storage
     assert local_paths({"reference.cache_dir": "~/cache", "x": None}) == {"reference.cache_dir": os.path.expanduser("~/cache")}
