@@ -63,7 +63,7 @@ class AutoscalingHead:
         return self
 
     def __exit__(self, *exc) -> None:
-        kill_processes(str(self.temp), f":{self.port}")
+        kill_processes(str(self.temp), self.address)
         shutil.rmtree(self.temp, ignore_errors=True)
 
     def worker_nodes(self) -> list[dict]:
