@@ -23,6 +23,8 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+from hdpo_ray.config import RAY_BUILTIN_RESOURCES
+
 log = logging.getLogger("hdpo_ray")
 
 IDLE_LOOKS = 5
@@ -60,7 +62,6 @@ class Group:
 # or the pipeline waits forever.
 DATA_CPUS = 1.0
 DATA_GROUP = Group("Ray Data", 1, {"CPU": DATA_CPUS})
-BUILTIN = ("CPU", "GPU", "memory")
 CUSTOM_HINT = "only nodes started with the custom resource {resource} offer it (ray start --resources, a KubeRay group's rayStartParams)"
 
 
@@ -80,7 +81,7 @@ def shortfall(phase: Phase, cluster: dict[str, float], node_labels: list[dict[st
         askers = [g for g in phase.groups if g.bundle.get(resource)]
         needed, has = sum(g.total(resource) for g in askers), cluster.get(resource, 0.0)
         if needed > has + 1e-9:
-            advice = [*(g.hint for g in askers), phase.hint] if resource in BUILTIN else [CUSTOM_HINT.format(resource=resource)]
+            advice = [*(g.hint for g in askers), phase.hint] if resource in RAY_BUILTIN_RESOURCES else [CUSTOM_HINT.format(resource=resource)]
             hints = "; ".join(dict.fromkeys(h for h in advice if h))
             asks = " + ".join(g.describe() for g in askers)
             return f"{phase.note}{asks} need {needed:g} {resource}, but the cluster has {has:g}; {hints}"

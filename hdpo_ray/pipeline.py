@@ -9,9 +9,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from hdpo_ray.capacity import held
 from hdpo_ray.config import Config
 from hdpo_ray.data.prepare import EncodedSplit, PreparedSplit
-from hdpo_ray.capacity import held
 from hdpo_ray.shared_storage import check_shared, run_paths
 from hdpo_ray.train.trainer import TrainResult, finish, fit, training_phases
 

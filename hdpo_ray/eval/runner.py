@@ -13,7 +13,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from hdpo_ray.capacity import Group, Phase, check_fits, held, placement_options
+from hdpo_ray.capacity import Group, Phase, held, placement_options
 from hdpo_ray.config import EVAL_TASKS, Config, EvalConfig
 
 log = logging.getLogger("hdpo_ray")
@@ -43,11 +43,6 @@ def selectable_task_metrics(e: EvalConfig) -> list[str]:
 def eval_group(e: EvalConfig) -> Group:
     bundle = {"CPU": e.num_cpus_per_actor, "GPU": e.num_gpus_per_actor, **e.resources}
     return Group("eval pool", e.num_actors, bundle, e.label_selector, "lower eval.num_actors or eval.num_cpus_per_actor / eval.num_gpus_per_actor")
-
-
-def check_eval_resources(e: EvalConfig, cluster: dict[str, float]) -> None:
-    """The sampling pool must fit the cluster, or Ray Data would wait for its actors forever."""
-    check_fits([Phase((eval_group(e),))], cluster)
 
 
 def plan_eval(config: Config, tasks: list[str]) -> tuple[str, dict[str, Any], dict[str, list]]:
