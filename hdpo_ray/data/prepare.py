@@ -178,19 +178,10 @@ def encode_split(config: Config, specs: list[str], split: str) -> EncodedSplit:
 
 
 def read_entry(entry: str):
-    """A cache entry's parquet files as a Ray Dataset whose blocks are the files themselves.
-
-    Ray Data would otherwise split each file into a number of blocks that depends on the CPUs the cluster
-    has at that moment, and Ray Train's equal split deals blocks to the workers by size: the same pairs would
-    reach other ranks in another order on another cluster (or the same cluster under load). One block per
-    file makes every rank's pairs, and so the run's numbers, the same on one node or many.
-    """
-    import pyarrow.dataset as pads
+    """A cache entry's parquet files as a Ray Dataset, in file order (how training cuts it into blocks: train.trainer.rank_blocks)."""
     import ray.data
 
-    fs, path = _entry_fs(entry)
-    files = pads.dataset(path, filesystem=fs, format="parquet", exclude_invalid_files=True).files
-    return ray.data.read_parquet(entry, file_extensions=["parquet"], num_cpus=READ_CPUS, override_num_blocks=max(1, len(files)))
+    return ray.data.read_parquet(entry, file_extensions=["parquet"], num_cpus=READ_CPUS)
 
 
 def _parquet_rows(entry: str) -> int:

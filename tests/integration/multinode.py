@@ -55,10 +55,11 @@ class AutoscalingHead:
 
     def __enter__(self) -> AutoscalingHead:
         env = os.environ | {"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1", "RAY_AUTH_MODE": "disabled"}
-        # Own temp dir and ports throughout (the default client-server port is the session head's).
+        # Own temp dir and ports throughout: the default client-server and dashboard-agent ports are the session
+        # head's, and a head whose agent cannot bind its port has no job server ("No available agent to submit job").
         command = [_ray_cli(), "start", "--head", "--num-cpus=0", f"--port={self.port}", f"--temp-dir={self.temp}", f"--autoscaling-config={self.temp / 'autoscaler.yaml'}",
                    "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}", "--include-dashboard=true", "--disable-usage-stats",
-                   f"--ray-client-server-port={free_port()}"]  # fmt: skip
+                   f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}"]  # fmt: skip
         subprocess.run(command, check=True, capture_output=True, env=env, timeout=120)
         return self
 
@@ -82,7 +83,7 @@ def start_fixed_cluster(dashboard_port: int, head_cpus: float = 1):
     return Cluster(
         initialize_head=True,
         head_node_args={"num_cpus": head_cpus, "gcs_server_port": free_port(), "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": dashboard_port,
-                        "labels": {"hdpo-role": "head"}, "_system_config": fast_health_check},
+                        "dashboard_agent_listen_port": free_port(), "labels": {"hdpo-role": "head"}, "_system_config": fast_health_check},
     )  # fmt: skip
 
 
