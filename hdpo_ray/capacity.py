@@ -57,9 +57,9 @@ class Group:
         return f"{self.name} ({self.count} x {each})"
 
 
-# Ray Data's file listing runs as a task that asks for one whole CPU (Ray 2.60 gives it no knob), and
-# reads/writes ask for a fraction each: one CPU must stay free beside the workers or the reference pool,
-# or the pipeline waits forever.
+# Ray Data's tasks run beside the workers or the reference pool: reading and tokenizing input files asks
+# for one whole CPU per task, cache reads and writes for a fraction each. One CPU must stay free for
+# them, or the pipeline waits forever.
 DATA_CPUS = 1.0
 DATA_GROUP = Group("Ray Data", 1, {"CPU": DATA_CPUS})
 CUSTOM_HINT = "only nodes started with the custom resource {resource} offer it (ray start --resources, a KubeRay group's rayStartParams)"

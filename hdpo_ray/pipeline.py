@@ -11,7 +11,7 @@ from pathlib import Path
 
 from hdpo_ray.capacity import held
 from hdpo_ray.config import Config
-from hdpo_ray.data.prepare import EncodedSplit, PreparedSplit
+from hdpo_ray.data.prepare import EncodedSplit, PreparedSplit, configure_ray_data
 from hdpo_ray.shared_storage import check_shared, run_paths
 from hdpo_ray.train.trainer import TrainResult, finish, fit, training_phases
 
@@ -38,7 +38,7 @@ def init_ray(config: Config) -> None:
     else:
         # The dashboard process also serves the State API, which Ray Train's placement-group cleaner needs.
         ray.init(runtime_env=env, include_dashboard=True, dashboard_host="127.0.0.1", logging_level=logging.WARNING)
-    _quiet_ray_data()
+    configure_ray_data()
 
 
 def _job_env_vars() -> dict[str, str]:
@@ -46,15 +46,6 @@ def _job_env_vars() -> dict[str, str]:
     runtime env that sets one of them again, so the job's values win."""
     job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}"))
     return (job.get("runtime_env") or {}).get("env_vars") or {}
-
-
-def _quiet_ray_data() -> None:
-    import ray.data
-
-    context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = False
-    context.print_on_execution_start = False
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
 @dataclass

@@ -33,7 +33,7 @@ from hdpo_ray.data.reference import add_reference_logprobs, reference_dtype
 from hdpo_ray.data.template import encode_rows_fn
 
 log = logging.getLogger("hdpo_ray")
-PREP_VERSION = "1"  # bump when the encoded layout or tokenization rules change
+PREP_VERSION = "2"  # bump when the encoded layout, the row order or tokenization rules change
 TRAIN_COLUMNS = ["prompt_ids", "chosen_ids", "rejected_ids", "ref_chosen_logps", "ref_rejected_logps"]
 MAX_EXAMPLES = 20
 READ_CPUS = 0.25  # parquet reads and writes are I/O: a small CPU claim lets them run beside the reference pool and the workers
@@ -177,8 +177,32 @@ def encode_split(config: Config, specs: list[str], split: str) -> EncodedSplit:
     return EncodedSplit(split, entry, manifest)
 
 
+def configure_ray_data() -> None:
+    """This process's Ray Data settings, set before it builds a dataset: no progress bars, warnings only,
+    rows kept in order, and parquet read by Ray Data's V1 reader.
+
+    In order: the cache entries hold the pairs in input order whatever the cluster (the reference pool's
+    actors finish batches in any order), so training sees the same pairs in the same steps anywhere.
+
+    Ray 2.60's V2 parquet reader lists files in a task holding one CPU that starts 32 FooterReader
+    actors, each needing one more CPU to be scheduled. Where little CPU is free (a sweep's trials side
+    by side, each worker reading the eval split, on a cluster the workers fill), the listing tasks hold
+    every free CPU and their footer readers never start: the run hangs. V1 reads with READ_CPUS.
+    """
+    import ray.data
+
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    context.print_on_execution_start = False
+    context.use_datasource_v2 = False
+    context.execution_options.preserve_order = True
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+
+
 def read_entry(entry: str):
-    """A cache entry's parquet files as a Ray Dataset, in file order (how training cuts it into blocks: train.trainer.rank_blocks)."""
+    """A cache entry's parquet files as a Ray Dataset, in file order (how training cuts it into blocks: train.trainer.rank_blocks).
+
+    Built after configure_ray_data (the V1 reader)."""
     import ray.data
 
     return ray.data.read_parquet(entry, file_extensions=["parquet"], num_cpus=READ_CPUS)

@@ -65,10 +65,12 @@ def _local_or_id(model: str) -> str:
     return os.path.abspath(path) if os.path.exists(path) else model
 
 
-def run_eval(config: Config, model: str, *, tasks: list[str], output_dir: str, node_id: str | None = None) -> dict[str, Any]:
+def run_eval(config: Config, model: str, *, tasks: list[str], output_dir: str, node_id: str | None = None, hold: bool = True) -> dict[str, Any]:
     """Evaluate `model` (a directory, hub id or embedded id) on `tasks`; writes output_dir and returns results.json's content.
 
     node_id: sample on that node when it can hold the pool (where a sweep trial just wrote its model).
+    hold=False: the caller already holds the cluster for the eval pool (a sweep trial: its sweep's driver
+    asked for it, and a second request from here would replace the driver's with the autoscaler).
     """
     from hdpo_ray.models import model_fingerprint
     from hdpo_ray.pipeline import init_ray
@@ -79,6 +81,8 @@ def run_eval(config: Config, model: str, *, tasks: list[str], output_dir: str, n
     fingerprint = model_fingerprint(model)  # a model that is not there fails here, in one line
     backend, task_objects, problems = plan_eval(config, tasks)
     init_ray(config)
+    if not hold:
+        return _sample_and_score(config, model, fingerprint, backend, task_objects, problems, output_dir, node_id, started)
     with held([Phase((eval_group(e),))], config.cluster.autoscaling, config.cluster.wait_for_resources_s):
         return _sample_and_score(config, model, fingerprint, backend, task_objects, problems, output_dir, node_id, started)
 

@@ -105,13 +105,12 @@ def run_trial(point: dict, shared: dict) -> None:
     prepared cache entries with their pair counts.
     """
     import ray
-    import ray.data
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    from hdpo_ray.data.prepare import PreparedSplit, read_entry
-    from hdpo_ray.pipeline import _quiet_ray_data, last_metrics
+    from hdpo_ray.data.prepare import PreparedSplit, configure_ray_data, read_entry
+    from hdpo_ray.pipeline import last_metrics
     from hdpo_ray.sweep.entropy import measure_policy_entropy
     from hdpo_ray.sweep.results import trial_row
     from hdpo_ray.train.trainer import finish, fit, read_run_state, total_optimizer_steps
@@ -125,10 +124,7 @@ def run_trial(point: dict, shared: dict) -> None:
         ray.tune.report(json.loads(summary_file.read_text()))
         return
     started = time.time()
-    _quiet_ray_data()
-    # Ray Data keeps rows in order in this trial's process (the trainer asks the same for the pairs it
-    # feeds the workers, whatever the process): alpha (beta, lr) is what differs between trials.
-    ray.data.DataContext.get_current().execution_options.preserve_order = True
+    configure_ray_data()  # rows in order: alpha (beta, lr) is what differs between trials
 
     def split(entry: str, pairs: int) -> PreparedSplit:
         return PreparedSplit(read_entry(entry), pairs, {}, 0, entry)
@@ -170,7 +166,7 @@ def _evaluate_tasks(config: Config, final: str, trial_dir: Path) -> dict[str, fl
     done = trial_dir / "eval" / "results.json"  # written last, whole, by run_eval; sweep.json pins the config
     if done.exists():
         return json.loads(done.read_text())["metrics"]
-    results = run_eval(config, final, tasks=list(dict.fromkeys(config.eval.tasks)), output_dir=str(done.parent), node_id=ray.get_runtime_context().get_node_id())
+    results = run_eval(config, final, tasks=list(dict.fromkeys(config.eval.tasks)), output_dir=str(done.parent), node_id=ray.get_runtime_context().get_node_id(), hold=False)
     return results["metrics"]
 
 
@@ -200,7 +196,7 @@ def _tuner(config: Config, output_dir: Path, shared: dict, concurrency: int, tot
 
     # A trial's own process only waits on its TorchTrainer: the workers, Ray Data and the entropy task
     # ask for their resources themselves, so the trial takes no CPU (a CPU held here would starve Ray
-    # Data's file listing) and max_concurrent_trials packs them. Tune refuses an empty request: memory.
+    # Data's tasks) and max_concurrent_trials packs them. Tune refuses an empty request: memory.
     trainable = tune.with_resources(tune.with_parameters(run_trial, shared=shared), {"CPU": 0, "memory": TRIAL_MEMORY})
     path = str(output_dir / TUNE_DIR)
     if tune.Tuner.can_restore(path):
