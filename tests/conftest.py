@@ -132,10 +132,10 @@ def ray_session(ray_address):
     """This test process connected to the session's cluster as a Ray driver."""
     import ray
 
-    from hdpo_ray.pipeline import _quiet_ray_data
+    from hdpo_ray.data.prepare import configure_ray_data
 
     ray.init(address=ray_address, runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false"}}, log_to_driver=False)
-    _quiet_ray_data()
+    configure_ray_data()
     yield ray_address
 
 
