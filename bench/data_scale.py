@@ -514,7 +514,10 @@ def main() -> None:
     try:
         head.start()
         print(f"[data_scale] Ray head at {head.address}, temp dir {head.temp_dir}", file=sys.stderr, flush=True)
-        rows = [measure(size, layout, mode, inputs, work, head) for size, layout, mode in runs]
+        rows = []
+        for size, layout, mode in runs:
+            rows.append(measure(size, layout, mode, inputs, work, head))
+            print(f"[data_scale] measured: {json.dumps(rows[-1])}", file=sys.stderr, flush=True)  # kept if a later run is cut short
     finally:
         head.stop()
         if left := head.leftovers():

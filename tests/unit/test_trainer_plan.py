@@ -1,11 +1,11 @@
-"""Driver-side planning: resource fit (the Ray Data deadlock) and the optimizer step count."""
+"""Driver-side planning: resource fit (the Ray Data deadlock), the optimizer step count, and how the pairs are dealt to the ranks."""
 
 from __future__ import annotations
 
 import pytest
 
-from hdpo_ray.config import load_config
 from hdpo_ray.capacity import ResourceError
+from hdpo_ray.config import load_config
 from hdpo_ray.train.trainer import check_resources, total_optimizer_steps
 
 TWO_CORES = {"CPU": 2.0}
@@ -50,3 +50,31 @@ def test_steps_from_epochs_account_for_the_equal_split():
     assert total_optimizer_steps(_config("train.max_steps=7"), 896) == 7
     with pytest.raises(ResourceError, match="make no optimizer step"):
         total_optimizer_steps(_config("train.gradient_accumulation_steps=8"), 10)
+
+
+def _ranks_rows(dataset, world_size: int) -> list[list[int]]:
+    """The rows each rank of Ray Train's equal split receives, consumed side by side as the workers do."""
+    import threading
+
+    splits, rows = dataset.streaming_split(world_size, equal=True), [[] for _ in range(world_size)]
+    threads = [threading.Thread(target=lambda r=r: rows[r].extend(row["i"] for row in splits[r].iter_rows())) for r in range(world_size)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return rows
+
+
+@pytest.mark.parametrize("layout", [[24], [5, 11, 8], [1] * 24])
+def test_rank_blocks_deal_each_step_the_next_pairs_whatever_the_file_layout(ray_session, layout):
+    """24 pairs, 2 ranks, 2 pairs per rank per step (per_device_batch_size 2): step s trains on pairs 4s..4s+3,
+    rank 0 the first two, however the reference pass happened to cut its output into blocks."""
+    import pyarrow as pa
+    import ray.data
+
+    from hdpo_ray.train.trainer import rank_blocks
+
+    starts = [sum(layout[:k]) for k in range(len(layout))]
+    dataset = ray.data.from_arrow([pa.table({"i": list(range(start, start + n))}) for start, n in zip(starts, layout)])
+    rows = _ranks_rows(rank_blocks(dataset, _config("train.per_device_batch_size=2").train), 2)
+    assert rows == [[0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21], [2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23]]
