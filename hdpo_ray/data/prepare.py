@@ -229,10 +229,7 @@ def score_split(config: Config, encoded: EncodedSplit, *, stream: bool = True) -
     pad_id = load_tokenizer(config.model.name_or_path, config.data.chat_template, config.model.trust_remote_code).pad_token_id
     valid = read_entry(encoded.entry).map_batches(_valid_only, batch_format="pyarrow", num_cpus=READ_CPUS)
     if config.reference.cache_dir is None and stream:
-        # Blocks of one reference batch: an encoded entry can be a single file of every pair, and the pool
-        # emits a block only once all of it is scored, so training would wait for the whole pass.
-        batches = valid.repartition(target_num_rows_per_block=config.reference.batch_size)
-        scored = add_reference_logprobs(batches, config, pad_id).select_columns(TRAIN_COLUMNS)
+        scored = add_reference_logprobs(valid, config, pad_id).select_columns(TRAIN_COLUMNS)
         scored.set_name(f"reference-{split}")
         return PreparedSplit(scored, report["valid"], report, report["valid"], None)
 
