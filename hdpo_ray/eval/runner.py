@@ -10,6 +10,7 @@ import logging
 import os
 import time
 from collections import Counter
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -81,9 +82,8 @@ def run_eval(config: Config, model: str, *, tasks: list[str], output_dir: str, n
     fingerprint = model_fingerprint(model)  # a model that is not there fails here, in one line
     backend, task_objects, problems = plan_eval(config, tasks)
     init_ray(config)
-    if not hold:
-        return _sample_and_score(config, model, fingerprint, backend, task_objects, problems, output_dir, node_id, started)
-    with held([Phase((eval_group(e),))], config.cluster.autoscaling, config.cluster.wait_for_resources_s):
+    holding = held([Phase((eval_group(e),))], config.cluster.autoscaling, config.cluster.wait_for_resources_s) if hold else nullcontext()
+    with holding:
         return _sample_and_score(config, model, fingerprint, backend, task_objects, problems, output_dir, node_id, started)
 
 
