@@ -1,10 +1,11 @@
 """`ray job submit` against the session's real Ray head (dashboard and job server on 127.0.0.1), and runs
 that lose their job, a worker and their driver, then end exactly where an uninterrupted run ends.
 
-All runs are the embedded default (`hdpo-ray train`, no --config) on 24 real pairs: 2 DeepSpeed CPU
-workers, 2 epochs of 6 steps, a checkpoint every 3 steps. The uninterrupted run uses ZeRO-2; the
-interrupted one ZeRO-3 (gradient checkpointing, several LM-head chunks per micro-batch): the same
-numbers from both also check that ZeRO-3 partitions, consolidates and restores without changing them.
+The uninterrupted run is the session's one-node comparison run (tests/integration/conftest.py: the
+embedded default on 24 real pairs, 2 DeepSpeed CPU workers, 3 epochs of 6 steps, a checkpoint every 2
+steps, ZeRO-2). The interrupted one uses ZeRO-3 (gradient checkpointing, several LM-head chunks per
+micro-batch): the same numbers from both also check that ZeRO-3 partitions, consolidates and restores
+without changing them.
 """
 
 from __future__ import annotations
@@ -20,26 +21,11 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.conftest import shared
-from tests.integration.checks import FAST, assert_finished_run, events, last_step, metric_rows, ray_job, registered_checkpoints, submit, trained_state, wait_for, wait_for_job
+from tests.integration.checks import assert_finished_run, events, last_step, metric_rows, ray_job, registered_checkpoints, submit, trained_state, wait_for, wait_for_job
+from tests.integration.conftest import comparison_args
 
-STEPS = 12
+STEPS = 18
 ZERO3 = ["train.zero_stage=3", "model.gradient_checkpointing=true", "model.logprob_chunk_tokens=16"]
-
-
-@pytest.fixture(scope="module")
-def work(tmp_path_factory) -> Path:
-    work = tmp_path_factory.mktemp("jobs")
-    lines = shared("ultrafeedback/train_flat-1000.jsonl").read_text().splitlines()[:24]
-    (work / "pairs.jsonl").write_text("\n".join(lines) + "\n")
-    (work / "eval.jsonl").write_text("\n".join(lines[-6:]) + "\n")
-    return work
-
-
-def train_args(out: Path, work: Path, *extra: str) -> list[str]:
-    return ["train", f"output_dir={out}", f"reference.cache_dir={work}/cache", f"data.train_files=[{work}/pairs.jsonl]", f"data.eval_files=[{work}/eval.jsonl]",
-            "train.num_workers=2", "train.zero_stage=2", "train.epochs=2", "train.lr=2e-3", "train.logging_steps=1", "train.save_steps=3",
-            "train.eval_steps=6", "train.keep_checkpoints=2", "train.warmup_ratio=0", "train.max_failures=1", *FAST, *extra]  # fmt: skip
 
 
 def checkpoint_step(out: Path) -> int:
@@ -56,25 +42,16 @@ def processes(*words: str) -> list[psutil.Process]:
     return found
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(dashboard_url, work) -> tuple[Path, str]:
-    """The embedded-default training submitted with `ray job submit`, run to the end: (output_dir, submission id)."""
-    out = work / "uninterrupted"
-    submit(dashboard_url, "hdpo-uninterrupted", train_args(out, work, f"logging.mlflow_uri=file://{work}/mlruns"))
-    assert wait_for_job(dashboard_url, "hdpo-uninterrupted") == "SUCCEEDED", ray_job(dashboard_url, "logs", "hdpo-uninterrupted").stdout[-4000:]
-    return out, "hdpo-uninterrupted"
-
-
 @pytest.mark.slow
-def test_job_submit_trains_the_embedded_default(dashboard_url, uninterrupted):
+def test_job_submit_trains_the_embedded_default(dashboard_url, one_node_run):
     """SUCCEEDED, `ray job logs` (progress lines), the run's files, MLflow, and the dashboard's names."""
-    out, submission_id = uninterrupted
+    out, submission_id = one_node_run
     logs = ray_job(dashboard_url, "logs", submission_id)
     assert logs.returncode == 0 and f"[hdpo-ray] step 2/{STEPS} | loss" in logs.stdout and f"[hdpo-ray] step {STEPS}/{STEPS} | loss" in logs.stdout and "[hdpo-ray] done in" in logs.stdout, logs.stdout[-3000:]
     assert "Traceback" not in logs.stdout
     listed = ray_job(dashboard_url, "list")
     assert submission_id in listed.stdout and "SUCCEEDED" in listed.stdout
-    assert_finished_run(out, steps_per_epoch=6, epochs=2, checkpoints_kept=2)
+    assert_finished_run(out, steps_per_epoch=6, epochs=3, checkpoints_kept=2)
 
     # MLflow (a local file store): one finished run named as the Ray Train run, the config as params, every logged value.
     from tests.integration.checks import mlflow_history
@@ -84,7 +61,7 @@ def test_job_submit_trains_the_embedded_default(dashboard_url, uninterrupted):
     assert run.data.params["loss.alpha"] == "1.0" and run.data.params["train.zero_stage"] == "2"
     rows = [r for r in metric_rows(out) if "loss" in r]
     assert history["loss"] == [(r["step"], pytest.approx(r["loss"], rel=1e-6)) for r in rows]
-    assert [step for step, _ in history["eval/loss"]] == [6, 12]
+    assert [step for step, _ in history["eval/loss"]] == [6, 12, 18]
 
     # The dashboard shows the stages and the actors by name: the reference pool, the training workers.
     from ray.job_submission import JobSubmissionClient
@@ -100,33 +77,34 @@ def test_job_submit_trains_the_embedded_default(dashboard_url, uninterrupted):
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_killed_worker_stopped_job_and_resume_end_like_the_uninterrupted_run(dashboard_url, work, uninterrupted):
+def test_killed_worker_stopped_job_and_resume_end_like_the_uninterrupted_run(dashboard_url, one_node_run, pairs, tmp_path):
     """A training worker SIGKILLed (Ray Train restores it), then `ray job stop` (the driver ends at once: it has
     no SIGTERM handler, as under SIGKILL), then `ray job submit ... hdpo-ray train --resume RUN_DIR`:
-    12 steps in all, each logged once, the same numbers as the run without failures."""
-    out = work / "interrupted"
+    18 steps in all, each logged once, the same numbers as the run without failures (whose reference cache it reads)."""
+    out = tmp_path / "interrupted"
 
-    # 1. One training worker is SIGKILLed after step 4 (checkpoint 3); Ray Train restores the group.
-    submit(dashboard_url, "hdpo-interrupted", train_args(out, work, *ZERO3))
-    wait_for(lambda: last_step(out) >= 4, "step 4")
+    # 1. One training worker is SIGKILLed once checkpoint 4 is registered; Ray Train restores the group from it
+    # (the next save, step 6, is two steps away when the kill comes).
+    submit(dashboard_url, "hdpo-interrupted", comparison_args(out, one_node_run[0].parent / "cache", pairs, *ZERO3))
+    wait_for(lambda: last_step(out) >= 4 and checkpoint_step(out) >= 4, "checkpoint 4")
     (worker, *_) = processes("RayTrainWorker")
-    first_restore = checkpoint_step(out)  # 3, unless step 6's save registered in the meantime
+    first_restore = checkpoint_step(out)
     killed_at = time.time()
     os.kill(worker.pid, signal.SIGKILL)
     restored = wait_for(lambda: [e for e in events(out) if e["event"] == "restored"], "Ray Train to restore after the worker kill")
     print(f"worker killed -> training again in {restored[0]['time'] - killed_at:.1f} s (Ray Train's count from the failure: {restored[0]['recovery_s']} s)")
 
-    # 2. `ray job stop` after step 7 (checkpoint 6): the driver and its workers go, the checkpoints stay.
-    wait_for(lambda: last_step(out) >= 7, "step 7")
+    # 2. `ray job stop` after step 9 (checkpoint 8): the driver and its workers go, the checkpoints stay.
+    wait_for(lambda: last_step(out) >= 9, "step 9")
     assert ray_job(dashboard_url, "stop", "hdpo-interrupted").returncode == 0
     assert wait_for_job(dashboard_url, "hdpo-interrupted") == "STOPPED"
-    second_restore = checkpoint_step(out)  # 6, or 9 if the job got that far before it stopped
+    second_restore = checkpoint_step(out)  # 8, or later if the job got that far before it stopped
     assert json.loads((out / "run.json").read_text())["status"] == "running"
     # A save cut short (as if the driver died while uploading one) is never used: a folder Ray Train did not register.
     newest = registered_checkpoints(out)[-1]
     partial = newest.with_name("checkpoint_2099-01-01_00-00-00.000000")
     shutil.copytree(newest, partial)
-    (partial / "hdpo_state.json").write_text(json.dumps({"step": 11, "epoch": 1, "micro_batches_in_epoch": 5}))
+    (partial / "hdpo_state.json").write_text(json.dumps({"step": 17, "epoch": 2, "micro_batches_in_epoch": 5}))
     shutil.rmtree(partial / "engine")  # no DeepSpeed state at all
 
     # 3. The next submission, `hdpo-ray train --resume RUN_DIR`, finishes the run from the latest checkpoint.
@@ -138,18 +116,18 @@ def test_killed_worker_stopped_job_and_resume_end_like_the_uninterrupted_run(das
     kinds = [(e["event"], e.get("from_step")) for e in events(out)]
     assert kinds == [("worker_failure", None), ("restored", first_restore), ("restored", second_restore)], kinds
     assert 0 < restored[0]["recovery_s"] < 180
-    assert_finished_run(out, steps_per_epoch=6, epochs=2, checkpoints_kept=2)  # steps 1..12 each logged once
+    assert_finished_run(out, steps_per_epoch=6, epochs=3, checkpoints_kept=2)  # steps 1..12 each logged once
 
     # The same run as the uninterrupted ZeRO-2 one, to float tolerance (ZeRO-3 sums in another order:
     # 2e-6 relative on the losses when measured): data order, skipped batches, optimizer state all restored.
-    reference, rows = metric_rows(uninterrupted[0]), metric_rows(out)
+    reference, rows = metric_rows(one_node_run[0]), metric_rows(out)
     assert [r["step"] for r in rows] == [r["step"] for r in reference]
     for key in ("loss", "rewards/margins", "eval/loss", "eval/rewards/accuracies", "grad_norm", "lr"):
         assert [r.get(key) for r in rows] == pytest.approx([r.get(key) for r in reference], rel=1e-3, abs=1e-4), key
     # Weights: ZeRO-3 sums in another order, and Adam divides the sign noise of near-zero gradients by their
     # own tiny scale. Measured (Frobenius, relative): 2e-7 on most matrices, up to 1.1e-5 on one MLP matrix
     # (2.8e-5 largest entry); a wrong restore or data order moves the losses above by far more than 1e-3.
-    uninterrupted_weights = trained_state(registered_checkpoints(uninterrupted[0])[-1])
+    uninterrupted_weights = trained_state(registered_checkpoints(one_node_run[0])[-1])
     for name, tensor in trained_state(registered_checkpoints(out)[-1]).items():
         difference = (tensor - uninterrupted_weights[name]).detach()
         assert difference.norm() <= 5e-5 * uninterrupted_weights[name].norm() and difference.abs().max() < 1e-4, name

@@ -2,10 +2,10 @@
 autoscaler, fake multi-node provider), and a fixed cluster of labelled nodes (ray.cluster_utils.Cluster)
 that trains across nodes, loses a node mid-run, and runs a sweep whose trials land on different nodes.
 
-Every run: 24 real pairs (6 held out) from the embedded data, the embedded SFT'd tiny Llama, 2 workers,
-three epochs of 6 steps, a checkpoint every 2 steps: enough steps after a lost node for Ray Train to see
-the failure before the run ends (the autoscaling runs: 2 steps, no eval split, no checkpoint before the
-last). The figures printed (-s) go into docs/results.md.
+Every run is the session's comparison run (tests/integration/conftest.py: 24 real pairs, 6 held out, the
+embedded SFT'd tiny Llama, 2 workers, 3 epochs of 6 steps, a checkpoint every 2 steps) placed on other
+clusters, and must end with the numbers of that run on the session's one-node head (the autoscaling runs:
+2 steps, no eval split, no checkpoint before the last). The figures printed (-s) go into docs/results.md.
 """
 
 from __future__ import annotations
@@ -13,34 +13,17 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import pytest
 
-from hdpo_ray.models import ASSETS
 from tests.conftest import free_port, run_cli
 from tests.integration.checks import FAST, events, last_step, metric_rows, ray_job, registered_checkpoints, submit, wait_for, wait_for_job
+from tests.integration.conftest import comparison_args
 from tests.integration.multinode import AutoscalingHead, TimedRun, start_fixed_cluster
 
 pytestmark = pytest.mark.slow
 QUICK = ["train.max_steps=2", "train.save_steps=0", "data.eval_files=[]"]
 TRAIN_ROLE = ["train.label_selector.hdpo-role=train", "reference.label_selector.hdpo-role=reference"]
 COMPARED = ("loss", "rewards/margins", "logps/chosen", "grad_norm", "eval/loss")
-
-
-@pytest.fixture(scope="module")
-def pairs(tmp_path_factory) -> tuple[Path, Path]:
-    work = tmp_path_factory.mktemp("multinode-data")
-    train, test = work / "train.parquet", work / "test.parquet"
-    pq.write_table(pq.read_table(ASSETS / "ultrafeedback/train_prefs-900.parquet").slice(0, 24), train)
-    pq.write_table(pq.read_table(ASSETS / "ultrafeedback/test_prefs-100.parquet").slice(0, 6), test)
-    return train, test
-
-
-def train_args(out: Path, cache: Path, pairs: tuple[Path, Path], *extra: str) -> list[str]:
-    train, test = pairs
-    return ["train", f"output_dir={out}", f"reference.cache_dir={cache}", f"data.train_files=[{train}]", f"data.eval_files=[{test}]",
-            "train.num_workers=2", "train.epochs=3", "train.lr=2e-3", "train.warmup_ratio=0", "train.logging_steps=1", "train.save_steps=2",
-            "train.eval_steps=0", "train.max_failures=1", *FAST, *extra]  # fmt: skip
 
 
 def assert_same_numbers(rows: list[dict], reference: list[dict], rel: float = 1e-5) -> None:
@@ -71,7 +54,7 @@ def test_a_cluster_that_scales_from_zero_is_asked_for_its_nodes(tmp_path, pairs)
         assert head.worker_nodes() == []  # the head has 0 CPUs: nothing can run yet
 
         # `hdpo-ray train`: 2 workers x 0.5 CPU beside Ray Data's CPU, then the reference actor beside it: one cpu2 node.
-        run = TimedRun(train_args(tmp_path / "run", tmp_path / "cache", pairs, *QUICK), head.address, tmp_path / "train.log")
+        run = TimedRun(comparison_args(tmp_path / "run", tmp_path / "cache", pairs, *QUICK), head.address, tmp_path / "train.log")
         assert run.wait(600) == 0, run.output[-4000:]
         assert "waiting for the autoscaler" in run.output and "the cluster holds the run after" in run.output, run.output[-4000:]
         nodes = head.worker_nodes()  # launched by the autoscaler: the head was alone (and had no CPU) before
@@ -84,17 +67,17 @@ def test_a_cluster_that_scales_from_zero_is_asked_for_its_nodes(tmp_path, pairs)
         # installed on every node (the image), so no working_dir (the fake nodes share one session directory,
         # and each node's runtime-env agent would delete the others' unpacked working_dir).
         job_env = ("--runtime-env-json", json.dumps({"env_vars": {"TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}}))
-        submit(head.dashboard, "hdpo-autoscaled", train_args(tmp_path / "job", tmp_path / "cache", pairs, *QUICK), job_env)
+        submit(head.dashboard, "hdpo-autoscaled", comparison_args(tmp_path / "job", tmp_path / "cache", pairs, *QUICK), job_env)
         assert wait_for_job(head.dashboard, "hdpo-autoscaled", timeout=600) == "SUCCEEDED", ray_job(head.dashboard, "logs", "hdpo-autoscaled").stdout[-4000:]
         assert json.loads((tmp_path / "job" / "run.json").read_text())["status"] == "finished"
 
         # A resource no node type offers: refused once the autoscaler has looked, not after the whole wait.
-        impossible = run_cli(train_args(tmp_path / "tpu", tmp_path / "cache", pairs, "train.resources_per_worker={tpu-slice: 1}", *QUICK), head.address, timeout=300)
+        impossible = run_cli(comparison_args(tmp_path / "tpu", tmp_path / "cache", pairs, "train.resources_per_worker={tpu-slice: 1}", *QUICK), head.address, timeout=300)
         assert "the autoscaler starts no node for this run: training workers (2 x 0.5 CPU, 1 tpu-slice) need 2 tpu-slice, but the cluster has 0; only nodes started with the custom resource tpu-slice" in one_line_error(impossible)
 
         # A wait that runs out (cluster.wait_for_resources_s) before the autoscaler has looked five times: one line.
         # (Two slow-node while slow is at most one node: the autoscaler would also give up, but only after 5 updates.)
-        late = run_cli(train_args(tmp_path / "late", tmp_path / "cache", pairs, "train.resources_per_worker={slow-node: 1}", "cluster.wait_for_resources_s=1", *QUICK), head.address, timeout=300)
+        late = run_cli(comparison_args(tmp_path / "late", tmp_path / "cache", pairs, "train.resources_per_worker={slow-node: 1}", "cluster.wait_for_resources_s=1", *QUICK), head.address, timeout=300)
         assert "waited 1 s (cluster.wait_for_resources_s) and the cluster still cannot hold the run: training workers (2 x 0.5 CPU, 1 slow-node) need 2 slow-node, but the cluster has " in one_line_error(late)
 
 
@@ -138,22 +121,13 @@ def node_roles(dashboard: str) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def single_node_run(ray_address, pairs, tmp_path_factory) -> Path:
-    """The run on the session's one-node cluster that the multi-node runs must equal."""
-    work = tmp_path_factory.mktemp("single-node")
-    result = run_cli(train_args(work / "run", work / "cache", pairs), ray_address)
-    assert result.returncode == 0, result.stderr[-4000:]
-    return work / "run"
-
-
-@pytest.fixture(scope="module")
 def multi_node_run(fixed_cluster, pairs, tmp_path_factory) -> tuple[Path, Path]:
     """The same run on the fixed cluster: workers (1 CPU each) on the two train nodes, the reference pool on its node.
     Returns (output_dir, cache)."""
     cluster, dashboard = fixed_cluster
     work = tmp_path_factory.mktemp("multi-node")
     before = set(actors(dashboard, "RayTrainWorker"))
-    result = run_cli(train_args(work / "run", work / "cache", pairs, "train.cpus_per_worker=1", *TRAIN_ROLE), cluster.address)
+    result = run_cli(comparison_args(work / "run", work / "cache", pairs, "train.cpus_per_worker=1", *TRAIN_ROLE), cluster.address)
     assert result.returncode == 0, result.stderr[-4000:]
     roles = node_roles(dashboard)
     workers = {a: n for a, n in actors(dashboard, "RayTrainWorker").items() if a not in before}
@@ -164,18 +138,18 @@ def multi_node_run(fixed_cluster, pairs, tmp_path_factory) -> tuple[Path, Path]:
 
 
 # 2. Several nodes: the same numbers as on one node.
-def test_training_across_nodes_equals_the_one_node_run(single_node_run, multi_node_run):
-    assert_same_numbers(metric_rows(multi_node_run[0]), metric_rows(single_node_run))
+def test_training_across_nodes_equals_the_one_node_run(one_node_run, multi_node_run):
+    assert_same_numbers(metric_rows(multi_node_run[0]), metric_rows(one_node_run[0]))
     assert json.loads((multi_node_run[0] / "run.json").read_text())["status"] == "finished"
     assert (multi_node_run[0] / "final" / "model.safetensors").exists()
 
 
 # 3. A lost node: its worker's group is restored from the last registered checkpoint on a replacement node.
-def test_a_lost_node_is_replaced_and_the_run_ends_as_if_uninterrupted(fixed_cluster, multi_node_run, pairs, tmp_path):
+def test_a_lost_node_is_replaced_and_the_run_ends_as_if_uninterrupted(fixed_cluster, one_node_run, multi_node_run, pairs, tmp_path):
     cluster, dashboard = fixed_cluster
     out = tmp_path / "run"
     before = set(actors(dashboard, "RayTrainWorker"))
-    run = TimedRun(train_args(out, multi_node_run[1], pairs, "train.cpus_per_worker=1", *TRAIN_ROLE), cluster.address, tmp_path / "lost-node.log")
+    run = TimedRun(comparison_args(out, multi_node_run[1], pairs, "train.cpus_per_worker=1", *TRAIN_ROLE), cluster.address, tmp_path / "lost-node.log")
     wait_for(lambda: has_checkpoint(out) and last_step(out) >= 3, "a registered checkpoint and step 3 of 18", timeout=300)
     worker_node = next(n for a, n in actors(dashboard, "RayTrainWorker").items() if a not in before)
     (lost,) = [node for node in cluster.worker_nodes if node.node_id == worker_node]
@@ -189,15 +163,16 @@ def test_a_lost_node_is_replaced_and_the_run_ends_as_if_uninterrupted(fixed_clus
     restored = events(out)[1]
     print(f"\nnode lost at step {step_at_loss}: restored from step {restored['from_step']} ({step_at_loss - restored['from_step']} steps recomputed), "
           f"training again {restored['recovery_s']} s after the failure was noticed")  # fmt: skip
-    assert_same_numbers(metric_rows(out), metric_rows(multi_node_run[0]))
+    assert_same_numbers(metric_rows(out), metric_rows(one_node_run[0]))
 
 
 # 4. A sweep across nodes: one reference pass, trials on different nodes, the numbers of one node.
-def test_sweep_trials_run_on_different_nodes_from_one_reference_pass(fixed_cluster, single_node_run, pairs, tmp_path):
+def test_sweep_trials_run_on_different_nodes_from_one_reference_pass(fixed_cluster, one_node_run, pairs, tmp_path):
     cluster, dashboard = fixed_cluster
     before = set(actors(dashboard, "RayTrainWorker"))
-    args = train_args(tmp_path / "sweep", tmp_path / "cache", pairs, "train.cpus_per_worker=0.5", *TRAIN_ROLE)
-    args = ["sweep", *args[1:], "sweep.alphas=[1.0,1.2]", "sweep.max_concurrent_trials=2", "sweep.entropy_prompts=6", "sweep.entropy_max_new_tokens=8"]
+    args = comparison_args(tmp_path / "sweep", tmp_path / "cache", pairs, "train.cpus_per_worker=0.5", *TRAIN_ROLE)
+    # One epoch per trial (a constant learning rate: the first 6 steps of the full run).
+    args = ["sweep", *args[1:], "train.max_steps=6", "sweep.alphas=[1.0,1.2]", "sweep.max_concurrent_trials=2", "sweep.entropy_prompts=6", "sweep.entropy_max_new_tokens=8"]
     result = run_cli(args, cluster.address, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
 
@@ -208,4 +183,4 @@ def test_sweep_trials_run_on_different_nodes_from_one_reference_pass(fixed_clust
     # Each trial packs its two half-CPU workers on one train node; the two trials ran side by side on both.
     assert len(workers) == 4 and len(set(workers.values())) == 2 and {roles[n] for n in workers.values()} == {"train"}, (workers, roles)
     trial = tmp_path / "sweep" / "trials" / "alpha=1_beta=0.1_lr=0.002"
-    assert_same_numbers(metric_rows(trial), metric_rows(single_node_run))
+    assert_same_numbers(metric_rows(trial), [r for r in metric_rows(one_node_run[0]) if r["step"] <= 6])
