@@ -34,8 +34,8 @@ from hdpo_ray.data.template import encode_rows_fn
 
 log = logging.getLogger("hdpo_ray")
 PREP_VERSION = "2"  # bump when the encoded layout, the row order or tokenization rules change
-TRAIN_COLUMNS = ["prompt_ids", "chosen_ids", "rejected_ids", "ref_chosen_logps", "ref_rejected_logps"]
 MAX_EXAMPLES = 20
+ROWS_PER_FILE = 4096  # cache entries are written in files of at least this many rows, not one per (small) block
 READ_CPUS = 0.25  # parquet reads and writes are I/O: a small CPU claim lets them run beside the reference pool and the workers
 
 
@@ -144,7 +144,7 @@ def _encode(config: Config, files: list[str], tokenizer, split: str) -> tuple[st
         encode = encode_rows_fn(config.model.name_or_path, data.chat_template, data.max_length, data.max_prompt_length, config.model.trust_remote_code)
         encoded = read_raw_rows(files).map_batches(encode, batch_format="pyarrow", batch_size=256)
         encoded.set_name(f"encode-{split}")  # the stage's name in the Ray dashboard's Data view
-        encoded.write_parquet(entry)
+        encoded.write_parquet(entry, min_rows_per_file=ROWS_PER_FILE)
         manifest = {"key": key, "files": files, "report": summarize(entry), "seconds": round(time.perf_counter() - start, 2)}
         _write_manifest(entry, manifest)
     log.info("%s data: %d rows read, %d valid, %d skipped, %d truncated (%s)", split, manifest["report"]["read"], manifest["report"]["valid"], manifest["report"]["skipped"], manifest["report"]["truncated"], entry)
@@ -227,9 +227,11 @@ def score_split(config: Config, encoded: EncodedSplit, *, stream: bool = True) -
 
     split, report = encoded.name, encoded.report
     pad_id = load_tokenizer(config.model.name_or_path, config.data.chat_template, config.model.trust_remote_code).pad_token_id
-    valid = read_entry(encoded.entry).map_batches(_valid_only, batch_format="pyarrow", num_cpus=READ_CPUS)
+    # Blocks of one reference batch: the pool scores block by block, so every actor gets work and scored pairs
+    # stream on as they come (a block of a whole file would reach training only once all of it is scored).
+    valid = read_entry(encoded.entry).map_batches(_valid_only, batch_format="pyarrow", num_cpus=READ_CPUS).repartition(target_num_rows_per_block=config.reference.batch_size)
     if config.reference.cache_dir is None and stream:
-        scored = add_reference_logprobs(valid, config, pad_id).select_columns(TRAIN_COLUMNS)
+        scored = add_reference_logprobs(valid, config, pad_id)
         scored.set_name(f"reference-{split}")
         return PreparedSplit(scored, report["valid"], report, report["valid"], None)
 
@@ -240,9 +242,9 @@ def score_split(config: Config, encoded: EncodedSplit, *, stream: bool = True) -
     if ref_manifest is None:
         start = time.perf_counter()
         _fresh_dir(entry)
-        scored = add_reference_logprobs(valid, config, pad_id).select_columns(TRAIN_COLUMNS)
+        scored = add_reference_logprobs(valid, config, pad_id)
         scored.set_name(f"reference-{split}")
-        scored.write_parquet(entry, ray_remote_args={"num_cpus": READ_CPUS})
+        scored.write_parquet(entry, min_rows_per_file=ROWS_PER_FILE, ray_remote_args={"num_cpus": READ_CPUS})
         written = _parquet_rows(entry)
         if written != report["valid"]:  # e.g. parts written to node-local disks of other nodes
             raise DataError(f"reference pass wrote {written} of {report['valid']} pairs to {entry}; on a multi-node cluster reference.cache_dir must be shared storage (a URI or a shared mount)")

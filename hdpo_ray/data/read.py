@@ -180,8 +180,10 @@ def read_file_blocks(batch: dict) -> Iterator[pa.Table]:
 
 
 def read_raw_rows(files: list[str]):
-    """A lazy Ray Dataset of raw rows from `files` (already expanded), one read task per file."""
+    """A lazy Ray Dataset of raw rows from `files` (already expanded): one read task per file, cut into blocks of
+    ROWS_PER_BLOCK rows, so that what comes next (tokenizing) spreads over every CPU even for a single big file."""
     import ray.data
 
     listing = ray.data.from_items([{"file": f} for f in files], override_num_blocks=len(files))
-    return listing.map_batches(read_file_blocks, batch_size=1, batch_format="pyarrow")
+    rows = listing.map_batches(read_file_blocks, batch_size=1, batch_format="pyarrow")
+    return rows.repartition(target_num_rows_per_block=ROWS_PER_BLOCK)

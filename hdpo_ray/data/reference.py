@@ -15,9 +15,12 @@ from hdpo_ray.config import Config
 from hdpo_ray.data.collate import collate_pairs
 from hdpo_ray.logprobs import completion_logprobs
 
+PAIR_COLUMNS = ["prompt_ids", "chosen_ids", "rejected_ids"]
+TRAIN_COLUMNS = [*PAIR_COLUMNS, "ref_chosen_logps", "ref_rejected_logps"]  # what the pool returns and training reads
+
 
 class ReferenceScorer:
-    """Callable class for `map_batches`: loads pi_ref once per actor, scores batches of pairs."""
+    """Callable class for `map_batches`: loads pi_ref once per actor, scores batches of pairs; returns TRAIN_COLUMNS."""
 
     def __init__(self, name_or_path: str, pad_id: int, chunk_tokens: int, dtype: str, trust_remote_code: bool = False, torch_threads: int | None = None):
         from hdpo_ray.models import load_causal_lm
@@ -32,10 +35,12 @@ class ReferenceScorer:
     @torch.inference_mode()
     def __call__(self, batch: pa.Table) -> pa.Table:
         n = batch.num_rows
-        tensors = collate_pairs(*(batch[k].to_pylist() for k in ("prompt_ids", "chosen_ids", "rejected_ids")), self.pad_id)
+        tensors = collate_pairs(*(batch[k].to_pylist() for k in PAIR_COLUMNS), self.pad_id)
         stats = completion_logprobs(self.model, *(tensors[k].to(self.device) for k in ("input_ids", "attention_mask", "completion_mask")), chunk_tokens=self.chunk_tokens, with_entropy=False)
         logps = stats.logps.float().cpu().numpy()
-        return batch.append_column("ref_chosen_logps", pa.array(logps[:n])).append_column("ref_rejected_logps", pa.array(logps[n:]))
+        # Only what training reads: a separate column-selection stage would ask Ray Data for one more CPU per block.
+        pairs = batch.select(PAIR_COLUMNS)
+        return pairs.append_column("ref_chosen_logps", pa.array(logps[:n])).append_column("ref_rejected_logps", pa.array(logps[n:]))
 
 
 def reference_dtype(config: Config) -> str:
