@@ -6,6 +6,7 @@ driver's join-a-running-cluster path (as under `ray job submit`) is what they ex
 
 from __future__ import annotations
 
+import gzip
 import os
 import shutil
 import socket
@@ -22,7 +23,7 @@ MODEL_CACHE = Path(tempfile.mkdtemp(prefix="hdpo-ray-models-"))
 os.environ["HDPO_RAY_MODEL_CACHE"] = str(MODEL_CACHE)
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
+TEST_DATA = REPO / "tests" / "data"
 
 
 def free_port() -> int:
@@ -35,11 +36,29 @@ RAY_PORT = "6390"
 DASHBOARD_PORT = "8275"  # the session head's dashboard and job server, on 127.0.0.1
 
 
-def shared(relative: str) -> Path:
-    path = SHARED_DATA / relative
-    if not path.exists():
-        pytest.skip(f"{path} is missing: the tests read the real samples in ../shared/data")
-    return path
+def data_file(relative: str) -> Path:
+    """A file of tests/data (see its SOURCES.md)."""
+    return TEST_DATA / relative
+
+
+def flat_pair_lines(n: int) -> list[str]:
+    """The first n lines of the real UltraFeedback sample in the flat jsonl layout (prompt, chosen, rejected strings)."""
+    with gzip.open(data_file("ultrafeedback/train_flat-1000.jsonl.gz"), "rt", encoding="utf-8") as handle:
+        return handle.read().splitlines()[:n]
+
+
+def shipped_eval_bytes(relative: str) -> bytes:
+    """An official eval file as the package ships it (hdpo_ray/assets/eval/<relative>.gz), decompressed."""
+    return gzip.decompress((REPO / "hdpo_ray" / "assets" / "eval" / f"{relative}.gz").read_bytes())
+
+
+# SHA-256 of the official files the package's eval copies were made from, computed from the originals on 2026-12-02.
+OFFICIAL_SHA256 = {
+    "gsm8k/test.jsonl": "3730d312f6e3440559ace48831e51066acaca737f6eabec99bccb9e4b3c39d14",
+    "humaneval/HumanEval.jsonl": "1d49078ba3e2b196b9344535bef34a43021f038fad9561d6ee7c53450609a6a2",
+    "ifeval/input_data.jsonl": "67ffeee0fcb87c317c5b08a2de85557b4a7e96ada6178aa645b4954fe4b53d49",
+    "mmlu_pro/test.jsonl": "de3e252c059914c90d06ceebad992cf4721de926a3d32ce2d4e00c24a972dd79",
+}
 
 
 def pytest_sessionfinish(session, exitstatus):
@@ -181,8 +200,8 @@ def tensorboard_scalars(logdir: Path) -> dict[str, list[tuple[int, float]]]:
 
 @pytest.fixture
 def small_pairs(tmp_path) -> Path:
-    """The first 24 real UltraFeedback pairs in the flat jsonl layout."""
-    lines = shared("ultrafeedback/train_flat-1000.jsonl").read_text().splitlines()[:24]
+    """24 real UltraFeedback pairs in the flat jsonl layout (a copy the test may edit)."""
+    lines = flat_pair_lines(24)
     path = tmp_path / "pairs.jsonl"
     path.write_text("\n".join(lines) + "\n")
     return path

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import run_cli, shared
+from tests.conftest import flat_pair_lines, run_cli
 from tests.integration.checks import FAST, metric_rows
 
 
@@ -122,7 +122,7 @@ def test_non_finite_losses_are_skipped_then_stop_the_run(ray_address, tmp_path):
     tokenizer.save_pretrained(tmp_path / "policy")
 
     # One worker, 2 pairs per micro-batch: micro-batches 0, 1 clean; 2 poisoned; 3 clean; 4, 5, 6 poisoned.
-    rows = [json.loads(line) for line in shared("ultrafeedback/train_flat-1000.jsonl").read_text().splitlines()[:14]]
+    rows = [json.loads(line) for line in flat_pair_lines(14)]
     poisoned = {4, 5, 8, 9, 10, 11, 12, 13}
     for i, row in enumerate(rows):
         assert marker not in tokenizer.encode(row["prompt"] + row["chosen"] + row["rejected"])

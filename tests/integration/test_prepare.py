@@ -9,7 +9,7 @@ import torch
 
 from hdpo_ray.config import load_config
 from hdpo_ray.data.prepare import DataError, prepare_split
-from tests.conftest import shared
+from tests.conftest import flat_pair_lines
 
 GOOD = 10
 BAD_LINES = {  # line content -> reason counted in the report
@@ -29,7 +29,7 @@ BAD_LINES = {  # line content -> reason counted in the report
 
 @pytest.fixture
 def mixed_file(tmp_path):
-    good = shared("ultrafeedback/train_flat-1000.jsonl").read_text().splitlines()[:GOOD]
+    good = flat_pair_lines(GOOD)
     lines = good[:3] + list(BAD_LINES) + good[3:]
     path = tmp_path / "mixed.jsonl"
     path.write_text("\n".join(lines) + "\n")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 
@@ -9,15 +10,14 @@ import pytest
 
 from hdpo_ray.eval.tasks import TaskDataError, get_task
 from hdpo_ray.eval.tasks.gsm8k import GSM8K, canonical, extract_answer
-from tests.conftest import shared
+from tests.conftest import OFFICIAL_SHA256, shipped_eval_bytes
 
 
 @pytest.fixture(scope="module")
 def gold() -> list[tuple[dict, object]]:
-    """(official record, loaded problem) for all 1319 test problems, from the original file."""
-    path = shared("gsm8k/test.jsonl")
-    records = [json.loads(line) for line in path.read_text().split("\n") if line.strip()]
-    problems = GSM8K().load(str(path))
+    """(official record, loaded problem) for all 1319 test problems, from the shipped copy of the official file."""
+    records = [json.loads(line) for line in shipped_eval_bytes("gsm8k/test.jsonl").decode().split("\n") if line.strip()]
+    problems = GSM8K().load()
     assert len(records) == len(problems) == 1319
     return list(zip(records, problems))
 
@@ -126,9 +126,8 @@ def test_canonical_forms():
     ]  # fmt: skip
 
 
-def test_shipped_copy_equals_the_original():
-    original = GSM8K().load(str(shared("gsm8k/test.jsonl")))
-    assert GSM8K().load() == original
+def test_shipped_copy_is_the_official_file():
+    assert hashlib.sha256(shipped_eval_bytes("gsm8k/test.jsonl")).hexdigest() == OFFICIAL_SHA256["gsm8k/test.jsonl"]
 
 
 def test_limit_and_ids_are_positions(tmp_path):

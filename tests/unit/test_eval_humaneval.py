@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import gzip
+import hashlib
 import json
 import os
 import socket
@@ -26,7 +27,7 @@ from hdpo_ray.eval.sandbox import NOBODY, run_program, run_programs
 from hdpo_ray.eval.tasks import TaskDataError, get_task
 from hdpo_ray.eval.tasks.base import read_records
 from hdpo_ray.eval.tasks.humaneval import HumanEval, build_program, solution_code
-from tests.conftest import shared
+from tests.conftest import OFFICIAL_SHA256, shipped_eval_bytes
 
 GOOD = "assert sum(range(4)) == 6"
 ZERO_FUNCTION = "def has_close_elements(numbers, threshold):\n    return False\n"  # wrong: half of HumanEval/0's asserts want True
@@ -85,8 +86,9 @@ def test_registry_layout_and_prompt(problems):
 
 
 def test_shipped_copy_is_the_official_file():
-    with gzip.open(shared("humaneval/HumanEval.jsonl.gz"), "rt") as original:
-        assert [json.loads(line) for line in original if line.strip()] == [record for _, record in read_records(HumanEval.default_source)]
+    shipped = shipped_eval_bytes("humaneval/HumanEval.jsonl")
+    assert hashlib.sha256(shipped).hexdigest() == OFFICIAL_SHA256["humaneval/HumanEval.jsonl"]
+    assert [json.loads(line) for line in shipped.decode().splitlines() if line.strip()] == [record for _, record in read_records(HumanEval.default_source)]
 
 
 def test_all_164_canonical_solutions_pass(problems, records):

@@ -3,6 +3,8 @@ GPT-4 responses shipped with IFEval scored close to the published aggregate numb
 
 from __future__ import annotations
 
+import gzip
+import hashlib
 import json
 
 import pytest
@@ -10,7 +12,7 @@ import pytest
 from hdpo_ray.eval.tasks import TaskDataError, get_task
 from hdpo_ray.eval.tasks.ifeval import CHECKERS, loose_variants
 from hdpo_ray.eval.tasks.ifeval.text import count_words, split_sentences, word_tokenize
-from tests.conftest import shared
+from tests.conftest import OFFICIAL_SHA256, data_file, shipped_eval_bytes
 
 # (instruction id, kwargs as in input_data.jsonl, a response that follows it, one that does not)
 CASES = [
@@ -94,6 +96,10 @@ def test_every_instruction_of_the_shipped_data_has_a_checker_and_a_case(task):
     used = {instruction_id for problem in task.load() for instruction_id in problem.target["instruction_id_list"]}
     assert len(used) == 25
     assert used == set(CHECKERS) == {case[0] for case in CASES}
+
+
+def test_shipped_copy_is_the_official_file():
+    assert hashlib.sha256(shipped_eval_bytes("ifeval/input_data.jsonl")).hexdigest() == OFFICIAL_SHA256["ifeval/input_data.jsonl"]
 
 
 def test_shipped_data_loads_as_problems(task):
@@ -207,8 +213,8 @@ TOLERANCE_POINTS = 0.75
 
 
 def test_gpt4_responses_score_close_to_the_published_numbers(task):
-    problems = task.load(str(shared("ifeval/input_data.jsonl")))
-    with open(shared("ifeval/input_response_data_gpt4_20231107_145030.jsonl")) as handle:
+    problems = task.load()
+    with gzip.open(data_file("ifeval/input_response_data_gpt4_20231107_145030.jsonl.gz"), "rt", encoding="utf-8") as handle:
         responses = [json.loads(line) for line in handle]
     assert len(responses) == len(problems) == 541
     # The official pairs responses with prompts by prompt text; the rows are in the same order, and only the

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 
@@ -9,15 +10,15 @@ import pytest
 
 from hdpo_ray.eval.tasks import TaskDataError, get_task
 from hdpo_ray.eval.tasks.mmlu_pro import LETTERS, MMLUPro, extract_answer, format_prompt
-from tests.conftest import shared
+from tests.conftest import OFFICIAL_SHA256, shipped_eval_bytes
 
 
 @pytest.fixture(scope="module")
 def gold() -> list[tuple[dict, object]]:
-    """(official record, loaded problem) for all 12,032 test questions, from the original file."""
-    path = shared("mmlu_pro/test.jsonl")
-    records = [json.loads(line) for line in path.read_text().split("\n") if line.strip()]  # not splitlines: one question holds U+0085
-    problems = MMLUPro().load(str(path))
+    """(official record, loaded problem) for all 12,032 test questions, from the shipped copy of the official file."""
+    text = shipped_eval_bytes("mmlu_pro/test.jsonl").decode()
+    records = [json.loads(line) for line in text.split("\n") if line.strip()]  # not splitlines: one question holds U+0085
+    problems = MMLUPro().load()
     assert len(records) == len(problems) == 12032
     return list(zip(records, problems))
 
@@ -106,7 +107,7 @@ def test_registry_and_shipped_copy_equals_the_original():
     task = get_task("mmlu_pro")
     assert isinstance(task, MMLUPro) and task.name == "mmlu_pro"
     shipped = task.load()
-    assert shipped == MMLUPro().load(str(shared("mmlu_pro/test.jsonl")))
+    assert hashlib.sha256(shipped_eval_bytes("mmlu_pro/test.jsonl")).hexdigest() == OFFICIAL_SHA256["mmlu_pro/test.jsonl"]
     assert task.load(limit=3) == shipped[:3] and shipped[0].id == "mmlu_pro/70" and shipped[0].target == "I"
 
 

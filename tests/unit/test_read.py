@@ -8,7 +8,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from hdpo_ray.data.read import SourceError, _records, expand_sources, read_file_blocks
-from tests.conftest import shared
+from hdpo_ray.models import ASSETS
+from tests.conftest import data_file
 
 
 def test_jsonl_bad_line_keeps_the_rest_readable(tmp_path):
@@ -22,9 +23,9 @@ def test_jsonl_bad_line_keeps_the_rest_readable(tmp_path):
 
 
 def test_parquet_rows_are_numbered_from_one_and_complete():
-    path = shared("ultrafeedback/train_prefs-1000.parquet")
+    path = ASSETS / "ultrafeedback/train_prefs-900.parquet"
     records = list(_records(str(path)))
-    assert len(records) == 1000 and records[0][0] == 1 and records[-1][0] == 1000
+    assert len(records) == 900 and records[0][0] == 1 and records[-1][0] == 900
     first = json.loads(records[0][1])
     assert first["chosen"][0]["role"] == "user" and first["prompt"] == pq.read_table(path).column("prompt")[0].as_py()
 
@@ -39,8 +40,8 @@ def test_unreadable_file_becomes_one_error_row(tmp_path):
 
 
 def test_json_array_layout():
-    records = list(_records(str(shared("llamafactory_dpo/dpo_en_demo.json"))))
-    assert len(records) == 300 and "conversations" in json.loads(records[0][1])
+    records = list(_records(str(data_file("llamafactory_dpo/dpo_en_demo-20.json"))))
+    assert len(records) == 20 and "conversations" in json.loads(records[0][1])
 
 
 def test_blocks_carry_file_and_row(tmp_path):

@@ -6,43 +6,33 @@ import copy
 import dataclasses
 import json
 from collections import Counter
-from pathlib import Path
-
+import pyarrow.parquet as pq
 import pytest
 
 from hdpo_ray.data.validate import REASONS, ROLES, InvalidRow, Message, Pair, normalize_pair
+from hdpo_ray.models import ASSETS
+from tests.conftest import data_file, flat_pair_lines
 
-DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
-FLAT = DATA / "ultrafeedback" / "train_flat-1000.jsonl"
-PREFS = DATA / "ultrafeedback" / "train_prefs-1000.parquet"
-SHAREGPT = DATA / "llamafactory_dpo" / "dpo_en_demo.json"
-
-# Indices (0-based) of known-bad rows in both 1000-row UltraFeedback samples.
+# The same 1000 real UltraFeedback pairs in two layouts: flat strings (all 1000) and the conversational
+# train_prefs layout (the package's embedded copy holds the first 900).
+# Indices (0-based) of known-bad rows in the 1000-row sample.
 IDENTICAL_ROWS = {306, 655, 910, 997}
 EMPTY_ROWS = {478, 833}  # one completion is '' in the source data
 
 
-def _need(path: Path) -> Path:
-    if not path.exists():
-        pytest.skip(f"shared data file {path} not found (expected /work/shared/data next to the repo)")
-    return path
-
-
 @pytest.fixture(scope="module")
 def flat_rows() -> list[dict]:
-    with _need(FLAT).open(encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh]
+    return [json.loads(line) for line in flat_pair_lines(1000)]
 
 
 @pytest.fixture(scope="module")
 def prefs_rows() -> list[dict]:
-    pq = pytest.importorskip("pyarrow.parquet")
-    return pq.read_table(_need(PREFS)).to_pylist()
+    return pq.read_table(ASSETS / "ultrafeedback" / "train_prefs-900.parquet").to_pylist()
 
 
 @pytest.fixture(scope="module")
 def sharegpt_rows() -> list[dict]:
-    return json.loads(_need(SHAREGPT).read_text(encoding="utf-8"))
+    return json.loads(data_file("llamafactory_dpo/dpo_en_demo-20.json").read_text(encoding="utf-8"))
 
 
 def _user(text: str) -> dict:
@@ -150,15 +140,16 @@ def _tally(rows: list[dict]) -> tuple[Counter, dict[str, set[int]]]:
     return counts, where
 
 
-@pytest.mark.parametrize("fixture", ["prefs_rows", "flat_rows"])
-def test_real_sample_exactly_four_identical(fixture: str, request: pytest.FixtureRequest) -> None:
+@pytest.mark.parametrize("fixture, rows_in_file", [("prefs_rows", 900), ("flat_rows", 1000)])
+def test_real_sample_exactly_four_identical(fixture: str, rows_in_file: int, request: pytest.FixtureRequest) -> None:
     rows = request.getfixturevalue(fixture)
-    assert len(rows) == 1000
+    assert len(rows) == rows_in_file
     counts, where = _tally(rows)
-    assert where["identical_completions"] == IDENTICAL_ROWS
+    identical, empty = {i for i in IDENTICAL_ROWS if i < rows_in_file}, {i for i in EMPTY_ROWS if i < rows_in_file}
+    assert where["identical_completions"] == identical
     # The sample also holds two rows with an empty completion; everything else is valid.
-    assert where["empty_content"] == EMPTY_ROWS
-    assert counts == Counter(ok=994, identical_completions=4, empty_content=2)
+    assert where["empty_content"] == empty
+    assert counts == Counter(ok=rows_in_file - len(identical) - len(empty), identical_completions=len(identical), empty_content=len(empty))
 
 
 def test_real_sharegpt_all_valid(sharegpt_rows: list[dict]) -> None:
