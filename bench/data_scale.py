@@ -26,35 +26,29 @@ import argparse
 import datetime
 import json
 import os
-import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
 
 import numpy as np
-import psutil
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from ray_processes import MB, REPO, MemorySampler, RayHead  # bench/ is sys.path[0] when run as a script
 
-REPO = Path(__file__).resolve().parents[1]  # the checkout measured: its hdpo_ray goes first on every PYTHONPATH
 SAMPLE_DIR = REPO / "hdpo_ray" / "assets" / "ultrafeedback"
 TRAIN_SAMPLE = SAMPLE_DIR / "train_prefs-900.parquet"
 EVAL_FILE = SAMPLE_DIR / "test_prefs-100.parquet"
 FULL_SIZE = 61135  # UltraFeedback binarized train_prefs
 ROWS_PER_FILE = 1000
-SAMPLE_EVERY_S = 0.25
 FIRST_STEP_MARK = "step 1/"
 WORKER_MARK, REFERENCE_MARK = "RayTrainWorker", "ReferenceScorer"  # in Ray's process titles: ray::RayTrainWorker, ...
 RSS_GOAL = 1.15
-MB = 1 << 20
 # Streaming holds workers, reference pool and Ray Data's 1 CPU at once: 3 CPUs with the tiny default's claims.
 # These are the claims hdpo_ray's capacity check suggests for 2 CPUs (tests/unit/test_trainer_plan.py); threads
 # stay as they were (reference.torch_threads is 2 in tiny.yaml, a worker gets max(1, int(cpus_per_worker)) = 1).
@@ -101,152 +95,7 @@ def build_inputs(work: Path, wanted: set[tuple[int, str]]) -> dict[tuple[int, st
     return inputs
 
 
-# ---- the Ray head -------------------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def bin_next_to_python(name: str) -> str | None:
-    path = Path(sys.executable).parent / name
-    return str(path) if path.exists() else shutil.which(name)
-
-
-class RayHead:
-    """One Ray head of our own. Other Ray clusters share this machine, so every port is chosen free, and
-    stopping it kills only the processes that name our temp dir or our GCS address, and their descendants
-    (Ray renames its workers "ray::...", so they are found as the raylet's children). Never `ray stop`."""
-
-    def __init__(self, num_cpus: int = 2):
-        self.num_cpus = num_cpus
-        self.temp_dir = tempfile.mkdtemp(prefix="hdpo-ds-", dir="/tmp")  # short: Ray's socket paths live under it
-        self.port = free_port()
-        self.address = f"127.0.0.1:{self.port}"
-        # The head's env reaches every Ray worker: they import hdpo_ray from this checkout, as the driver does, and
-        # whatever in them looks a cluster up (Ray Train's placement-group cleaner) finds this one, not the newest
-        # `ray start` on the machine.
-        pythonpath = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-        self.env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": pythonpath, "RAY_ADDRESS": self.address}
-        self.roots: list[psutil.Process] = []
-
-    def start(self) -> None:
-        # With the dashboard on (loopback only): it serves the State API that Ray Train's placement-group cleaner
-        # polls; without it the cleaner logs a failure every second. `hdpo-ray train` on its own starts it too.
-        flags = ["--dashboard-port", "--ray-client-server-port", "--dashboard-agent-listen-port",
-                 "--dashboard-agent-grpc-port", "--runtime-env-agent-port", "--metrics-export-port",
-                 "--node-manager-port", "--object-manager-port"]  # fmt: skip
-        ports = [str(x) for flag in flags for x in (flag, free_port())]  # Ray's fixed defaults may be taken by others
-        command = [bin_next_to_python("ray") or "ray", "start", "--head", "--num-cpus", str(self.num_cpus),
-                   "--port", str(self.port), "--node-ip-address", "127.0.0.1", "--temp-dir", self.temp_dir,
-                   "--include-dashboard", "true", "--dashboard-host", "127.0.0.1", "--disable-usage-stats",
-                   *ports]  # fmt: skip
-        done = subprocess.run(command, env=self.env, capture_output=True, text=True, timeout=300)
-        if done.returncode != 0:
-            raise RuntimeError(f"ray start failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
-        self.roots = self._own_processes()
-
-    def _own_processes(self) -> list[psutil.Process]:
-        """Processes whose command line names our temp dir or our GCS address (not a longer port that starts alike)."""
-        address = re.compile(re.escape(self.address) + r"(?!\d)")
-        found = []
-        for proc in psutil.process_iter(["pid", "cmdline"]):
-            cmdline = " ".join(proc.info["cmdline"] or ())
-            if proc.pid != os.getpid() and (self.temp_dir in cmdline or address.search(cmdline)):
-                found.append(proc)
-        return found
-
-    def descendants(self) -> list[psutil.Process]:
-        """Every live process below our head's own processes: workers, actors, agents."""
-        seen: dict[int, psutil.Process] = {}
-        for root in self.roots:
-            try:
-                for child in root.children(recursive=True):
-                    seen[child.pid] = child
-            except psutil.NoSuchProcess:
-                continue
-        return list(seen.values())
-
-    def stop(self) -> None:
-        victims = {p.pid: p for p in [*self._own_processes(), *self.roots, *self.descendants()] if p.pid != os.getpid()}
-        for proc in victims.values():
-            try:
-                proc.send_signal(signal.SIGKILL)
-            except psutil.NoSuchProcess:
-                pass
-        psutil.wait_procs(list(victims.values()), timeout=10)
-        shutil.rmtree(self.temp_dir, ignore_errors=True)
-
-    def leftovers(self) -> list[int]:
-        return [p.pid for p in self._own_processes()]
-
-
 # ---- one run ------------------------------------------------------------------------------------------------
-
-
-def describe(proc: psutil.Process) -> str:
-    """The command line, and the name where the command line lacks it: Ray puts "ray::RayTrainWorker" in the command
-    line and a 15-character cut of it in the name."""
-    try:
-        name, cmdline = proc.name(), " ".join(proc.cmdline()).strip()
-    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-        return ""
-    return cmdline if name in cmdline else f"{name} {cmdline}".strip()
-
-
-class MemorySampler(threading.Thread):
-    """Peak RSS (MB) per process, every SAMPLE_EVERY_S: the driver, and every process below our Ray head,
-    classified as a training worker or a reference actor by name."""
-
-    def __init__(self, driver_pid: int, head: RayHead):
-        super().__init__(daemon=True)
-        self.driver = psutil.Process(driver_pid)
-        self.head = head
-        self.stopping = threading.Event()
-        self.driver_peak = 0.0
-        self.peaks: dict[int, float] = {}
-        self.labels: dict[int, str] = {}
-        self.parents: dict[int, int] = {}
-
-    def run(self) -> None:
-        while not self.stopping.is_set():
-            self.sample()
-            self.stopping.wait(SAMPLE_EVERY_S)
-
-    def sample(self) -> None:
-        try:
-            self.driver_peak = max(self.driver_peak, self.driver.memory_info().rss / MB)
-        except psutil.NoSuchProcess:
-            pass
-        for proc in self.head.descendants():
-            label = describe(proc)
-            try:
-                rss = proc.memory_info().rss / MB
-                self.parents[proc.pid] = proc.ppid()
-            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-                continue
-            # A Ray worker is renamed "ray::<actor or task>" once it has work: keep the newest name, except that a
-            # training worker or reference actor keeps its name to the end (an empty command line says nothing).
-            old = self.labels.get(proc.pid, "")
-            if label and not any(mark in old for mark in (WORKER_MARK, REFERENCE_MARK)):
-                self.labels[proc.pid] = label
-            self.peaks[proc.pid] = max(self.peaks.get(proc.pid, 0.0), rss)
-
-    def max_peak(self, mark: str) -> float | None:
-        """The largest peak among the processes titled `mark`, leaving out their forks: a fork keeps its parent's
-        title (DeepSpeed's py-cpuinfo probe and compiler calls in a training worker show as ray::RayTrainWorker)."""
-        values = [
-            peak
-            for pid, peak in self.peaks.items()
-            if mark in self.labels.get(pid, "") and mark not in self.labels.get(self.parents.get(pid, -1), "")
-        ]
-        return max(values) if values else None
-
-    def named_peaks(self) -> dict[str, float]:
-        """Peak RSS of every Ray process seen, keyed by its (shortened) title and pid, for the JSON."""
-        return {f"{self.labels.get(pid, '?')[:100]} [{pid}]": round(mb, 1) for pid, mb in sorted(self.peaks.items())}
 
 
 class LogReader(threading.Thread):
@@ -277,7 +126,8 @@ def run_cli(overrides: list[str], log_path: Path, head: RayHead) -> dict:
     proc = subprocess.Popen(
         [*cli_command(), "train", *overrides], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
-    sampler, reader = MemorySampler(proc.pid, head), LogReader(proc.stdout, log_path, started)
+    sampler = MemorySampler(proc.pid, head, kept_marks=(WORKER_MARK, REFERENCE_MARK))
+    reader = LogReader(proc.stdout, log_path, started)
     sampler.start()
     reader.start()
     try:
@@ -517,7 +367,8 @@ def main() -> None:
         rows = []
         for size, layout, mode in runs:
             rows.append(measure(size, layout, mode, inputs, work, head))
-            print(f"[data_scale] measured: {json.dumps(rows[-1])}", file=sys.stderr, flush=True)  # kept if a later run is cut short
+            # printed as measured: kept if a later run is cut short
+            print(f"[data_scale] measured: {json.dumps(rows[-1])}", file=sys.stderr, flush=True)
     finally:
         head.stop()
         if left := head.leftovers():
