@@ -173,7 +173,7 @@ class LoggingConfig(_Section):
             return "sqlite:///" + os.path.abspath(uri.removeprefix("sqlite:///"))
         if uri.startswith("file:"):
             return "file://" + os.path.abspath(uri.removeprefix("file:").removeprefix("//"))
-        if "://" not in uri and not uri.startswith("databricks"):
+        if not is_uri(uri) and not uri.startswith("databricks"):
             return "file://" + os.path.abspath(os.path.expanduser(uri))
         return uri
 
@@ -382,7 +382,7 @@ def load_config(path: str | None = None, overrides: list[str] | None = None, *, 
 
 
 def _is_local(spec: str) -> bool:
-    return "://" not in spec and not spec.startswith("embedded:")
+    return not is_uri(spec) and not spec.startswith("embedded:")
 
 
 def check_local_files(config: Config) -> None:
@@ -395,7 +395,7 @@ def check_local_files(config: Config) -> None:
                 raise ConfigError(f"data.{key}: {spec} does not exist (give a parquet/jsonl/json file, a folder of them, a URI or a hub id owner/name:split)")
     for key in ("name_or_path", "ref_name_or_path"):
         spec = getattr(config.model, key)
-        if spec and spec.lower().endswith(".gguf") and "://" not in spec and not os.path.isfile(os.path.expanduser(spec)):
+        if spec and spec.lower().endswith(".gguf") and not is_uri(spec) and not os.path.isfile(os.path.expanduser(spec)):
             raise ConfigError(f"model.{key}: GGUF file {spec} does not exist")
     if config.train.max_steps == 0:
         raise ConfigError("train.max_steps: 0 runs nothing; give a positive number, or -1 to run train.epochs")
@@ -415,6 +415,11 @@ def check_local_files(config: Config) -> None:
 
         if importlib.util.find_spec("mlflow") is None:
             raise ConfigError("logging.mlflow_uri is set but MLflow is not installed: pip install 'hdpo-ray[mlflow]' (or mlflow), or leave logging.mlflow_uri unset")
+
+
+def is_uri(path: str) -> bool:
+    """s3://..., gs://..., file://...: storage named by a URI rather than a local path."""
+    return "://" in path
 
 
 def looks_like_hub_id(spec: str) -> bool:

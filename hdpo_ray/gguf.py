@@ -23,6 +23,8 @@ import tempfile
 from functools import lru_cache
 from pathlib import Path
 
+from hdpo_ray.config import is_uri
+
 SOURCE_FILE = "gguf_source.json"
 """Written into every converted directory: the GGUF's name and content hash (its model fingerprint)."""
 
@@ -113,7 +115,7 @@ def _require_gguf_reader() -> None:
 def _local_copy(source: str) -> Path:
     """A local path as is; a URI (s3://, gs://, hf://, https://) downloaded into the cache, again only when the
     remote file's size differs from the copy's (a changed file of the same size: remove the copy)."""
-    if "://" not in source:
+    if not is_uri(source):
         path = Path(os.path.expanduser(source))
         if not path.is_file():
             raise GGUFError(f"GGUF file {source} does not exist")

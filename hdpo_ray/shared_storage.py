@@ -13,13 +13,9 @@ import uuid
 from pathlib import Path
 
 from hdpo_ray.capacity import ResourceError
-from hdpo_ray.config import Config
+from hdpo_ray.config import Config, is_uri
 
 MARKER_PREFIX = ".hdpo-ray-shared-"
-
-
-def is_uri(path: str) -> bool:
-    return "://" in path
 
 
 def local_paths(paths: dict[str, str | None]) -> dict[str, str]:

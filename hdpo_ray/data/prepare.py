@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import time
 import uuid
@@ -27,7 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
-from hdpo_ray.config import Config
+from hdpo_ray.config import Config, is_uri
 from hdpo_ray.data.read import _filesystem, expand_sources, fingerprint_sources, read_raw_rows
 from hdpo_ray.data.reference import add_reference_logprobs, reference_dtype
 from hdpo_ray.data.template import encode_rows_fn
@@ -62,12 +63,12 @@ def _hash(*parts: Any) -> str:
 
 def _cache_root(config: Config) -> str:
     root = config.reference.cache_dir or os.path.join(config.output_dir, "prepared")
-    return root if "://" in root else os.path.abspath(os.path.expanduser(root))
+    return root if is_uri(root) else os.path.abspath(os.path.expanduser(root))
 
 
 def _entry_fs(entry: str) -> tuple[pafs.FileSystem, str]:
     """(filesystem, path) of a cache entry given as a URI or a local absolute path."""
-    return _filesystem(entry if "://" in entry else f"file://{entry}")
+    return _filesystem(entry if is_uri(entry) else f"file://{entry}")
 
 
 def _read_manifest(entry: str) -> dict | None:
@@ -199,13 +200,14 @@ def configure_ray_data() -> None:
     logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
-def read_entry(entry: str):
+def read_entry(entry: str, num_blocks: int | None = None, num_cpus: float = READ_CPUS, concurrency: int | None = None):
     """A cache entry's parquet files as a Ray Dataset, in file order (how training cuts it into blocks: train.trainer.rank_blocks).
 
-    Built after configure_ray_data (the V1 reader)."""
+    num_blocks: cut the files into about this many blocks as they are read (inside the read tasks); None leaves
+    it to Ray Data. Built after configure_ray_data (the V1 reader)."""
     import ray.data
 
-    return ray.data.read_parquet(entry, file_extensions=["parquet"], num_cpus=READ_CPUS)
+    return ray.data.read_parquet(entry, file_extensions=["parquet"], num_cpus=num_cpus, override_num_blocks=num_blocks, concurrency=concurrency)
 
 
 def _parquet_rows(entry: str) -> int:
@@ -227,10 +229,18 @@ def score_split(config: Config, encoded: EncodedSplit, *, stream: bool = True) -
 
     split, report = encoded.name, encoded.report
     pad_id = load_tokenizer(config.model.name_or_path, config.data.chat_template, config.model.trust_remote_code).pad_token_id
-    # Blocks of one reference batch: the pool scores block by block, so every actor gets work and scored pairs
-    # stream on as they come (a block of a whole file would reach training only once all of it is scored).
-    valid = read_entry(encoded.entry).map_batches(_valid_only, batch_format="pyarrow", num_cpus=READ_CPUS).repartition(target_num_rows_per_block=config.reference.batch_size)
-    if config.reference.cache_dir is None and stream:
+    # Blocks of about one reference batch, cut as the files are read: the pool scores block by block, so every
+    # actor gets work and scored pairs stream on as they come (a block of a whole file would reach training only
+    # once all of it is scored). Streamed into training, reading claims no CPU: the reads of a large input go on
+    # for as long as the pass, and with their claims Ray Data's budget beside the pool and the workers (one CPU,
+    # as capacity checks) would never free the whole CPU that rank_blocks' repartition task asks for. One task at
+    # a time each: tasks that claim nothing are otherwise started without limit.
+    streamed = config.reference.cache_dir is None and stream
+    read_cpus, read_tasks = (0, 1) if streamed else (READ_CPUS, None)
+    batches = max(1, math.ceil(report["read"] / config.reference.batch_size))
+    pairs = read_entry(encoded.entry, num_blocks=batches, num_cpus=read_cpus, concurrency=read_tasks)
+    valid = pairs.map_batches(_valid_only, batch_format="pyarrow", num_cpus=read_cpus, concurrency=read_tasks)
+    if streamed:
         scored = add_reference_logprobs(valid, config, pad_id)
         scored.set_name(f"reference-{split}")
         return PreparedSplit(scored, report["valid"], report, report["valid"], None)

@@ -24,7 +24,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from hdpo_ray.config import DATA_SUFFIXES, looks_like_hub_id
+from hdpo_ray.config import DATA_SUFFIXES, is_uri, looks_like_hub_id
 
 ROWS_PER_BLOCK = 512
 RAW_SCHEMA = pa.schema([("source_file", pa.string()), ("source_row", pa.int64()), ("raw", pa.string()), ("read_error", pa.string())])
@@ -58,7 +58,7 @@ def expand_sources(specs: list[str]) -> list[str]:
         if spec.startswith("embedded:"):
             path = Path(str(resources.files("hdpo_ray") / "assets" / spec.removeprefix("embedded:")))
             found = [str(path)] if path.is_file() else []
-        elif "://" in spec:
+        elif is_uri(spec):
             found = _expand_remote(spec)
         elif looks_like_hub_id(spec) and not os.path.exists(spec):
             found = next((files for pattern in _hub_patterns(spec) if (files := _expand_remote(pattern))), [])
@@ -105,7 +105,7 @@ def fingerprint_sources(files: list[str]) -> list[tuple[str, int, str]]:
 
     out = []
     for file in files:
-        if "://" in file:
+        if is_uri(file):
             fs, path = _filesystem(file)
             info = fs.get_file_info(path)
             out.append((file, info.size or 0, str(info.mtime_ns)))
@@ -117,7 +117,7 @@ def fingerprint_sources(files: list[str]) -> list[tuple[str, int, str]]:
 
 
 def _open(file: str):
-    if "://" in file:
+    if is_uri(file):
         fs, path = _filesystem(file)
         return fs.open_input_stream(path, compression=None)  # bytes as stored: .gz is decompressed by the reader
     return open(file, "rb")

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from hdpo_ray.capacity import DATA_GROUP, Group, Phase, ResourceError, check_fits
-from hdpo_ray.config import Config
+from hdpo_ray.config import Config, is_uri
 from hdpo_ray.train.engine import ADAPTER_DIR, EXPORT_DIR
 from hdpo_ray.train.tracking import end_mlflow_run, make_tracker, start_mlflow_run
 
@@ -145,7 +145,7 @@ def fit(config: Config, train_split, eval_split, callbacks: tuple = ()) -> tuple
     storage = train.storage_path or os.path.join(output_dir, "checkpoints")
     state = _run_state(output_dir)
     name = state["name"]
-    storage = storage if "://" in storage else os.path.abspath(os.path.expanduser(storage))
+    storage = storage if is_uri(storage) else os.path.abspath(os.path.expanduser(storage))
     remove_unregistered_checkpoints(storage, name)
     state["mlflow_run_id"] = start_mlflow_run(config, output_dir, name, state.get("mlflow_run_id"))
     write_run_state(output_dir, state)
@@ -185,7 +185,7 @@ def remove_unregistered_checkpoints(storage: str, name: str) -> list[str]:
     """
     import pyarrow.fs as pafs
 
-    fs, root = pafs.FileSystem.from_uri(storage if "://" in storage else f"file://{storage}")
+    fs, root = pafs.FileSystem.from_uri(storage if is_uri(storage) else f"file://{storage}")
     run_dir = f"{root.rstrip('/')}/{name}"
     try:
         with fs.open_input_stream(f"{run_dir}/checkpoint_manager_snapshot.json") as f:
