@@ -217,6 +217,22 @@ def _parquet_rows(entry: str) -> int:
     return pads.dataset(path, filesystem=fs, format="parquet", exclude_invalid_files=True).count_rows()
 
 
+def _valid_pairs(config: Config, encoded: EncodedSplit, *, streamed: bool):
+    """The encoded entry's valid pairs, lazily, in blocks of about one reference batch cut as the files are read.
+
+    Small blocks: the pool scores block by block, so every actor gets work and scored pairs move on as they
+    come (a block of a whole file would reach training only once all of it is scored). Streamed into training,
+    reading claims no CPU, one task at a time: a large input is read for as long as the pass lasts, and with
+    reads claiming CPU, Ray Data's budget beside the pool and the workers (one CPU, as capacity checks) would
+    never free the whole CPU that rank_blocks' repartition task asks for; tasks that claim nothing would
+    otherwise be started without limit.
+    """
+    read_cpus, read_tasks = (0, 1) if streamed else (READ_CPUS, None)
+    blocks = max(1, math.ceil(encoded.report["read"] / config.reference.batch_size))
+    pairs = read_entry(encoded.entry, num_blocks=blocks, num_cpus=read_cpus, concurrency=read_tasks)
+    return pairs.map_batches(_valid_only, batch_format="pyarrow", num_cpus=read_cpus, concurrency=read_tasks)
+
+
 def score_split(config: Config, encoded: EncodedSplit, *, stream: bool = True) -> PreparedSplit:
     """Attach reference log-probs to the valid pairs of an encoded split, from the cache or the pool.
 
@@ -229,17 +245,8 @@ def score_split(config: Config, encoded: EncodedSplit, *, stream: bool = True) -
 
     split, report = encoded.name, encoded.report
     pad_id = load_tokenizer(config.model.name_or_path, config.data.chat_template, config.model.trust_remote_code).pad_token_id
-    # Blocks of about one reference batch, cut as the files are read: the pool scores block by block, so every
-    # actor gets work and scored pairs stream on as they come (a block of a whole file would reach training only
-    # once all of it is scored). Streamed into training, reading claims no CPU: the reads of a large input go on
-    # for as long as the pass, and with their claims Ray Data's budget beside the pool and the workers (one CPU,
-    # as capacity checks) would never free the whole CPU that rank_blocks' repartition task asks for. One task at
-    # a time each: tasks that claim nothing are otherwise started without limit.
     streamed = config.reference.cache_dir is None and stream
-    read_cpus, read_tasks = (0, 1) if streamed else (READ_CPUS, None)
-    batches = max(1, math.ceil(report["read"] / config.reference.batch_size))
-    pairs = read_entry(encoded.entry, num_blocks=batches, num_cpus=read_cpus, concurrency=read_tasks)
-    valid = pairs.map_batches(_valid_only, batch_format="pyarrow", num_cpus=read_cpus, concurrency=read_tasks)
+    valid = _valid_pairs(config, encoded, streamed=streamed)
     if streamed:
         scored = add_reference_logprobs(valid, config, pad_id)
         scored.set_name(f"reference-{split}")

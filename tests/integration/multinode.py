@@ -1,7 +1,7 @@
 """Real multi-node Ray clusters on one machine, for the scale-out tests.
 
 - `AutoscalingHead`: a head started with `ray start` and Ray's real autoscaler on the fake multi-node
-  provider (../shared/RAY_NOTES.md, "Several nodes on one machine"): 0 CPUs on the head, worker node types
+  provider (`provider.type: fake_multinode`, as Ray's own autoscaler tests run it): 0 CPUs on the head, worker node types
   starting at 0 that the autoscaler launches as real raylets on this machine.
 - `ray.cluster_utils.Cluster` (Ray's own fault-tolerance tests use it) for fixed clusters of labelled
   nodes, one of which a test can take away.
