@@ -49,7 +49,9 @@ def flat_pair_lines(n: int) -> list[str]:
 
 def shipped_eval_bytes(relative: str) -> bytes:
     """An official eval file as the package ships it (hdpo_ray/assets/eval/<relative>.gz), decompressed."""
-    return gzip.decompress((REPO / "hdpo_ray" / "assets" / "eval" / f"{relative}.gz").read_bytes())
+    from hdpo_ray.models import ASSETS
+
+    return gzip.decompress((ASSETS / "eval" / f"{relative}.gz").read_bytes())
 
 
 # SHA-256 of the official files the package's eval copies were made from, computed from the originals on 2026-12-02.

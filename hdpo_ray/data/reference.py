@@ -16,11 +16,11 @@ from hdpo_ray.data.collate import collate_pairs
 from hdpo_ray.logprobs import completion_logprobs
 
 PAIR_COLUMNS = ["prompt_ids", "chosen_ids", "rejected_ids"]
-TRAIN_COLUMNS = [*PAIR_COLUMNS, "ref_chosen_logps", "ref_rejected_logps"]  # what the pool returns and training reads
 
 
 class ReferenceScorer:
-    """Callable class for `map_batches`: loads pi_ref once per actor, scores batches of pairs; returns TRAIN_COLUMNS."""
+    """Callable class for `map_batches`: loads pi_ref once per actor, scores batches of pairs; returns the
+    columns training reads: PAIR_COLUMNS, ref_chosen_logps and ref_rejected_logps."""
 
     def __init__(self, name_or_path: str, pad_id: int, chunk_tokens: int, dtype: str, trust_remote_code: bool = False, torch_threads: int | None = None):
         from hdpo_ray.models import load_causal_lm

@@ -34,6 +34,19 @@ def trained_state(checkpoint_dir: Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("model."): v for k, v in state.items()}
 
 
+def checkpoint_step(out: Path) -> int:
+    """The step of the run's latest registered checkpoint: where a restore starts."""
+    return json.loads((registered_checkpoints(out)[-1] / "hdpo_state.json").read_text())["step"]
+
+
+def checkpoint_step_so_far(out: Path) -> int:
+    """checkpoint_step while the run is going: 0 before the first registered checkpoint (or mid-write of Ray's snapshot)."""
+    try:
+        return checkpoint_step(out)
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
 def registered_checkpoints(out: Path) -> list[Path]:
     """The run's checkpoint folders that Ray Train registered, oldest first."""
     (run_dir,) = [p for p in (out / "checkpoints").iterdir() if p.is_dir() and not p.name.startswith(".")]

@@ -16,29 +16,28 @@ import shutil
 import signal
 import time
 import urllib.request
-from pathlib import Path
 
 import psutil
 import pytest
 
-from tests.integration.checks import assert_finished_run, events, last_step, metric_rows, ray_job, registered_checkpoints, submit, trained_state, wait_for, wait_for_job
+from tests.integration.checks import (
+    assert_finished_run,
+    checkpoint_step,
+    checkpoint_step_so_far,
+    events,
+    last_step,
+    metric_rows,
+    ray_job,
+    registered_checkpoints,
+    submit,
+    trained_state,
+    wait_for,
+    wait_for_job,
+)
 from tests.integration.conftest import comparison_args
 
 STEPS = 18
 ZERO3 = ["train.zero_stage=3", "model.gradient_checkpointing=true", "model.logprob_chunk_tokens=16"]
-
-
-def checkpoint_step(out: Path) -> int:
-    """The step of the run's latest registered checkpoint: where a restore starts."""
-    return json.loads((registered_checkpoints(out)[-1] / "hdpo_state.json").read_text())["step"]
-
-
-def checkpoint_step_so_far(out: Path) -> int:
-    """checkpoint_step while the run is going: 0 before the first registered checkpoint (or mid-write of Ray's snapshot)."""
-    try:
-        return checkpoint_step(out)
-    except (OSError, ValueError, IndexError):
-        return 0
 
 
 def processes(*words: str) -> list[psutil.Process]:

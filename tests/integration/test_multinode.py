@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import free_port, run_cli
-from tests.integration.checks import FAST, events, last_step, metric_rows, ray_job, registered_checkpoints, submit, wait_for, wait_for_job
+from tests.integration.checks import checkpoint_step_so_far, events, last_step, metric_rows, ray_job, submit, wait_for, wait_for_job
 from tests.integration.conftest import comparison_args
 from tests.integration.multinode import AutoscalingHead, TimedRun, start_fixed_cluster
 
@@ -30,13 +30,6 @@ def assert_same_numbers(rows: list[dict], reference: list[dict], rel: float = 1e
     assert [r["step"] for r in rows] == [r["step"] for r in reference]
     for key in COMPARED:
         assert [r.get(key) for r in rows] == pytest.approx([r.get(key) for r in reference], rel=rel, abs=1e-7), key
-
-
-def has_checkpoint(out: Path) -> bool:
-    try:
-        return bool(registered_checkpoints(out))
-    except (OSError, ValueError):  # no run folder or snapshot yet
-        return False
 
 
 def one_line_error(result) -> str:
@@ -150,7 +143,7 @@ def test_a_lost_node_is_replaced_and_the_run_ends_as_if_uninterrupted(fixed_clus
     out = tmp_path / "run"
     before = set(actors(dashboard, "RayTrainWorker"))
     run = TimedRun(comparison_args(out, multi_node_run[1], pairs, "train.cpus_per_worker=1", *TRAIN_ROLE), cluster.address, tmp_path / "lost-node.log")
-    wait_for(lambda: has_checkpoint(out) and last_step(out) >= 3, "a registered checkpoint and step 3 of 18", timeout=300)
+    wait_for(lambda: checkpoint_step_so_far(out) > 0 and last_step(out) >= 3, "a registered checkpoint and step 3 of 18", timeout=300)
     worker_node = next(n for a, n in actors(dashboard, "RayTrainWorker").items() if a not in before)
     (lost,) = [node for node in cluster.worker_nodes if node.node_id == worker_node]
     step_at_loss = last_step(out)
