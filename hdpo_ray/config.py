@@ -144,6 +144,9 @@ class TrainConfig(_Section):
     deepspeed_config: str | None = Field(None, description="A DeepSpeed JSON to use instead of the built one; 'auto' values are filled in.")
     seed: int = Field(42, description="Seeds torch on every worker (dropout, any random init of new weights).")
     logging_steps: int = Field(10, gt=0, description="Write metrics every N optimizer steps.")
+    report_poll_s: float = Field(
+        0.2, gt=0, le=2, description="How often Ray Train's controller collects the workers' reports (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S). A worker's report waits for it: at Ray's 2 s, a run that logs or saves every step makes at most one step per 2 s."
+    )
     eval_steps: int = Field(0, ge=0, description="Evaluate every N steps; 0 evaluates only at the end.")
     save_steps: int = Field(0, ge=0, description="Checkpoint every N steps; 0 saves only at the end.")
     keep_checkpoints: int = Field(2, gt=0, description="Checkpoints kept; older ones are deleted.")

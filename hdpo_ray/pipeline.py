@@ -25,7 +25,12 @@ def init_ray(config: Config) -> None:
 
     if ray.is_initialized():
         return
-    wanted = {"DS_ACCELERATOR": "cuda" if config.train.use_gpu else "cpu", "TOKENIZERS_PARALLELISM": "false"}
+    wanted = {
+        "DS_ACCELERATOR": "cuda" if config.train.use_gpu else "cpu",
+        "TOKENIZERS_PARALLELISM": "false",
+        # Read by every Ray Train controller this run starts (Tune trials' too), which inherit this runtime env.
+        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": str(config.train.report_poll_s),
+    }
     if os.environ.get("HDPO_RAY_MODEL_CACHE"):  # where converted GGUF models live: the driver's choice holds for its workers
         wanted["HDPO_RAY_MODEL_CACHE"] = os.environ["HDPO_RAY_MODEL_CACHE"]
     if os.environ.get("RAY_ADDRESS"):
