@@ -38,6 +38,9 @@ from tests.integration.conftest import comparison_args
 
 STEPS = 18
 ZERO3 = ["train.zero_stage=3", "model.gradient_checkpointing=true", "model.logprob_chunk_tokens=16"]
+# At most one step a second (reports wait for the controller's poll), so that `ray job stop` after step 9
+# lands before step 18: a tiny model's steps otherwise take a fraction of a second.
+PACED = ["train.report_poll_s=1"]
 
 
 def processes(*words: str) -> list[psutil.Process]:
@@ -92,7 +95,7 @@ def test_killed_worker_stopped_job_and_resume_end_like_the_uninterrupted_run(das
 
     # 1. One training worker is SIGKILLed once checkpoint 4 is registered; Ray Train restores the group from it
     # (the next save, step 6, is two steps away when the kill comes).
-    submit(dashboard_url, "hdpo-interrupted", comparison_args(out, one_node_run[0].parent / "cache", pairs, *ZERO3))
+    submit(dashboard_url, "hdpo-interrupted", comparison_args(out, one_node_run[0].parent / "cache", pairs, *ZERO3, *PACED))
     wait_for(lambda: checkpoint_step_so_far(out) >= 4, "checkpoint 4")
     (worker, *_) = processes("RayTrainWorker")
     first_restore = checkpoint_step(out)
