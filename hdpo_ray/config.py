@@ -127,7 +127,10 @@ class ReferenceConfig(_Section):
 
 class TrainConfig(_Section):
     num_workers: int = Field(2, gt=0, description="Ray Train workers, one DeepSpeed rank each.")
-    use_gpu: bool = Field(False, description="One GPU per worker, NCCL and bf16; otherwise CPU, gloo and fp32.")
+    use_gpu: bool = Field(False, description="One GPU per worker and NCCL; otherwise CPU and gloo.")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="Training precision: bf16 (bf16 weights and activations, fp32 master weights in the optimizer) or fp32; auto is bf16 on GPU and fp32 on CPU."
+    )
     cpus_per_worker: float = Field(0.5, gt=0, description="CPUs each worker reserves. Leave some for Ray Data, or the input pipeline cannot start.")
     torch_threads: int | None = Field(None, gt=0, description="Intra-op threads per worker; null derives it from cpus_per_worker.")
     max_steps: int = Field(-1, ge=-1, description="Optimizer steps to run; -1 runs train.epochs over the data.")
@@ -141,6 +144,9 @@ class TrainConfig(_Section):
     lr_scheduler: Literal["cosine", "linear", "constant"] = Field("cosine", description="Decay after warmup.")
     warmup_ratio: float = Field(0.1, ge=0, le=1, description="Fraction of steps spent warming up linearly (step s of W uses (s+1)/(W+1) of lr).")
     zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage.")
+    packing: bool = Field(
+        True, description="Pack each micro-batch's 2B sequences (and the reference pool's) into rows without padding; position ids restart per sequence and attention never crosses sequences. false pads every sequence to the batch's longest."
+    )
     deepspeed_config: str | None = Field(None, description="A DeepSpeed JSON to use instead of the built one; 'auto' values are filled in.")
     seed: int = Field(42, description="Seeds torch on every worker (dropout, any random init of new weights).")
     logging_steps: int = Field(10, gt=0, description="Write metrics every N optimizer steps.")
@@ -408,7 +414,7 @@ def check_local_files(config: Config) -> None:
         from hdpo_ray.train.deepspeed_config import build_deepspeed_config
 
         try:  # fail here, not in every worker after the data pass
-            build_deepspeed_config(config.train, world_size=config.train.num_workers, on_gpu=config.train.use_gpu)
+            build_deepspeed_config(config.train, world_size=config.train.num_workers)
         except (ValueError, OSError) as err:
             raise ConfigError(f"train.deepspeed_config: {str(err).splitlines()[0]}") from None
     if not config.data.train_files:

@@ -40,20 +40,25 @@ def _token_stats(lm_head: torch.nn.Module, hidden: torch.Tensor, targets: torch.
 def completion_logprobs(
     model: torch.nn.Module,
     input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    completion_mask: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    completion_mask: torch.Tensor | None = None,
     *,
+    position_ids: torch.Tensor | None = None,
+    sequence_index: torch.Tensor | None = None,
     chunk_tokens: int = 1024,
     with_entropy: bool = True,
     num_chunks: int | None = None,
 ) -> CompletionStats:
-    """Log-probs of the completion tokens of N right-padded sequences under a Hugging Face causal LM.
+    """Log-probs of the completion tokens of N sequences under a Hugging Face causal LM, in either layout of
+    hdpo_ray.data.collate: padded (attention_mask) or packed (position_ids and sequence_index, no attention_mask).
 
     Args:
         model: a `PreTrainedModel` with a causal-LM head (`base_model` + `get_output_embeddings()`).
-        input_ids: (N, T) prompt + completion + right padding.
-        attention_mask: (N, T) 1 on real tokens, 0 on padding.
-        completion_mask: (N, T) True on completion tokens (the targets), False on prompt and padding.
+        input_ids: (R, T) token rows: one right-padded sequence per row (R = N), or several packed ones.
+        attention_mask: padded layout: (R, T) 1 on real tokens, 0 on padding.
+        completion_mask: (R, T) True on completion tokens (the targets), False on prompt and padding.
+        position_ids: packed layout: (R, T) positions restarting at 0 for every sequence.
+        sequence_index: packed layout: (R, T) the sequence (0..N-1) each position holds, -1 on padding.
         chunk_tokens: completion tokens projected onto the vocabulary at once.
         with_entropy: also compute per-token entropy (one more pass over the logits; the reference skips it).
         num_chunks: run the LM head exactly this many times (>= the chunks needed; extra chunks are
@@ -62,17 +67,29 @@ def completion_logprobs(
     Returns:
         CompletionStats with logps (N,), entropy_sum (N,) and num_tokens (N,).
     """
-    if input_ids.shape != attention_mask.shape or input_ids.shape != completion_mask.shape:
-        raise ValueError(f"input_ids {tuple(input_ids.shape)}, attention_mask {tuple(attention_mask.shape)} and completion_mask {tuple(completion_mask.shape)} must match")
+    packed = position_ids is not None
+    layout = (input_ids, completion_mask, *((position_ids, sequence_index) if packed else (attention_mask,)))
+    if completion_mask is None or any(t is None or t.shape != input_ids.shape for t in layout) or (packed and attention_mask is not None):
+        shapes = {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask, "position_ids": position_ids, "sequence_index": sequence_index}
+        given = {k: tuple(v.shape) for k, v in shapes.items() if v is not None}
+        raise ValueError(f"need input_ids, completion_mask and either attention_mask (padded) or position_ids + sequence_index (packed), all of one shape; got {given}")
     if completion_mask[:, 0].any():
         raise ValueError("completion_mask is set on position 0: a completion token needs a prompt token before it")
-    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    # Packed: no 2D mask, so that transformers reads the sequence boundaries from the restarting position ids.
+    context = {"position_ids": position_ids} if packed else {"attention_mask": attention_mask}
+    hidden = model.base_model(input_ids=input_ids, use_cache=False, **context).last_hidden_state
 
-    # Position t predicts token t+1, so the rows we need are hidden[:, t] where completion_mask[:, t+1].
+    # Position t predicts token t+1, so the rows we need are hidden[:, t] where completion_mask[:, t+1]; a packed
+    # sequence starts with a prompt token, so no target crosses from one sequence into the next.
     target_mask = completion_mask[:, 1:].bool()
     rows = hidden[:, :-1][target_mask]  # (M, H)
     targets = input_ids[:, 1:][target_mask]  # (M,)
-    seq_of_row = torch.arange(input_ids.shape[0], device=input_ids.device).unsqueeze(1).expand_as(target_mask)[target_mask]
+    if packed:
+        seq_of_row = sequence_index[:, 1:][target_mask]
+        n = int(sequence_index.max()) + 1
+    else:
+        seq_of_row = torch.arange(input_ids.shape[0], device=input_ids.device).unsqueeze(1).expand_as(target_mask)[target_mask]
+        n = input_ids.shape[0]
 
     lm_head = model.get_output_embeddings()
     softcap = getattr(model.config, "final_logit_softcapping", None)
@@ -89,14 +106,13 @@ def completion_logprobs(
         token_logps.append(logps)
         token_entropy.append(entropy)
 
-    n = input_ids.shape[0]
     zeros = torch.zeros(n, dtype=torch.float32, device=input_ids.device)
     if token_logps:
         logps = zeros.index_add(0, seq_of_row, torch.cat(token_logps))
         entropy_sum = zeros.index_add(0, seq_of_row, torch.cat(token_entropy))
     else:
         logps, entropy_sum = zeros + 0.0 * hidden.sum(), zeros.clone()
-    return CompletionStats(logps, entropy_sum.detach(), target_mask.sum(-1))
+    return CompletionStats(logps, entropy_sum.detach(), torch.bincount(seq_of_row, minlength=n))
 
 
 def naive_completion_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_mask: torch.Tensor) -> torch.Tensor:
@@ -104,3 +120,24 @@ def naive_completion_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, a
     logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1].float()
     token_logps = F.log_softmax(logits, dim=-1).gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
     return (token_logps * completion_mask[:, 1:]).sum(-1)
+
+
+@torch.no_grad()
+def packing_is_exact(model: torch.nn.Module, device: torch.device) -> bool:
+    """Whether this model gives packed sequences the log-probs it gives them padded (its attention reads the
+    restarting position ids; transformers' Llama, Qwen2, Mistral, Gemma and most others do). Three short
+    sequences, one forward pass per layout; every rank calls it once, so ZeRO-3's gathers stay in step.
+    A model that attends across the boundary is off by about a nat; fp32 rounding by ~1e-6, bf16 by ~1e-2."""
+    from hdpo_ray.data.collate import collate_completions
+
+    ids = (torch.arange(12) % (model.config.vocab_size - 3) + 3).tolist()  # ordinary tokens of any vocabulary
+    # 6, 3 and 3 tokens: the two short sequences share a row of 6.
+    prompts, completions = [ids[:2], ids[6:7], ids[9:11]], [ids[2:6], ids[7:9], ids[11:12]]
+    was_training = model.training
+    model.eval()
+    try:
+        padded, packed = (completion_logprobs(model, **{k: v.to(device) for k, v in collate_completions(prompts, completions, 0, packed=p).items()}, with_entropy=False).logps for p in (False, True))
+    finally:
+        model.train(was_training)
+    tolerance = 1e-4 if next(model.parameters()).dtype == torch.float32 else 5e-2
+    return bool((padded - packed).abs().max() <= tolerance)

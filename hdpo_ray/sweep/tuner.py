@@ -193,6 +193,7 @@ def _mean_throughput(path: Path) -> float:
 
 def _tuner(config: Config, output_dir: Path, shared: dict, concurrency: int, total_steps: int):
     from ray import tune
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
     # A trial's own process only waits on its TorchTrainer: the workers, Ray Data and the entropy task
     # ask for their resources themselves, so the trial takes no CPU (a CPU held here would starve Ray
@@ -208,7 +209,9 @@ def _tuner(config: Config, output_dir: Path, shared: dict, concurrency: int, tot
         trainable,
         param_space={key: tune.grid_search(values) for key, values in axes.items()},  # the same points as trial_grid
         tune_config=tune.TuneConfig(max_concurrent_trials=concurrency, scheduler=scheduler, trial_name_creator=_tune_trial_name, trial_dirname_creator=_tune_trial_name),
-        run_config=tune.RunConfig(name=TUNE_DIR, storage_path=str(output_dir), verbose=1),  # status tables; per-report lines come from our progress callback
+        # Status tables; per-report lines come from our progress callback. Tune's own result.json and progress.csv per
+        # trial, not its TensorBoard logger (each trial's run writes TensorBoard itself; Tune's warned on every '@' and '=').
+        run_config=tune.RunConfig(name=TUNE_DIR, storage_path=str(output_dir), verbose=1, callbacks=[JsonLoggerCallback(), CSVLoggerCallback()]),
     )
 
 
@@ -262,6 +265,7 @@ def _run_trials(config: Config, output_dir: Path, state: dict) -> tuple[Any, Any
     from hdpo_ray.train.trainer import total_optimizer_steps
 
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")  # eval metrics arrive only at evaluations
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # the loggers are chosen in _tuner
     data = prepare_data(config, str(output_dir), stream=False)
     state["invocations"].append({"started": time.strftime("%Y-%m-%d %H:%M:%S"), "reference_forward_pairs": data.reference_forward_pairs})
     (output_dir / "sweep.json").write_text(json.dumps(state, indent=2))

@@ -9,8 +9,8 @@ from typing import Any
 from hdpo_ray.config import TrainConfig
 
 
-def build_deepspeed_config(train: TrainConfig, *, world_size: int, on_gpu: bool) -> dict[str, Any]:
-    """The DeepSpeed JSON for `train`: ZeRO stage, batch sizes, clipping, bf16 on GPU / fp32 on CPU.
+def build_deepspeed_config(train: TrainConfig, *, world_size: int) -> dict[str, Any]:
+    """The DeepSpeed JSON for `train`: ZeRO stage, batch sizes, clipping, precision (uses_bf16).
 
     The optimizer and scheduler are torch objects handed to `deepspeed.initialize`, so they are not
     named here; `zero_allow_untested_optimizer` lets ZeRO wrap torch's AdamW (no CPUAdam build).
@@ -18,7 +18,7 @@ def build_deepspeed_config(train: TrainConfig, *, world_size: int, on_gpu: bool)
     """
     zero: dict[str, Any] = {"stage": train.zero_stage}
     if train.zero_stage >= 2:
-        zero |= {"overlap_comm": on_gpu, "contiguous_gradients": True, "reduce_bucket_size": 5e8}
+        zero |= {"overlap_comm": train.use_gpu, "contiguous_gradients": True, "reduce_bucket_size": 5e8}
     if train.zero_stage == 3:
         # Gather full weights on save so the exported model is consolidated, not sharded.
         zero |= {"stage3_gather_16bit_weights_on_model_save": True, "stage3_param_persistence_threshold": 1e4}
@@ -28,7 +28,7 @@ def build_deepspeed_config(train: TrainConfig, *, world_size: int, on_gpu: bool)
         "train_batch_size": train.per_device_batch_size * train.gradient_accumulation_steps * world_size,
         "gradient_clipping": train.max_grad_norm,
         "zero_optimization": zero,
-        "bf16": {"enabled": on_gpu},
+        "bf16": {"enabled": uses_bf16(train)},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,  # we log ourselves
         "wall_clock_breakdown": False,
@@ -41,6 +41,11 @@ def build_deepspeed_config(train: TrainConfig, *, world_size: int, on_gpu: bool)
         except json.JSONDecodeError as err:
             raise ValueError(f"{train.deepspeed_config} is not JSON ({err.msg} at line {err.lineno})") from None
     return fill_auto(user, built)
+
+
+def uses_bf16(train: TrainConfig) -> bool:
+    """train.precision, with auto resolved: bf16 on GPU, fp32 on CPU."""
+    return train.precision == "bf16" or (train.precision == "auto" and train.use_gpu)
 
 
 def fill_auto(user: dict[str, Any], built: dict[str, Any]) -> dict[str, Any]:

@@ -34,7 +34,8 @@ class PolicyLogprobs(torch.nn.Module):
         self.chunk_tokens = chunk_tokens
         self.zero3 = zero3
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_mask: torch.Tensor, with_entropy: bool = True) -> CompletionStats:
+    def forward(self, input_ids: torch.Tensor, completion_mask: torch.Tensor, with_entropy: bool = True, **layout: torch.Tensor) -> CompletionStats:
+        """layout: attention_mask (padded) or position_ids + sequence_index (packed), as collate_pairs returns them."""
         num_chunks = None
         if self.zero3 and dist.is_initialized():
             # Under ZeRO-3 each LM-head call gathers its weights collectively: every rank must make the
@@ -42,7 +43,7 @@ class PolicyLogprobs(torch.nn.Module):
             needed = torch.tensor([-(-int(completion_mask[:, 1:].sum()) // self.chunk_tokens)], device=input_ids.device)
             dist.all_reduce(needed, op=dist.ReduceOp.MAX)
             num_chunks = int(needed)
-        return completion_logprobs(self.model, input_ids, attention_mask, completion_mask, chunk_tokens=self.chunk_tokens, with_entropy=with_entropy, num_chunks=num_chunks)
+        return completion_logprobs(self.model, input_ids, completion_mask=completion_mask, chunk_tokens=self.chunk_tokens, with_entropy=with_entropy, num_chunks=num_chunks, **layout)
 
 
 def build_engine(config: Config, *, total_steps: int, world_size: int):
@@ -54,7 +55,7 @@ def build_engine(config: Config, *, total_steps: int, world_size: int):
     from hdpo_ray.models import load_causal_lm
 
     train = config.train
-    ds_config = build_deepspeed_config(train, world_size=world_size, on_gpu=on_gpu)
+    ds_config = build_deepspeed_config(train, world_size=world_size)
     # Under ZeRO-3, transformers reads this object while loading and partitions the weights as they
     # arrive (zero.Init), so no rank ever holds the whole model; it must stay alive until initialize.
     zero3_loading = None

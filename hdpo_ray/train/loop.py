@@ -17,7 +17,8 @@ import torch
 import torch.distributed as dist
 
 from hdpo_ray.config import Config
-from hdpo_ray.data.collate import collate_pairs
+from hdpo_ray.data.collate import collate_pairs, real_tokens
+from hdpo_ray.logprobs import packing_is_exact
 from hdpo_ray.loss import hdpo_loss
 from hdpo_ray.train.engine import build_engine, export_model, load_checkpoint, save_checkpoint
 from hdpo_ray.train.nonfinite import NonFiniteGuard, finite_everywhere, step_engine
@@ -28,35 +29,43 @@ SUMS = ("seconds", "loss", "rewards/chosen", "rewards/rejected", "rewards/accura
 
 @dataclass
 class Window:
-    """Sums over a logging window; `averages` all-reduces them across ranks."""
+    """Sums over a logging window, kept on the device (len(SUMS),) float64 so that a micro-step never waits
+    for the device; `averages` all-reduces them across ranks and reads them once."""
 
-    sums: dict[str, float] = field(default_factory=lambda: dict.fromkeys(SUMS, 0.0))  # "seconds": time in training micro-steps
+    device: torch.device
+    sums: torch.Tensor = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.sums = torch.zeros(len(SUMS), dtype=torch.float64, device=self.device)
 
     def add(self, out, stats, n: int, tokens: int, seconds: float = 0.0, with_entropy: bool = True, ref_logps: torch.Tensor | None = None) -> None:
         """out: HDPOLoss over n pairs; stats: CompletionStats over 2n sequences (chosen first); ref_logps: (2n,)."""
-        s = self.sums
-        s["seconds"] += seconds
-        s["loss"] += out.loss.item() * n
-        s["rewards/chosen"] += out.chosen_rewards.sum().item()
-        s["rewards/rejected"] += out.rejected_rewards.sum().item()
-        s["rewards/accuracies"] += (out.chosen_rewards > out.rejected_rewards).float().sum().item()
         # The policy's own ranking, by mean log-prob per token: unlike the implied rewards it does not
         # depend on alpha or the reference, so it compares trials of an alpha sweep.
-        per_token = stats.logps.detach() / stats.num_tokens.clamp(min=1)
-        s["policy_accuracy"] += (per_token[:n] > per_token[n:]).float().sum().item()
-        if ref_logps is not None:  # the same ranking by the reference: what policy_accuracy was before training
-            ref_per_token = ref_logps / stats.num_tokens.clamp(min=1)
-            s["reference_accuracy"] += (ref_per_token[:n] > ref_per_token[n:]).float().sum().item()
-        s["logps/chosen"] += stats.logps[:n].detach().sum().item()
-        s["logps/rejected"] += stats.logps[n:].detach().sum().item()
-        if with_entropy:
-            s["entropy"] += stats.entropy_sum.sum().item()
-            s["entropy_tokens"] += stats.num_tokens.sum().item()
-        s["pairs"] += n
-        s["tokens"] += tokens
+        tokens_per_seq = stats.num_tokens.clamp(min=1)
+        logps = stats.logps.detach()
+        per_token = logps / tokens_per_seq
+        zero = torch.zeros((), device=logps.device)
+        values = {
+            "seconds": seconds,
+            "loss": out.loss.detach() * n,
+            "rewards/chosen": out.chosen_rewards.sum(),
+            "rewards/rejected": out.rejected_rewards.sum(),
+            "rewards/accuracies": (out.chosen_rewards > out.rejected_rewards).sum(),
+            "policy_accuracy": (per_token[:n] > per_token[n:]).sum(),
+            # The same ranking by the reference: what policy_accuracy was before training.
+            "reference_accuracy": (ref_logps[:n] / tokens_per_seq[:n] > ref_logps[n:] / tokens_per_seq[n:]).sum() if ref_logps is not None else zero,
+            "logps/chosen": logps[:n].sum(),
+            "logps/rejected": logps[n:].sum(),
+            "pairs": n,
+            "entropy": stats.entropy_sum.sum() if with_entropy else zero,
+            "entropy_tokens": stats.num_tokens.sum() if with_entropy else zero,
+            "tokens": tokens,
+        }
+        self.sums += torch.stack([torch.as_tensor(values[k], dtype=torch.float64, device=self.device) for k in SUMS])
 
-    def averages(self, device: torch.device, prefix: str = "") -> dict[str, float]:
-        totals = torch.tensor([self.sums[k] for k in SUMS], dtype=torch.float64, device=device)
+    def averages(self, prefix: str = "") -> dict[str, float]:
+        totals = self.sums.clone()
         if dist.is_initialized():
             dist.all_reduce(totals)
         t = dict(zip(SUMS, totals.tolist()))
@@ -70,16 +79,16 @@ class Window:
         return {f"{prefix}{k}": v for k, v in metrics.items()}
 
 
-def _forward_loss(engine, batch: dict, config: Config, device: torch.device, with_entropy: bool = True):
+def _forward_loss(engine, batch: dict, config: Config, device: torch.device, with_entropy: bool = True, packed: bool = False):
     """One micro-batch of B pairs -> (HDPOLoss, CompletionStats over 2B sequences, real tokens, reference log-probs (2B,))."""
-    tensors = collate_pairs(batch["prompt_ids"], batch["chosen_ids"], batch["rejected_ids"], _pad_id(config))
-    tensors = {k: v.to(device) for k, v in tensors.items()}
-    stats = engine(**tensors, with_entropy=with_entropy)
-    n = len(batch["prompt_ids"])
+    prompts, chosen, rejected = batch["prompt_ids"], batch["chosen_ids"], batch["rejected_ids"]
+    tensors = collate_pairs(prompts, chosen, rejected, _pad_id(config), packed=packed)
+    stats = engine(**{k: v.to(device) for k, v in tensors.items()}, with_entropy=with_entropy)
+    n = len(prompts)
     ref_c = torch.as_tensor(batch["ref_chosen_logps"], dtype=torch.float32, device=device)
     ref_r = torch.as_tensor(batch["ref_rejected_logps"], dtype=torch.float32, device=device)
     out = hdpo_loss(stats.logps[:n], stats.logps[n:], ref_c, ref_r, alpha=config.loss.alpha, beta=config.loss.beta, label_smoothing=config.loss.label_smoothing)
-    return out, stats, int(tensors["attention_mask"].sum()), torch.cat([ref_c, ref_r])
+    return out, stats, real_tokens(prompts, chosen, rejected), torch.cat([ref_c, ref_r])
 
 
 def _pad_id(config: Config) -> int:
@@ -95,7 +104,7 @@ def _batches(iterator, batch_size: int):
 
 
 @torch.no_grad()
-def evaluate(engine, config: Config, device: torch.device, num_pairs: int) -> dict[str, float]:
+def evaluate(engine, config: Config, device: torch.device, num_pairs: int, packed: bool) -> dict[str, float]:
     """Every rank scores every world_size-th eval batch; ranks with fewer batches repeat a forward
     (not counted) so that ZeRO-3's collective forwards stay in step."""
     import ray.train
@@ -103,18 +112,18 @@ def evaluate(engine, config: Config, device: torch.device, num_pairs: int) -> di
     rank, world = dist.get_rank(), dist.get_world_size()
     batch_size = config.train.per_device_batch_size
     per_rank = math.ceil(math.ceil(num_pairs / batch_size) / world)
-    window, done, spare = Window(), 0, None
+    window, done, spare = Window(device), 0, None
     engine.eval()
     for i, batch in enumerate(_batches(ray.train.get_dataset_shard("eval"), batch_size)):
         spare = spare or batch
         if i % world == rank:
-            out, stats, tokens, ref = _forward_loss(engine, batch, config, device)
+            out, stats, tokens, ref = _forward_loss(engine, batch, config, device, packed=packed)
             window.add(out, stats, len(batch["prompt_ids"]), tokens, ref_logps=ref)
             done += 1
     for _ in range(per_rank - done):
-        _forward_loss(engine, spare, config, device)
+        _forward_loss(engine, spare, config, device, packed=packed)
     engine.train()
-    metrics = window.averages(device, prefix="eval/")
+    metrics = window.averages(prefix="eval/")
     metrics.pop("eval/tokens_per_s")
     return metrics
 
@@ -147,6 +156,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
     context = ray.train.get_context()
     device = torch.device("cuda", torch.cuda.current_device()) if train.use_gpu else torch.device("cpu")
     engine = build_engine(config, total_steps=total_steps, world_size=context.get_world_size())
+    packed = use_packing(config, engine.module.model, device, announce=context.get_world_rank() == 0)
 
     state = {"step": 0, "epoch": 0, "micro_batches_in_epoch": 0}
     checkpoint = ray.train.get_checkpoint()
@@ -172,7 +182,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
                 export_model(engine, config, directory)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
 
-    window, last, stage0_grad_norm = Window(), time.perf_counter(), float("nan")
+    window, last, stage0_grad_norm = Window(device), time.perf_counter(), float("nan")
     micro_batches = _resumable_micro_batches(ray.train.get_dataset_shard("train"), train.per_device_batch_size, state)
     while state["step"] < total_steps:
         batch = next(micro_batches)
@@ -180,7 +190,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
         # Entropy costs one more pass over the logits: measure it on the optimizer steps that get logged.
         next_step = engine.global_steps + 1
         with_entropy = next_step % train.logging_steps == 0 or next_step >= total_steps
-        out, stats, tokens, ref = _forward_loss(engine, batch, config, device, with_entropy)
+        out, stats, tokens, ref = _forward_loss(engine, batch, config, device, with_entropy, packed)
         if not finite_everywhere(out.loss):  # no backward on any rank: the micro-batch is consumed, not trained on
             guard.skipped_batch()
             if guard.exhausted:
@@ -209,15 +219,26 @@ def train_loop_per_worker(loop_config: dict) -> dict:
         metrics = {}
         if step % train.logging_steps == 0 or final:
             grad_norm = stage0_grad_norm if train.zero_stage == 0 else engine.get_global_grad_norm()
-            metrics = window.averages(device) | guard.metrics() | {"lr": engine.get_lr()[0], "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"), "peak_memory_mb": _peak_memory_mb(device)}
-            window = Window()
+            metrics = window.averages() | guard.metrics() | {"lr": engine.get_lr()[0], "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"), "peak_memory_mb": _peak_memory_mb(device)}
+            window = Window(device)
         if num_eval_pairs and (final or (train.eval_steps and step % train.eval_steps == 0)):
-            metrics |= evaluate(engine, config, device, num_eval_pairs)
+            metrics |= evaluate(engine, config, device, num_eval_pairs, packed)
         save = final or bool(train.save_steps and step % train.save_steps == 0)
         if metrics or save:
             report({"step": step, "epoch": state["epoch"], **metrics}, save=save, export=final)
             last = time.perf_counter()  # throughput counts training time, not eval or checkpointing
     return {"step": state["step"], "epoch": state["epoch"]}
+
+
+def use_packing(config: Config, model, device: torch.device, announce: bool) -> bool:
+    """train.packing, unless this model attends across packed sequences (then padding, said once)."""
+    if not config.train.packing:
+        return False
+    if packing_is_exact(model, device):
+        return True
+    if announce:
+        print(f"[hdpo-ray] train.packing: {config.model.name_or_path} attends across packed sequences, so micro-batches are padded instead", flush=True)
+    return False
 
 
 def _peak_memory_mb(device: torch.device) -> float:

@@ -99,3 +99,13 @@ def test_eval_takes_a_gguf_file(ray_address, tmp_path, smollm2_dir):
     assert results["model"] == str(model) and results["model_fingerprint"].startswith("gguf:")
     assert results["tasks"]["gsm8k"]["0.5"]["problems"] == 2  # and the embedded default's 4 samples each
     assert results["tasks"]["gsm8k"]["0.5"]["samples"] == 8
+
+
+def test_packed_log_probs_equal_padded_with_grouped_query_attention(smollm2_dir):
+    """SmolLM2 has 9 query heads over 3 key-value heads (GQA): packing stays exact on real pairs."""
+    from tests.unit.test_logprobs import assert_packed_equals_padded_on_real_pairs, real_pairs
+
+    model = load_causal_lm(SMOLLM2_MODEL).eval()
+    assert model.config.num_attention_heads == 9 and model.config.num_key_value_heads == 3
+    pairs, pad_id = real_pairs(SMOLLM2_MODEL, 8, max_length=160)
+    assert_packed_equals_padded_on_real_pairs(model, pairs, pad_id)

@@ -14,7 +14,7 @@ from hdpo_ray.train.deepspeed_config import build_deepspeed_config, fill_auto, l
 @pytest.mark.parametrize("micro, ga, world", [(4, 1, 2), (2, 8, 4), (1, 1, 1), (3, 5, 7)])
 def test_batch_arithmetic(micro, ga, world):
     train = TrainConfig(per_device_batch_size=micro, gradient_accumulation_steps=ga)
-    ds = build_deepspeed_config(train, world_size=world, on_gpu=False)
+    ds = build_deepspeed_config(train, world_size=world)
     assert ds["train_micro_batch_size_per_gpu"] == micro
     assert ds["gradient_accumulation_steps"] == ga
     assert ds["train_batch_size"] == micro * ga * world
@@ -22,7 +22,7 @@ def test_batch_arithmetic(micro, ga, world):
 
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_zero_stage_keys(stage):
-    ds = build_deepspeed_config(TrainConfig(zero_stage=stage), world_size=2, on_gpu=True)
+    ds = build_deepspeed_config(TrainConfig(zero_stage=stage, use_gpu=True), world_size=2)
     zero = ds["zero_optimization"]
     assert zero["stage"] == stage
     if stage >= 2:
@@ -37,25 +37,28 @@ def test_zero_stage_keys(stage):
 
 
 def test_overlap_comm_off_on_cpu():
-    ds = build_deepspeed_config(TrainConfig(zero_stage=2), world_size=2, on_gpu=False)
+    ds = build_deepspeed_config(TrainConfig(zero_stage=2), world_size=2)
     assert ds["zero_optimization"]["overlap_comm"] is False
 
 
-@pytest.mark.parametrize("on_gpu", [True, False])
-def test_bf16_only_on_gpu(on_gpu):
-    ds = build_deepspeed_config(TrainConfig(), world_size=1, on_gpu=on_gpu)
-    assert ds["bf16"] == {"enabled": on_gpu}
+@pytest.mark.parametrize(
+    ("use_gpu", "precision", "bf16"),
+    [(True, "auto", True), (False, "auto", False), (False, "bf16", True), (True, "fp32", False), (False, "fp32", False)],
+)
+def test_precision_auto_is_bf16_on_gpu_and_fp32_on_cpu(use_gpu, precision, bf16):
+    ds = build_deepspeed_config(TrainConfig(use_gpu=use_gpu, precision=precision), world_size=1)
+    assert ds["bf16"] == {"enabled": bf16}
     assert "fp16" not in ds or not ds["fp16"].get("enabled")
 
 
 @pytest.mark.parametrize("clip", [0.0, 0.5, 1.0])
 def test_gradient_clipping(clip):
-    ds = build_deepspeed_config(TrainConfig(max_grad_norm=clip), world_size=1, on_gpu=False)
+    ds = build_deepspeed_config(TrainConfig(max_grad_norm=clip), world_size=1)
     assert ds["gradient_clipping"] == clip
 
 
 def test_built_config_is_json_serializable():
-    ds = build_deepspeed_config(TrainConfig(zero_stage=3), world_size=2, on_gpu=True)
+    ds = build_deepspeed_config(TrainConfig(zero_stage=3, use_gpu=True), world_size=2)
     assert json.loads(json.dumps(ds)) == ds
     assert ds["zero_allow_untested_optimizer"] is True
 
@@ -72,8 +75,8 @@ def test_user_json_auto_filled_explicit_kept(tmp_path):
     }
     path = tmp_path / "ds.json"
     path.write_text(json.dumps(user))
-    train = TrainConfig(per_device_batch_size=3, gradient_accumulation_steps=2, zero_stage=3, max_grad_norm=1.0, deepspeed_config=str(path))
-    ds = build_deepspeed_config(train, world_size=4, on_gpu=True)
+    train = TrainConfig(per_device_batch_size=3, gradient_accumulation_steps=2, zero_stage=3, max_grad_norm=1.0, deepspeed_config=str(path), use_gpu=True)
+    ds = build_deepspeed_config(train, world_size=4)
     assert ds["train_micro_batch_size_per_gpu"] == 3
     assert ds["gradient_accumulation_steps"] == 2
     assert ds["train_batch_size"] == 3 * 2 * 4
@@ -93,7 +96,7 @@ def test_user_json_auto_without_value_raises(tmp_path):
     path = tmp_path / "ds.json"
     path.write_text(json.dumps({"train_batch_size": "auto", "optimizer": {"params": {"lr": "auto"}}}))
     with pytest.raises(ValueError, match="lr"):
-        build_deepspeed_config(TrainConfig(deepspeed_config=str(path)), world_size=1, on_gpu=False)
+        build_deepspeed_config(TrainConfig(deepspeed_config=str(path)), world_size=1)
 
 
 def test_fill_auto_direct():

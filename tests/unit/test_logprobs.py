@@ -206,3 +206,114 @@ def test_extra_empty_chunks_change_nothing_and_too_few_raise(model):
     assert torch.allclose(base.logps, padded.logps) and torch.allclose(base.entropy_sum, padded.entropy_sum)
     with pytest.raises(ValueError, match="cannot hold"):
         completion_logprobs(model, **batch, chunk_tokens=4, num_chunks=1)
+
+
+def packed_batch(rows=ROWS, seed: int = 0) -> dict[str, torch.Tensor]:
+    """make_batch's sequences in collate's packed layout."""
+    from hdpo_ray.data.collate import collate_completions
+
+    padded = make_batch(rows, seed)
+    sequences = [padded["input_ids"][i, : p + c].tolist() for i, (p, c) in enumerate(rows)]
+    return collate_completions([s[:p] for s, (p, _) in zip(sequences, rows)], [s[p:] for s, (p, _) in zip(sequences, rows)], PAD, packed=True)
+
+
+# ROWS (9, 7, 9, 5 tokens) share no row; SHARED packs at capacity 8 into [0], [1], [2, 3], [7, 4, 5], [6].
+SHARED = [(3, 5), (2, 6), (2, 2), (1, 3), (1, 1), (1, 1), (1, 1), (2, 2)]
+
+
+@pytest.mark.parametrize("rows", [ROWS, SHARED])
+def test_packed_equals_padded(model, rows):
+    padded, packed = make_batch(rows), packed_batch(rows)
+    assert packed["input_ids"].numel() <= padded["input_ids"].numel()
+    with torch.no_grad():
+        a = completion_logprobs(model, **padded, chunk_tokens=3)
+        b = completion_logprobs(model, **packed, chunk_tokens=3)
+    torch.testing.assert_close(b.logps, a.logps, atol=1e-5, rtol=0)
+    torch.testing.assert_close(b.entropy_sum, a.entropy_sum, atol=1e-5, rtol=0)
+    assert torch.equal(a.num_tokens, b.num_tokens)
+
+
+def test_packed_gradients_equal_padded(model):
+    weights = torch.linspace(-1.0, 2.0, len(SHARED))
+    grads = []
+    for batch in (make_batch(SHARED), packed_batch(SHARED)):
+        model.zero_grad()
+        (completion_logprobs(model, **batch, chunk_tokens=4).logps * weights).sum().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    model.zero_grad()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-5, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_a_packed_sequence_does_not_see_its_neighbour(model):
+    """Changing every token of the other sequences in a row leaves this sequence's log-probs as they were."""
+    batch = packed_batch(SHARED)
+    assert batch["sequence_index"][3].tolist() == [7, 7, 7, 7, 4, 4, 5, 5]
+    other = {k: v.clone() for k, v in batch.items()}
+    neighbours = other["sequence_index"] != 4
+    other["input_ids"][neighbours] = (other["input_ids"][neighbours] * 7 + 5) % (VOCAB - 3) + 3
+    with torch.no_grad():
+        a = completion_logprobs(model, **batch)
+        b = completion_logprobs(model, **other)
+    torch.testing.assert_close(a.logps[4], b.logps[4], atol=1e-6, rtol=0)
+    assert not torch.isclose(a.logps[5], b.logps[5], atol=1e-3) and not torch.isclose(a.logps[7], b.logps[7], atol=1e-3)  # its neighbours did change
+
+
+def test_packing_is_exact_for_llama_but_not_for_a_model_that_ignores_positions(model):
+    from hdpo_ray.logprobs import packing_is_exact
+
+    assert packing_is_exact(model, torch.device("cpu"))
+    with torch.no_grad():
+        assert not packing_is_exact(_ignores_position_ids(model), torch.device("cpu"))
+
+
+def _ignores_position_ids(model):
+    """The same Llama, but its decoder drops position_ids: the mask of one sequence spans the whole row."""
+    import copy
+
+    broken = copy.deepcopy(model)
+    forward = broken.model.forward
+    broken.model.forward = lambda *args, position_ids=None, **kwargs: forward(*args, **kwargs)
+    return broken
+
+
+def test_layout_arguments_are_checked(model):
+    batch = packed_batch()
+    with pytest.raises(ValueError, match="either attention_mask"):
+        completion_logprobs(model, **batch, attention_mask=torch.ones_like(batch["input_ids"]))
+    with pytest.raises(ValueError, match="either attention_mask"):
+        completion_logprobs(model, batch["input_ids"], completion_mask=batch["completion_mask"], position_ids=batch["position_ids"])
+
+
+def real_pairs(model_id: str, count: int, max_length: int) -> tuple[list, int]:
+    """The first `count` shipped UltraFeedback train pairs, tokenized with the model's chat template."""
+    import pyarrow.parquet as pq
+
+    from hdpo_ray.data.template import encode_pair
+    from hdpo_ray.data.validate import normalize_pair
+    from hdpo_ray.models import ASSETS, load_tokenizer
+
+    tokenizer = load_tokenizer(model_id)
+    rows = pq.read_table(ASSETS / "ultrafeedback/train_prefs-900.parquet").slice(0, count).to_pylist()
+    return [encode_pair(normalize_pair(r), tokenizer, max_length=max_length, max_prompt_length=max_length // 2) for r in rows], tokenizer.pad_token_id
+
+
+def assert_packed_equals_padded_on_real_pairs(model, pairs, pad_id) -> None:
+    """fp32: every sequence's log-prob and entropy within 1e-5 (relative) of the padded layout's; some rows hold several sequences."""
+    from hdpo_ray.data.collate import collate_pairs
+
+    columns = [[getattr(p, k) for p in pairs] for k in ("prompt_ids", "chosen_ids", "rejected_ids")]
+    padded, packed = (collate_pairs(*columns, pad_id, packed=p) for p in (False, True))
+    assert packed["input_ids"].shape[0] < padded["input_ids"].shape[0]  # sequences shared rows
+    with torch.no_grad():
+        a, b = completion_logprobs(model, **padded), completion_logprobs(model, **packed)
+    torch.testing.assert_close(b.logps, a.logps, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(b.entropy_sum, a.entropy_sum, rtol=1e-5, atol=1e-5)
+    assert torch.equal(a.num_tokens, b.num_tokens)
+
+
+def test_packed_equals_padded_on_real_pairs_with_the_embedded_tiny_llama():
+    from hdpo_ray.models import build_tiny_llama
+
+    pairs, pad_id = real_pairs("hdpo-ray/tiny-llama", 8, max_length=256)
+    assert_packed_equals_padded_on_real_pairs(build_tiny_llama().eval(), pairs, pad_id)

@@ -18,16 +18,16 @@ def test_policy_accuracy_uses_mean_logprob_per_token_and_ignores_alpha():
     stats = CompletionStats(logps, entropy_sum=torch.tensor([5.0, 20.0, 4.0, 10.0]), num_tokens=torch.tensor([5, 20, 4, 10]))
     ref = torch.tensor([-11.0, -25.0]), torch.tensor([-11.0, -25.0])
     for alpha in (0.8, 1.0, 1.2):
-        window = Window()
+        window = Window(torch.device("cpu"))
         window.add(hdpo_loss(logps[:2], logps[2:], *ref, alpha=alpha, beta=0.1), stats, n=2, tokens=100, seconds=1.0)
-        metrics = window.averages(torch.device("cpu"))
+        metrics = window.averages()
         assert metrics["policy_accuracy"] == 1.0
         assert metrics["entropy"] == pytest.approx(39.0 / 39.0)
         assert metrics["logps/chosen"] == -20.0 and metrics["logps/rejected"] == -16.0
     # the implied-reward accuracy does depend on alpha: r = beta * (alpha * logp - ref)
-    low = Window()
+    low = Window(torch.device("cpu"))
     low.add(hdpo_loss(logps[:2], logps[2:], *ref, alpha=1.0, beta=0.1), stats, n=2, tokens=100)
-    assert low.averages(torch.device("cpu"))["rewards/accuracies"] == 0.5  # pair 2: -30 < -20
+    assert low.averages()["rewards/accuracies"] == 0.5  # pair 2: -30 < -20
 
 
 def test_reference_accuracy_ranks_the_reference_log_probs_per_token():
@@ -36,7 +36,7 @@ def test_reference_accuracy_ranks_the_reference_log_probs_per_token():
     logps = torch.tensor([-10.0, -30.0, -12.0, -20.0])
     stats = CompletionStats(logps, entropy_sum=torch.zeros(4), num_tokens=torch.tensor([5, 20, 4, 10]))
     ref_c, ref_r = torch.tensor([-10.0, -40.0]), torch.tensor([-12.0, -15.0])
-    window = Window()
+    window = Window(torch.device("cpu"))
     window.add(hdpo_loss(logps[:2], logps[2:], ref_c, ref_r, alpha=1.0, beta=0.1), stats, n=2, tokens=10, ref_logps=torch.cat([ref_c, ref_r]))
-    metrics = window.averages(torch.device("cpu"))
+    metrics = window.averages()
     assert metrics["reference_accuracy"] == 0.5 and metrics["policy_accuracy"] == 1.0
