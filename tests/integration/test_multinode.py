@@ -1,6 +1,7 @@
 """Scale-out on real multi-node Ray, all on this machine: a cluster that autoscales from zero (Ray's real
 autoscaler, fake multi-node provider), and a fixed cluster of labelled nodes (ray.cluster_utils.Cluster)
-that trains across nodes, loses a node mid-run, and runs a sweep whose trials land on different nodes.
+that trains across nodes, loses a node mid-run, and runs an alpha sweep (interrupted and resumed) whose trials
+land on different nodes.
 
 Every run is the session's comparison run (tests/integration/conftest.py: 24 real pairs, 6 held out, the
 embedded SFT'd tiny Llama, 2 workers, 3 epochs of 6 steps, a checkpoint every 2 steps) placed on other
@@ -10,7 +11,10 @@ clusters, and must end with the numbers of that run on the session's one-node he
 
 from __future__ import annotations
 
+import csv
 import json
+import math
+import signal
 from pathlib import Path
 
 import pytest
@@ -159,21 +163,79 @@ def test_a_lost_node_is_replaced_and_the_run_ends_as_if_uninterrupted(fixed_clus
     assert_same_numbers(metric_rows(out), metric_rows(one_node_run[0]))
 
 
-# 4. A sweep across nodes: one reference pass, trials on different nodes, the numbers of one node.
-def test_sweep_trials_run_on_different_nodes_from_one_reference_pass(fixed_cluster, one_node_run, pairs, tmp_path):
+# 4. A sweep across nodes: interrupted and resumed, one reference pass, trials on both train nodes, the numbers of one
+# node, the policies' entropy ordered by alpha, each trial's model evaluated on GSM8K and the sweep's tables written.
+ALPHAS = (0.8, 1.0, 1.2)
+TASK_METRIC = "gsm8k/pass@2/t=1"
+SWEEP = [f"sweep.alphas=[{','.join(map(str, ALPHAS))}]", "sweep.max_concurrent_trials=2", "sweep.entropy_prompts=6", "sweep.entropy_max_new_tokens=16",
+         "eval.tasks=[gsm8k]", "eval.limit=4", "eval.num_samples=2", "eval.k=[1,2]", "eval.temperatures=[0.5,1.0]", "eval.max_new_tokens=24",
+         "eval.num_cpus_per_actor=0.5", f"sweep.metric={TASK_METRIC}"]  # fmt: skip
+
+
+def test_sweep_across_nodes_resumes_shares_one_reference_pass_and_orders_entropy_by_alpha(fixed_cluster, one_node_run, pairs, tmp_path):
     cluster, dashboard = fixed_cluster
     before = set(actors(dashboard, "RayTrainWorker"))
-    args = comparison_args(tmp_path / "sweep", tmp_path / "cache", pairs, "train.cpus_per_worker=0.5", *TRAIN_ROLE)
-    # One epoch per trial (a constant learning rate: the first 6 steps of the full run).
-    args = ["sweep", *args[1:], "train.max_steps=6", "sweep.alphas=[1.0,1.2]", "sweep.max_concurrent_trials=2", "sweep.entropy_prompts=6", "sweep.entropy_max_new_tokens=8"]
-    result = run_cli(args, cluster.address, timeout=900)
-    assert result.returncode == 0, result.stderr[-4000:]
+    out = tmp_path / "sweep"
+    # Each trial: the comparison run's first epoch (a constant learning rate: its first 6 steps), two half-CPU workers.
+    args = comparison_args(out, tmp_path / "cache", pairs, "train.cpus_per_worker=0.5", "train.max_steps=6", *TRAIN_ROLE, *SWEEP)
+    command = ["sweep", *args[1:]]
+    first_trial = out / "trials" / "alpha=0.8_beta=0.1_lr=0.002"
 
-    sweep = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
-    assert [i["reference_forward_pairs"] for i in sweep["invocations"]] == [30]  # 24 train + 6 eval pairs, once for both trials
+    # 1. Interrupted (Ctrl-C) once the first trial has finished.
+    first = TimedRun(command, cluster.address, tmp_path / "first.log")
+    wait_for(lambda: (first_trial / "summary.json").exists() or first.process.poll() is not None, "the first trial to finish", timeout=600)
+    assert (first_trial / "summary.json").exists(), first.output[-3000:]
+    first.process.send_signal(signal.SIGINT)
+    assert first.wait(120) == 1 and "rerun the same command to resume it" in first.output, first.output[-3000:]
+    finished_before = sorted(p.parent.name for p in (out / "trials").glob("*/summary.json"))
+    assert len(finished_before) < len(ALPHAS), "the sweep ended before it could be interrupted"
+    started = {p.parent.name: json.loads(p.read_text())["name"] for p in (out / "trials").glob("*/run.json") if p.parent.name not in finished_before}
+    first_summary, first_metrics = (first_trial / "summary.json").read_text(), (first_trial / "metrics.jsonl").read_text()
+
+    # 2. The same command again resumes: finished trials are kept, the rest continue or start.
+    result = run_cli(command, cluster.address, timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert (first_trial / "summary.json").read_text() == first_summary and (first_trial / "metrics.jsonl").read_text() == first_metrics
+    for trial, run_name in started.items():  # an interrupted trial's Ray Train run continued under its name, from its checkpoint
+        assert json.loads((out / "trials" / trial / "run.json").read_text())["name"] == run_name
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert [float(r["alpha"]) for r in rows] == list(ALPHAS) and {r["status"] for r in rows} == {"finished"}
+    assert all(int(r["steps"]) == 6 and Path(r["final_model"], "model.safetensors").exists() for r in rows)
+
+    # One reference pass for the whole sweep (24 train + 6 eval pairs), in the first invocation only; read from the shared path.
+    sweep = json.loads((out / "sweep.json").read_text())
+    assert [i["reference_forward_pairs"] for i in sweep["invocations"]] == [30, 0]
+    assert "reference forward passes over the whole sweep: 30 pairs in 2 invocation(s), 0 in the latest" in (out / "results.md").read_text()
+
+    # Placement: every trial packs its two workers on one train node; the trials used both train nodes.
     roles = node_roles(dashboard)
     workers = {a: n for a, n in actors(dashboard, "RayTrainWorker").items() if a not in before}
-    # Each trial packs its two half-CPU workers on one train node; the two trials ran side by side on both.
-    assert len(workers) == 4 and len(set(workers.values())) == 2 and {roles[n] for n in workers.values()} == {"train"}, (workers, roles)
-    trial = tmp_path / "sweep" / "trials" / "alpha=1_beta=0.1_lr=0.002"
-    assert_same_numbers(metric_rows(trial), [r for r in metric_rows(one_node_run[0]) if r["step"] <= 6])
+    assert len(workers) >= 2 * len(ALPHAS) and len(set(workers.values())) == 2 and {roles[n] for n in workers.values()} == {"train"}, (workers, roles)
+    # The numbers of one node: the alpha = 1 trial is the one-node run's first epoch, step for step.
+    assert_same_numbers(metric_rows(out / "trials" / "alpha=1_beta=0.1_lr=0.002"), [r for r in metric_rows(one_node_run[0]) if r["step"] <= 6])
+
+    # The entropy ordering, on both measures, with the reference's own entropy on the same prompts beside it.
+    for measure in ("entropy/teacher_forced", "entropy/sampled"):
+        values = [float(r[measure]) for r in rows]
+        assert values[0] < values[1] < values[2], (measure, values)
+    reference = json.loads((out / "reference_entropy.json").read_text())
+    assert reference["entropy/prompts"] == 6 and all(math.isfinite(reference[m]) and reference[m] > 0 for m in ("entropy/teacher_forced", "entropy/sampled"))
+    assert f"the reference model on the same prompts: teacher-forced {reference['entropy/teacher_forced']:.4g}" in (out / "results.md").read_text()
+    best = json.loads((out / "best.json").read_text())
+    assert best["metric"] == TASK_METRIC and best["best"]["trial"] in {r["trial"] for r in rows} and best["best"]["final_model"]
+    assert (out / "alpha_sweep.png").stat().st_size > 10_000
+
+    # GSM8K on every trial's model: results in the trial's eval/, task columns, the alpha x temperature view.
+    for row in rows:
+        evaluation = json.loads((Path(row["final_model"]).parent / "eval" / "results.json").read_text())
+        assert evaluation["model"] == row["final_model"] and evaluation["tasks"]["gsm8k"]["1"]["samples"] == 4 * 2
+        assert float(row[TASK_METRIC]) == pytest.approx(evaluation["metrics"][TASK_METRIC])
+    header = (out / "results.md").read_text().split("\n| trial")[1].split("\n")[0]
+    assert all(f"gsm8k/{m}/t={t}" in header for m in ("pass@1", "pass@2", "entropy") for t in ("0.5", "1"))
+    table = (out / "alpha_temperature.md").read_text()
+    assert "## gsm8k: pass@1" in table and "## gsm8k: entropy" in table and "| alpha=0.8 |" in table and "T=0.5 | T=1" in table
+    assert (out / "alpha_temperature.png").stat().st_size > 10_000
+    # The sampling entropy on GSM8K prompts (completely unlike the training data) follows alpha too.
+    task_entropy = [float(r["gsm8k/entropy/t=1"]) for r in rows]
+    print(f"\nsweep across nodes: entropy teacher-forced {[float(r['entropy/teacher_forced']) for r in rows]}, sampled on GSM8K at T=1 {task_entropy}")
+    assert task_entropy[0] < task_entropy[1] < task_entropy[2], task_entropy
