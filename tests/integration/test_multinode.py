@@ -198,7 +198,7 @@ def test_sweep_across_nodes_resumes_shares_one_reference_pass_and_orders_entropy
     assert (first_trial / "summary.json").read_text() == first_summary and (first_trial / "metrics.jsonl").read_text() == first_metrics
     for trial, run_name in started.items():  # an interrupted trial's Ray Train run continued under its name, from its checkpoint
         assert json.loads((out / "trials" / trial / "run.json").read_text())["name"] == run_name
-    rows = list(csv.DictReader(open(out / "results.csv")))
+    rows = list(csv.DictReader((out / "results.csv").read_text().splitlines()))
     assert [float(r["alpha"]) for r in rows] == list(ALPHAS) and {r["status"] for r in rows} == {"finished"}
     assert all(int(r["steps"]) == 6 and Path(r["final_model"], "model.safetensors").exists() for r in rows)
 

@@ -35,7 +35,7 @@ def _train(out: Path, pairs: Path, ray_address: str, *extra: str):
     """Two steps; the reference cache beside the pairs, so the second run (same pairs, same reference) reuses the first's."""
     args = ["train", f"model.name_or_path={SMOLLM2_MODEL}", f"output_dir={out}", f"data.train_files=[{pairs}]", "data.eval_files=[]",
             "data.max_length=48", "data.max_prompt_length=24", "train.per_device_batch_size=2", "train.max_steps=2", "train.logging_steps=1",
-            "train.lr=1e-3", "train.num_workers=2", "train.zero_stage=2", f"reference.cache_dir={pairs.parent / 'cache'}", *extra]  # fmt: skip
+            "train.lr=1e-3", "train.num_workers=2", "train.cpus_per_worker=0.5", "train.torch_threads=1", "train.zero_stage=2", f"reference.cache_dir={pairs.parent / 'cache'}", *extra]  # fmt: skip
     result = run_cli(args, ray_address)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [r for r in metric_rows(out) if "loss" in r]
