@@ -168,7 +168,8 @@ def fit(config: Config, train_split, eval_split, callbacks: tuple = ()) -> tuple
         datasets=datasets,
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"], execution_options=_ordered_ingest()),
     )
-    log.info("training: %d steps on %d workers (ZeRO-%d), %d train pairs, run %s, checkpoints in %s", total_steps, train.num_workers, train.zero_stage, train_split.num_pairs, name, storage)
+    workers = f"{train.num_workers} worker{'s' if train.num_workers > 1 else ''}"
+    log.info("training: %d steps on %s (ZeRO-%d), %d train pairs, run %s, checkpoints in %s", total_steps, workers, train.zero_stage, train_split.num_pairs, name, storage)
     try:
         return trainer.fit(), total_steps, state
     except BaseException as err:  # the MLflow run says so; run.json stays "running": the same command resumes
