@@ -143,6 +143,16 @@ def test_gradients_match_naive(model, chunk_tokens):
     assert any(g.abs().max() > 1e-6 for g in naive.values())
 
 
+def assert_same_stats(model, batch: dict, other: dict) -> None:
+    """The two batches (either layout) give every sequence the same log-prob, entropy and token count."""
+    with torch.no_grad():
+        a = completion_logprobs(model, **batch, chunk_tokens=3)
+        b = completion_logprobs(model, **other, chunk_tokens=3)
+    torch.testing.assert_close(b.logps, a.logps, atol=1e-5, rtol=0)
+    torch.testing.assert_close(b.entropy_sum, a.entropy_sum, atol=1e-5, rtol=0)
+    assert torch.equal(a.num_tokens, b.num_tokens)
+
+
 def test_padding_ids_do_not_matter(model):
     batch = make_batch()
     other = {k: v.clone() for k, v in batch.items()}
@@ -151,12 +161,7 @@ def test_padding_ids_do_not_matter(model):
     assert padding.any()
     other["input_ids"][padding] = torch.randint(3, VOCAB, (int(padding.sum()),), generator=g)
     assert not torch.equal(other["input_ids"], batch["input_ids"])
-    with torch.no_grad():
-        a = completion_logprobs(model, **batch, chunk_tokens=3)
-        b = completion_logprobs(model, **other, chunk_tokens=3)
-    torch.testing.assert_close(a.logps, b.logps, atol=1e-5, rtol=0)
-    torch.testing.assert_close(a.entropy_sum, b.entropy_sum, atol=1e-5, rtol=0)
-    assert torch.equal(a.num_tokens, b.num_tokens)
+    assert_same_stats(model, batch, other)
 
 
 def test_rows_are_independent(model):
@@ -225,12 +230,7 @@ SHARED = [(3, 5), (2, 6), (2, 2), (1, 3), (1, 1), (1, 1), (1, 1), (2, 2)]
 def test_packed_equals_padded(model, rows):
     padded, packed = make_batch(rows), packed_batch(rows)
     assert packed["input_ids"].numel() <= padded["input_ids"].numel()
-    with torch.no_grad():
-        a = completion_logprobs(model, **padded, chunk_tokens=3)
-        b = completion_logprobs(model, **packed, chunk_tokens=3)
-    torch.testing.assert_close(b.logps, a.logps, atol=1e-5, rtol=0)
-    torch.testing.assert_close(b.entropy_sum, a.entropy_sum, atol=1e-5, rtol=0)
-    assert torch.equal(a.num_tokens, b.num_tokens)
+    assert_same_stats(model, padded, packed)
 
 
 def test_packed_gradients_equal_padded(model):
