@@ -81,6 +81,7 @@ def prepare(work: Path, model_key: str, pairs: int, max_length: int) -> tuple[Pa
     """The model directory, the pairs for hdpo-ray (parquet) and for TRL (conversational jsonl), and each pair's real tokens."""
     import pyarrow.parquet as pq
 
+    from hdpo_ray.data.collate import real_tokens
     from hdpo_ray.data.template import encode_pair
     from hdpo_ray.data.validate import normalize_pair
     from hdpo_ray.models import ASSETS, load_causal_lm, load_tokenizer
@@ -97,7 +98,7 @@ def prepare(work: Path, model_key: str, pairs: int, max_length: int) -> tuple[Pa
     for row in table.to_pylist():
         pair = normalize_pair(row)
         encoded = encode_pair(pair, tokenizer, max_length=max_length, max_prompt_length=max_length // 2)
-        tokens.append(2 * len(encoded.prompt_ids) + len(encoded.chosen_ids) + len(encoded.rejected_ids))
+        tokens.append(real_tokens([encoded.prompt_ids], [encoded.chosen_ids], [encoded.rejected_ids]))
         prompt = [{"role": m.role, "content": m.content} for m in pair.prompt]
         trl_rows.append({"prompt": prompt, "chosen": [{"role": "assistant", "content": pair.chosen}], "rejected": [{"role": "assistant", "content": pair.rejected}]})
     jsonl = work / "pairs-trl.jsonl"
