@@ -141,3 +141,14 @@ def packing_is_exact(model: torch.nn.Module, device: torch.device) -> bool:
         model.train(was_training)
     tolerance = 1e-4 if next(model.parameters()).dtype == torch.float32 else 5e-2
     return bool((padded - packed).abs().max() <= tolerance)
+
+
+def use_packing(wanted: bool, model: torch.nn.Module, device: torch.device, name: str, announce: bool = True) -> bool:
+    """train.packing for this process's model: on when wanted and exact, else padding (said once when announce)."""
+    if not wanted:
+        return False
+    if packing_is_exact(model, device):
+        return True
+    if announce:
+        print(f"[hdpo-ray] train.packing: {name} attends across packed sequences, so its batches are padded instead", flush=True)
+    return False

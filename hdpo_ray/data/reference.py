@@ -13,7 +13,7 @@ import torch
 from hdpo_ray.capacity import placement_options
 from hdpo_ray.config import Config
 from hdpo_ray.data.collate import collate_pairs
-from hdpo_ray.logprobs import completion_logprobs, packing_is_exact
+from hdpo_ray.logprobs import completion_logprobs, use_packing
 
 PAIR_COLUMNS = ["prompt_ids", "chosen_ids", "rejected_ids"]
 
@@ -31,7 +31,7 @@ class ReferenceScorer:
         self.model = load_causal_lm(name_or_path, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code).to(self.device).eval()
         self.pad_id = pad_id
         self.chunk_tokens = chunk_tokens
-        self.packing = packing and packing_is_exact(self.model, self.device)
+        self.packing = use_packing(packing, self.model, self.device, name_or_path)
 
     @torch.inference_mode()
     def __call__(self, batch: pa.Table) -> pa.Table:

@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from hdpo_ray.config import Config
 from hdpo_ray.data.collate import collate_pairs, real_tokens
-from hdpo_ray.logprobs import packing_is_exact
+from hdpo_ray.logprobs import use_packing
 from hdpo_ray.loss import hdpo_loss
 from hdpo_ray.train.engine import build_engine, export_model, load_checkpoint, save_checkpoint
 from hdpo_ray.train.nonfinite import NonFiniteGuard, finite_everywhere, step_engine
@@ -156,7 +156,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
     context = ray.train.get_context()
     device = torch.device("cuda", torch.cuda.current_device()) if train.use_gpu else torch.device("cpu")
     engine = build_engine(config, total_steps=total_steps, world_size=context.get_world_size())
-    packed = use_packing(config, engine.module.model, device, announce=context.get_world_rank() == 0)
+    packed = use_packing(config.train.packing, engine.module.model, device, config.model.name_or_path, announce=context.get_world_rank() == 0)
 
     state = {"step": 0, "epoch": 0, "micro_batches_in_epoch": 0}
     checkpoint = ray.train.get_checkpoint()
@@ -228,17 +228,6 @@ def train_loop_per_worker(loop_config: dict) -> dict:
             report({"step": step, "epoch": state["epoch"], **metrics}, save=save, export=final)
             last = time.perf_counter()  # throughput counts training time, not eval or checkpointing
     return {"step": state["step"], "epoch": state["epoch"]}
-
-
-def use_packing(config: Config, model, device: torch.device, announce: bool) -> bool:
-    """train.packing, unless this model attends across packed sequences (then padding, said once)."""
-    if not config.train.packing:
-        return False
-    if packing_is_exact(model, device):
-        return True
-    if announce:
-        print(f"[hdpo-ray] train.packing: {config.model.name_or_path} attends across packed sequences, so micro-batches are padded instead", flush=True)
-    return False
 
 
 def _peak_memory_mb(device: torch.device) -> float:
