@@ -28,8 +28,26 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-QWEN2_05B = {"vocab_size": 151936, "hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24, "num_attention_heads": 14, "num_key_value_heads": 2, "max_position_embeddings": 4096, "tie_word_embeddings": True}
-TINY = {"vocab_size": 1000, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256, "tie_word_embeddings": True}
+QWEN2_05B = {
+    "vocab_size": 151936,
+    "hidden_size": 896,
+    "intermediate_size": 4864,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 14,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 4096,
+    "tie_word_embeddings": True,
+}
+TINY = {
+    "vocab_size": 1000,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 256,
+    "tie_word_embeddings": True,
+}
 
 
 def device() -> torch.device:
@@ -114,17 +132,35 @@ def project(args, model_dir: str, inputs: list) -> dict:
 
     dev = device()
     on_gpu = dev.type == "cuda"
-    config = Config.model_validate({"model": {"name_or_path": model_dir}, "train": {"num_workers": 1, "use_gpu": on_gpu, "per_device_batch_size": args.pairs, "zero_stage": 2, "warmup_ratio": 0.0}})
+    config = Config.model_validate(
+        {
+            "model": {"name_or_path": model_dir},
+            "train": {
+                "num_workers": 1,
+                "use_gpu": on_gpu,
+                "per_device_batch_size": args.pairs,
+                "zero_stage": 2,
+                "warmup_ratio": 0.0,
+            },
+        }
+    )
     engine = build_engine(config, total_steps=len(inputs), world_size=1)
     prompt = args.tokens - args.completion
 
     def tensors(ids):
         rows = ids.tolist()
         n = args.pairs
-        packed = collate_pairs([r[:prompt] for r in rows[:n]], [r[prompt:] for r in rows[:n]], [r[prompt:] for r in rows[n:]], 0, packed=True)
+        packed = collate_pairs(
+            [r[:prompt] for r in rows[:n]],
+            [r[prompt:] for r in rows[:n]],
+            [r[prompt:] for r in rows[n:]],
+            0,
+            packed=True,
+        )
         return {k: v.to(dev) for k, v in packed.items()}
 
-    # The reference pool's forward pass, as its actors run it (bf16 on GPU), timed alone: training reads its cached output.
+    # The reference pool's forward pass, as its actors run it (bf16
+    # on GPU), timed alone: training reads its cached output.
     reference = load_causal_lm(model_dir, dtype=torch.bfloat16 if on_gpu else torch.float32).to(dev).eval()
     cached = {}
 
@@ -146,12 +182,19 @@ def project(args, model_dir: str, inputs: list) -> dict:
         engine.step()
 
     seconds = timed(step, inputs, args.warmup)
-    return {"s_per_step": seconds, "flops_per_token_factor": 6, "peak_memory_gb": peak_memory_gb(), "reference_pass_s_per_batch": reference_s}
+    return {
+        "s_per_step": seconds,
+        "flops_per_token_factor": 6,
+        "peak_memory_gb": peak_memory_gb(),
+        "reference_pass_s_per_batch": reference_s,
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--tiny", action="store_true", help="a 2-layer Qwen2 and short sequences: a CPU check of the script")
+    parser.add_argument(
+        "--tiny", action="store_true", help="a 2-layer Qwen2 and short sequences: a CPU check of the script"
+    )
     parser.add_argument("--pairs", type=int, default=None, help="pairs per step (default 4; --tiny 2)")
     parser.add_argument("--tokens", type=int, default=None, help="tokens per sequence (default 1024; --tiny 64)")
     parser.add_argument("--completion", type=int, default=None, help="completion tokens per sequence (default half)")
@@ -164,9 +207,18 @@ def main() -> None:
     args.pairs = args.pairs or (2 if tiny else 4)
     args.tokens = args.tokens or (64 if tiny else 1024)
     args.completion = args.completion or args.tokens // 2
-    args.steps, args.warmup = args.steps or (2 if tiny else 10), args.warmup if args.warmup is not None else (1 if tiny else 3)
+    args.steps, args.warmup = (
+        args.steps or (2 if tiny else 10),
+        args.warmup if args.warmup is not None else (1 if tiny else 3),
+    )
 
-    for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29517", "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"}.items():
+    for key, value in {
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": "29517",
+        "RANK": "0",
+        "LOCAL_RANK": "0",
+        "WORLD_SIZE": "1",
+    }.items():
         os.environ.setdefault(key, value)  # one rank, as Ray Train sets them up for each worker
     dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", rank=0, world_size=1)
     work = tempfile.mkdtemp(prefix="hdpo-gpu-step-")
@@ -174,7 +226,13 @@ def main() -> None:
     params = save_model(shape, work)
     inputs = batches(args, shape["vocab_size"], args.warmup + args.steps)
     tokens = 2 * args.pairs * args.tokens
-    results = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "torch": torch.__version__, "params": params, "pairs": args.pairs, "tokens": args.tokens}
+    results = {
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "torch": torch.__version__,
+        "params": params,
+        "pairs": args.pairs,
+        "tokens": args.tokens,
+    }
     for name, run in (("plain", plain), ("hdpo-ray", project)):
         r = run(args, work, inputs)
         r["tokens_per_s"] = tokens / r["s_per_step"]
@@ -187,8 +245,10 @@ def main() -> None:
     for name in ("plain", "hdpo-ray"):
         r = results[name]
         print(f"| {name} | {r['tokens_per_s']:,.0f} | {r['mfu']:.1%} | {r['peak_memory_gb']} |")
-    print(f"hdpo-ray / plain: {ratio:.2f}x tokens/s (plain includes the reference forward, hdpo-ray reads it cached; the reference "
-          f"pool's forward alone: {tokens / results['hdpo-ray']['reference_pass_s_per_batch']:,.0f} tokens/s)")
+    print(
+        f"hdpo-ray / plain: {ratio:.2f}x tokens/s (plain includes the reference forward, hdpo-ray reads it cached; the "
+        f"reference pool's forward alone: {tokens / results['hdpo-ray']['reference_pass_s_per_batch']:,.0f} tokens/s)"
+    )
     if os.environ.get("OUT"):
         with open(os.path.join(os.environ["OUT"], "gpu_step.json"), "w") as handle:
             json.dump(results, handle, indent=1)

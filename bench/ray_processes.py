@@ -55,14 +55,36 @@ class RayHead:
     def start(self) -> None:
         # With the dashboard on (loopback only): it serves the State API that Ray Train's placement-group cleaner
         # polls; without it the cleaner logs a failure every second. `hdpo-ray train` on its own starts it too.
-        flags = ["--dashboard-port", "--ray-client-server-port", "--dashboard-agent-listen-port",
-                 "--dashboard-agent-grpc-port", "--runtime-env-agent-port", "--metrics-export-port",
-                 "--node-manager-port", "--object-manager-port"]  # fmt: skip
+        flags = [
+            "--dashboard-port",
+            "--ray-client-server-port",
+            "--dashboard-agent-listen-port",
+            "--dashboard-agent-grpc-port",
+            "--runtime-env-agent-port",
+            "--metrics-export-port",
+            "--node-manager-port",
+            "--object-manager-port",
+        ]
         ports = [str(x) for flag in flags for x in (flag, free_port())]  # Ray's fixed defaults may be taken by others
-        command = [bin_next_to_python("ray") or "ray", "start", "--head", "--num-cpus", str(self.num_cpus),
-                   "--port", str(self.port), "--node-ip-address", "127.0.0.1", "--temp-dir", self.temp_dir,
-                   "--include-dashboard", "true", "--dashboard-host", "127.0.0.1", "--disable-usage-stats",
-                   *ports]  # fmt: skip
+        command = [
+            bin_next_to_python("ray") or "ray",
+            "start",
+            "--head",
+            "--num-cpus",
+            str(self.num_cpus),
+            "--port",
+            str(self.port),
+            "--node-ip-address",
+            "127.0.0.1",
+            "--temp-dir",
+            self.temp_dir,
+            "--include-dashboard",
+            "true",
+            "--dashboard-host",
+            "127.0.0.1",
+            "--disable-usage-stats",
+            *ports,
+        ]
         done = subprocess.run(command, env=self.env, capture_output=True, text=True, timeout=300, check=False)
         if done.returncode != 0:
             raise RuntimeError(f"ray start failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")

@@ -50,7 +50,14 @@ def plain_loop(cache_entry: str, steps: int, threads: int, batch: int, lr: float
             logps = naive_completion_logprobs(model, **tensors)
         else:  # entropy at the project's cadence: only on the steps it logs (every WARMUP_STEPS-th)
             logps = completion_logprobs(model, **tensors, with_entropy=(step + 1) % WARMUP_STEPS == 0).logps
-        out = hdpo_loss(logps[:batch], logps[batch:], torch.tensor(rows["ref_chosen_logps"][sl]), torch.tensor(rows["ref_rejected_logps"][sl]), alpha=1.0, beta=0.1)
+        out = hdpo_loss(
+            logps[:batch],
+            logps[batch:],
+            torch.tensor(rows["ref_chosen_logps"][sl]),
+            torch.tensor(rows["ref_rejected_logps"][sl]),
+            alpha=1.0,
+            beta=0.1,
+        )
         optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -58,13 +65,17 @@ def plain_loop(cache_entry: str, steps: int, threads: int, batch: int, lr: float
         if step >= WARMUP_STEPS:
             seconds += time.perf_counter() - started
             tokens += int(tensors["attention_mask"].sum())
-    queue.put({"tokens_per_s": tokens / seconds, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
+    queue.put(
+        {"tokens_per_s": tokens / seconds, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    )
 
 
 def run_plain(cache_entry: str, args, naive: bool) -> dict:
     context = mp.get_context("spawn")
     queue = context.Queue()
-    process = context.Process(target=plain_loop, args=(cache_entry, args.steps, args.threads, args.batch, args.lr, naive, queue))
+    process = context.Process(
+        target=plain_loop, args=(cache_entry, args.steps, args.threads, args.batch, args.lr, naive, queue)
+    )
     process.start()
     result = queue.get()
     process.join()
@@ -78,12 +89,25 @@ def run_project(workdir: Path, args, workers: int) -> dict:
     from hdpo_ray.pipeline import run_training
 
     out = workdir / f"project-{workers}w"
-    config = load_config(str(ASSETS / "tiny.yaml"), [
-        f"output_dir={out}", f"reference.cache_dir={workdir}/cache", "data.eval_files=[]", f"data.max_length={args.max_length}",
-        f"data.max_prompt_length={args.max_length // 2}", f"train.num_workers={workers}", f"train.cpus_per_worker={max(0.5, (args.threads - 1) / workers)}",
-        f"train.torch_threads={max(1, args.threads // workers)}", f"train.max_steps={args.steps}", f"train.per_device_batch_size={args.batch // workers}",
-        f"train.logging_steps={WARMUP_STEPS}", f"train.lr={args.lr}", "train.zero_stage=2", "train.save_steps=0",
-    ])  # fmt: skip
+    config = load_config(
+        str(ASSETS / "tiny.yaml"),
+        [
+            f"output_dir={out}",
+            f"reference.cache_dir={workdir}/cache",
+            "data.eval_files=[]",
+            f"data.max_length={args.max_length}",
+            f"data.max_prompt_length={args.max_length // 2}",
+            f"train.num_workers={workers}",
+            f"train.cpus_per_worker={max(0.5, (args.threads - 1) / workers)}",
+            f"train.torch_threads={max(1, args.threads // workers)}",
+            f"train.max_steps={args.steps}",
+            f"train.per_device_batch_size={args.batch // workers}",
+            f"train.logging_steps={WARMUP_STEPS}",
+            f"train.lr={args.lr}",
+            "train.zero_stage=2",
+            "train.save_steps=0",
+        ],
+    )
     result = run_training(config)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     measured = [r for r in rows if "tokens_per_s" in r and r["step"] > WARMUP_STEPS]
@@ -112,11 +136,18 @@ def main() -> None:
         same = run_plain(str(cache_entry), args, naive=False)
 
     print(f"\n{'loop':<34}{'tokens/s':>12}{'peak RSS MB':>14}")
-    for name, r in (("plain PyTorch, naive log-softmax", naive), ("plain PyTorch, hdpo_ray log-probs", same), ("hdpo-ray (Ray Train + DeepSpeed, 1 worker)", project)):
+    for name, r in (
+        ("plain PyTorch, naive log-softmax", naive),
+        ("plain PyTorch, hdpo_ray log-probs", same),
+        ("hdpo-ray (Ray Train + DeepSpeed, 1 worker)", project),
+    ):
         print(f"{name:<34}{r['tokens_per_s']:>12,.0f}{r['peak_rss_mb']:>14,.0f}")
     print(f"\nratio hdpo-ray / plain naive     = {project['tokens_per_s'] / naive['tokens_per_s']:.2f}")
     print(f"ratio hdpo-ray / plain same math = {project['tokens_per_s'] / same['tokens_per_s']:.2f}")
-    print(f"(steps={args.steps}, warm-up={WARMUP_STEPS}, pairs/step={args.batch}, threads={args.threads}, max_length={args.max_length})")
+    print(
+        f"(steps={args.steps}, warm-up={WARMUP_STEPS}, pairs/step={args.batch}, threads={args.threads}, "
+        f"max_length={args.max_length})"
+    )
 
 
 if __name__ == "__main__":

@@ -78,7 +78,8 @@ def timed(command: list[str], log: Path, env: dict) -> dict:
 
 
 def prepare(work: Path, model_key: str, pairs: int, max_length: int) -> tuple[Path, Path, Path, list[int]]:
-    """The model directory, the pairs for hdpo-ray (parquet) and for TRL (conversational jsonl), and each pair's real tokens."""
+    """The model directory, the pairs for hdpo-ray (parquet) and for TRL (conversational
+    jsonl), and each pair's real tokens."""
     import pyarrow.parquet as pq
 
     from hdpo_ray.data.collate import real_tokens
@@ -100,7 +101,13 @@ def prepare(work: Path, model_key: str, pairs: int, max_length: int) -> tuple[Pa
         encoded = encode_pair(pair, tokenizer, max_length=max_length, max_prompt_length=max_length // 2)
         tokens.append(real_tokens([encoded.prompt_ids], [encoded.chosen_ids], [encoded.rejected_ids]))
         prompt = [{"role": m.role, "content": m.content} for m in pair.prompt]
-        trl_rows.append({"prompt": prompt, "chosen": [{"role": "assistant", "content": pair.chosen}], "rejected": [{"role": "assistant", "content": pair.rejected}]})
+        trl_rows.append(
+            {
+                "prompt": prompt,
+                "chosen": [{"role": "assistant", "content": pair.chosen}],
+                "rejected": [{"role": "assistant", "content": pair.rejected}],
+            }
+        )
     jsonl = work / "pairs-trl.jsonl"
     jsonl.write_text("".join(json.dumps(r) + "\n" for r in trl_rows))
     return model_dir, parquet, jsonl, tokens
@@ -121,44 +128,110 @@ def trl_worker(args) -> None:
             step_ends.append(time.perf_counter())
 
     config = DPOConfig(
-        output_dir=str(args.work / "trl-out"), per_device_train_batch_size=args.batch, gradient_accumulation_steps=1,
-        learning_rate=args.lr, beta=args.beta, num_train_epochs=1, max_steps=args.max_steps, max_length=args.max_length,
-        lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=1.0, logging_steps=1, report_to=[], save_strategy="no",
-        use_cpu=True, bf16=False, dataloader_num_workers=0, seed=0,
-    )  # fmt: skip
+        output_dir=str(args.work / "trl-out"),
+        per_device_train_batch_size=args.batch,
+        gradient_accumulation_steps=1,
+        learning_rate=args.lr,
+        beta=args.beta,
+        num_train_epochs=1,
+        max_steps=args.max_steps,
+        max_length=args.max_length,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        max_grad_norm=1.0,
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        bf16=False,
+        dataloader_num_workers=0,
+        seed=0,
+    )
     trainer = DPOTrainer(
-        model=AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32), args=config,
+        model=AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32),
+        args=config,
         train_dataset=load_dataset("json", data_files=str(args.trl_pairs), split="train"),
-        processing_class=AutoTokenizer.from_pretrained(args.model_dir), callbacks=[StepTimes()],
-    )  # fmt: skip
+        processing_class=AutoTokenizer.from_pretrained(args.model_dir),
+        callbacks=[StepTimes()],
+    )
     trainer.train()
     losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
     (args.work / "trl-steps.json").write_text(json.dumps({"step_ends": step_ends, "losses": losses}))
 
 
 def run_trl(args, work: Path) -> dict:
-    command = [sys.executable, __file__, "--trl-worker", "--model-dir", str(args.model_dir), "--trl-pairs", str(args.trl_pairs), "--work", str(work),
-               "--batch", str(args.batch), "--max-length", str(args.max_length), "--lr", str(args.lr), "--beta", str(args.beta), "--max-steps", str(args.max_steps)]  # fmt: skip
+    command = [
+        sys.executable,
+        __file__,
+        "--trl-worker",
+        "--model-dir",
+        str(args.model_dir),
+        "--trl-pairs",
+        str(args.trl_pairs),
+        "--work",
+        str(work),
+        "--batch",
+        str(args.batch),
+        "--max-length",
+        str(args.max_length),
+        "--lr",
+        str(args.lr),
+        "--beta",
+        str(args.beta),
+        "--max-steps",
+        str(args.max_steps),
+    ]
     measured = timed(command, work / "trl.log", os.environ | {"TOKENIZERS_PARALLELISM": "false"})
     steps = json.loads((work / "trl-steps.json").read_text())
     ends = steps["step_ends"]
-    return measured | {"steps": len(ends), "training_s": ends[-1] - ends[0], "first_loss": steps["losses"][0], "last_loss": steps["losses"][-1]}
+    return measured | {
+        "steps": len(ends),
+        "training_s": ends[-1] - ends[0],
+        "first_loss": steps["losses"][0],
+        "last_loss": steps["losses"][-1],
+    }
 
 
 def run_hdpo(args, work: Path, workers: int) -> dict:
     out, threads = work / f"hdpo-out-{workers}w", max(1, args.cores // workers)
     overrides = [
-        f"output_dir={out}", f"model.name_or_path={args.model_dir}", f"data.train_files=[{args.hdpo_pairs}]", "data.eval_files=[]",
-        f"reference.cache_dir={work / f'hdpo-cache-{workers}w'}", f"data.max_length={args.max_length}", f"data.max_prompt_length={args.max_length // 2}",
-        f"train.num_workers={workers}", f"train.per_device_batch_size={args.batch // workers}", f"train.cpus_per_worker={threads / 2}", f"train.torch_threads={threads}", f"train.lr={args.lr}", f"loss.beta={args.beta}",
-        "loss.alpha=1.0", "train.epochs=1", f"train.max_steps={args.max_steps}", "train.lr_scheduler=constant", "train.warmup_ratio=0", "train.max_grad_norm=1.0",
-        "train.logging_steps=1", "train.save_steps=0", "logging.tensorboard=false", f"train.packing={str(args.packing).lower()}",
-    ]  # fmt: skip
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_AUTH_MODE": "disabled"}  # its own local Ray, as a user's first run
-    measured = timed([str(Path(sys.executable).parent / "hdpo-ray"), "train", *overrides], work / f"hdpo-ray-{workers}w.log", env)
+        f"output_dir={out}",
+        f"model.name_or_path={args.model_dir}",
+        f"data.train_files=[{args.hdpo_pairs}]",
+        "data.eval_files=[]",
+        f"reference.cache_dir={work / f'hdpo-cache-{workers}w'}",
+        f"data.max_length={args.max_length}",
+        f"data.max_prompt_length={args.max_length // 2}",
+        f"train.num_workers={workers}",
+        f"train.per_device_batch_size={args.batch // workers}",
+        f"train.cpus_per_worker={threads / 2}",
+        f"train.torch_threads={threads}",
+        f"train.lr={args.lr}",
+        f"loss.beta={args.beta}",
+        "loss.alpha=1.0",
+        "train.epochs=1",
+        f"train.max_steps={args.max_steps}",
+        "train.lr_scheduler=constant",
+        "train.warmup_ratio=0",
+        "train.max_grad_norm=1.0",
+        "train.logging_steps=1",
+        "train.save_steps=0",
+        "logging.tensorboard=false",
+        f"train.packing={str(args.packing).lower()}",
+    ]
+    # its own local Ray, as a user's first run
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_AUTH_MODE": "disabled"}
+    measured = timed(
+        [str(Path(sys.executable).parent / "hdpo-ray"), "train", *overrides], work / f"hdpo-ray-{workers}w.log", env
+    )
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if "loss" in r]
-    return measured | {"steps": len(rows), "training_s": rows[-1]["time"] - rows[0]["time"], "first_loss": rows[0]["loss"], "last_loss": rows[-1]["loss"]}
+    return measured | {
+        "steps": len(rows),
+        "training_s": rows[-1]["time"] - rows[0]["time"],
+        "first_loss": rows[0]["loss"],
+        "last_loss": rows[-1]["loss"],
+    }
 
 
 def report(sides: dict, tokens: list[int], args) -> None:
@@ -170,18 +243,28 @@ def report(sides: dict, tokens: list[int], args) -> None:
         side["train_pairs_per_s"] = (side["steps"] - 1) * args.batch / side["training_s"]
         side["train_tokens_per_s"] = (side["steps"] - 1) * step_tokens / side["training_s"]
     ours = [name for name in sides if name != "trl"]
-    print(f"\n{args.model}: {args.pairs} pairs, {args.batch} per step, max_length {args.max_length}, lr {args.lr}, beta {args.beta}, {steps} steps\n")
+    print(
+        f"\n{args.model}: {args.pairs} pairs, {args.batch} per step, max_length {args.max_length}, lr {args.lr}, "
+        f"beta {args.beta}, {steps} steps\n"
+    )
     print("| | TRL DPOTrainer | " + " | ".join(ours) + " | " + " | ".join(f"{n} / TRL" for n in ours) + " |")
     print("|---|" + "---:|" * (1 + 2 * len(ours)))
-    rows = [("process wall time (s)", "wall_s", "{:.0f}"), ("pairs/s end to end", "pairs_per_s", "{:.2f}"),
-            ("pairs/s training phase", "train_pairs_per_s", "{:.2f}"), ("real tokens/s training phase", "train_tokens_per_s", "{:,.0f}"),
-            ("peak memory, all processes (MB)", "peak_memory_mb", "{:,.0f}")]  # fmt: skip
+    rows = [
+        ("process wall time (s)", "wall_s", "{:.0f}"),
+        ("pairs/s end to end", "pairs_per_s", "{:.2f}"),
+        ("pairs/s training phase", "train_pairs_per_s", "{:.2f}"),
+        ("real tokens/s training phase", "train_tokens_per_s", "{:,.0f}"),
+        ("peak memory, all processes (MB)", "peak_memory_mb", "{:,.0f}"),
+    ]
     trl = sides["trl"]
     for label, key, form in rows:
         values = [form.format(sides[n][key]) for n in ours]
         ratios = [f"{sides[n][key] / trl[key]:.2f}x" for n in ours]
         print(f"| {label} | {form.format(trl[key])} | " + " | ".join(values) + " | " + " | ".join(ratios) + " |")
-    print("\nloss, first and last logged step: " + "; ".join(f"{n} {sides[n]['first_loss']:.4f} -> {sides[n]['last_loss']:.4f}" for n in sides))
+    print(
+        "\nloss, first and last logged step: "
+        + "; ".join(f"{n} {sides[n]['first_loss']:.4f} -> {sides[n]['last_loss']:.4f}" for n in sides)
+    )
 
 
 def main() -> None:
@@ -193,9 +276,15 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=5e-5)
     parser.add_argument("--beta", type=float, default=0.1)
     parser.add_argument("--max-steps", type=int, default=-1, help="-1: one epoch")
-    parser.add_argument("--workers", default="2,1", help="hdpo-ray runs, one per comma-separated worker count (--batch is split over them)")
+    parser.add_argument(
+        "--workers",
+        default="2,1",
+        help="hdpo-ray runs, one per comma-separated worker count (--batch is split over them)",
+    )
     parser.add_argument("--cores", type=int, default=2, help="threads shared out over hdpo-ray's workers")
-    parser.add_argument("--packing", type=lambda s: s.lower() in ("1", "true", "yes"), default=True, help="hdpo-ray's train.packing")
+    parser.add_argument(
+        "--packing", type=lambda s: s.lower() in ("1", "true", "yes"), default=True, help="hdpo-ray's train.packing"
+    )
     parser.add_argument("--work", type=Path, default=None)
     parser.add_argument("--trl-worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", type=Path, help=argparse.SUPPRESS)
@@ -212,7 +301,9 @@ def main() -> None:
     started = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     sides = {"trl": run_trl(args, work)} | {f"hdpo-ray {w}w": run_hdpo(args, work, w) for w in worker_counts}
     report(sides, tokens, args)
-    (work / "side_by_side.json").write_text(json.dumps({"started": started, "args": {k: str(v) for k, v in vars(args).items()}, "sides": sides}, indent=2))
+    (work / "side_by_side.json").write_text(
+        json.dumps({"started": started, "args": {k: str(v) for k, v in vars(args).items()}, "sides": sides}, indent=2)
+    )
     print(f"\n{started}; logs and JSON in {work}")
 
 

@@ -28,7 +28,13 @@ HERE = Path(__file__).parent
 
 
 def container_security() -> dict[str, Any]:
-    return {"runAsNonRoot": True, "runAsUser": RAY_UID, "allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True, "capabilities": {"drop": ["ALL"]}}
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": RAY_UID,
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "capabilities": {"drop": ["ALL"]},
+    }
 
 
 def container(name: str, *, cpu: int, memory: str, gpus: int = 0, command: list[str] | None = None) -> dict[str, Any]:
@@ -39,18 +45,26 @@ def container(name: str, *, cpu: int, memory: str, gpus: int = 0, command: list[
     """
     resources = {"cpu": str(cpu), "memory": memory} | ({"nvidia.com/gpu": str(gpus)} if gpus else {})
     spec = {
-        "name": name, "image": IMAGE, "imagePullPolicy": "IfNotPresent",
-        "resources": {"requests": dict(resources), "limits": dict(resources)}, "securityContext": container_security(),
+        "name": name,
+        "image": IMAGE,
+        "imagePullPolicy": "IfNotPresent",
+        "resources": {"requests": dict(resources), "limits": dict(resources)},
+        "securityContext": container_security(),
         "env": [
-            {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": HF_TOKEN_SECRET, "key": "token", "optional": True}}},
+            {
+                "name": "HF_TOKEN",
+                "valueFrom": {"secretKeyRef": {"name": HF_TOKEN_SECRET, "key": "token", "optional": True}},
+            },
             {"name": "HF_HOME", "value": f"{SHARED_MOUNT}/hf-cache"},
             {"name": "DS_ACCELERATOR", "value": "cuda" if gpus else "cpu"},
         ],
         "volumeMounts": [
-            {"name": "shared", "mountPath": SHARED_MOUNT}, {"name": "tmp", "mountPath": "/tmp"},
-            {"name": "dshm", "mountPath": "/dev/shm"}, {"name": "home-cache", "mountPath": "/home/ray/.cache"},
+            {"name": "shared", "mountPath": SHARED_MOUNT},
+            {"name": "tmp", "mountPath": "/tmp"},
+            {"name": "dshm", "mountPath": "/dev/shm"},
+            {"name": "home-cache", "mountPath": "/home/ray/.cache"},
         ],
-    }  # fmt: skip
+    }
     if command:
         spec["command"] = command
     return spec
@@ -58,7 +72,12 @@ def container(name: str, *, cpu: int, memory: str, gpus: int = 0, command: list[
 
 def pod_template(main: dict[str, Any], *, gpus: bool, shm: str) -> dict[str, Any]:
     spec: dict[str, Any] = {
-        "securityContext": {"runAsNonRoot": True, "runAsUser": RAY_UID, "fsGroup": 100, "seccompProfile": {"type": "RuntimeDefault"}},
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": RAY_UID,
+            "fsGroup": 100,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
         "containers": [main],
         "volumes": [
             {"name": "shared", "persistentVolumeClaim": {"claimName": SHARED_CLAIM}},
@@ -66,7 +85,7 @@ def pod_template(main: dict[str, Any], *, gpus: bool, shm: str) -> dict[str, Any
             {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": shm}},
             {"name": "home-cache", "emptyDir": {}},
         ],
-    }  # fmt: skip
+    }
     if gpus:
         spec["tolerations"] = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
     return {"spec": spec}
@@ -77,10 +96,15 @@ def worker_group(name: str, *, replicas: tuple[int, int], gpus: int, cpu: int, m
     file's train.resources_per_worker / reference.resources / eval.resources name it, so the autoscaler
     knows which group to grow for which actors, and an 8-GPU training node never hosts reference actors."""
     return {
-        "groupName": name, "minReplicas": replicas[0], "maxReplicas": replicas[1], "replicas": replicas[0],
-        "rayStartParams": {"resources": json.dumps(json.dumps({name: gpus}))},  # KubeRay passes it to `ray start --resources` as one quoted string
+        "groupName": name,
+        "minReplicas": replicas[0],
+        "maxReplicas": replicas[1],
+        "replicas": replicas[0],
+        "rayStartParams": {
+            "resources": json.dumps(json.dumps({name: gpus}))
+        },  # KubeRay passes it to `ray start --resources` as one quoted string
         "template": pod_template(container("ray-worker", cpu=cpu, memory=memory, gpus=gpus), gpus=True, shm="64Gi"),
-    }  # fmt: skip
+    }
 
 
 def cluster_spec() -> dict[str, Any]:
@@ -98,10 +122,12 @@ def cluster_spec() -> dict[str, Any]:
         "rayVersion": RAY_VERSION,
         "enableInTreeAutoscaling": True,
         "autoscalerOptions": {
-            "upscalingMode": "Default", "idleTimeoutSeconds": 300, "imagePullPolicy": "IfNotPresent",
+            "upscalingMode": "Default",
+            "idleTimeoutSeconds": 300,
+            "imagePullPolicy": "IfNotPresent",
             "resources": {"requests": {"cpu": "500m", "memory": "512Mi"}, "limits": {"cpu": "500m", "memory": "512Mi"}},
             "securityContext": container_security(),
-        },  # fmt: skip
+        },
         "headGroupSpec": head,
         "workerGroupSpecs": [
             worker_group("train-gpu", replicas=(0, 2), gpus=8, cpu=64, memory="512Gi"),
@@ -123,7 +149,9 @@ def submitter_template() -> dict[str, Any]:
 
 def ray_job(name: str, entrypoint: str, *, hours: int) -> dict[str, Any]:
     return {
-        "apiVersion": "ray.io/v1", "kind": "RayJob", "metadata": {"name": name, "labels": {"app": "hdpo-ray"}},
+        "apiVersion": "ray.io/v1",
+        "kind": "RayJob",
+        "metadata": {"name": name, "labels": {"app": "hdpo-ray"}},
         "spec": {
             "entrypoint": entrypoint,
             "shutdownAfterJobFinishes": True,  # delete the cluster when the job ends ...
@@ -134,24 +162,38 @@ def ray_job(name: str, entrypoint: str, *, hours: int) -> dict[str, Any]:
             "submitterPodTemplate": submitter_template(),
             "rayClusterSpec": cluster_spec(),
         },
-    }  # fmt: skip
+    }
 
 
 def manifests() -> dict[str, dict[str, Any]]:
     """File name -> manifest."""
     return {
-        "raycluster.yaml": {"apiVersion": "ray.io/v1", "kind": "RayCluster", "metadata": {"name": "hdpo", "labels": {"app": "hdpo-ray"}}, "spec": cluster_spec()},
+        "raycluster.yaml": {
+            "apiVersion": "ray.io/v1",
+            "kind": "RayCluster",
+            "metadata": {"name": "hdpo", "labels": {"app": "hdpo-ray"}},
+            "spec": cluster_spec(),
+        },
         "rayjob-train.yaml": ray_job("hdpo-train", f"hdpo-ray train --config {JOB_CONFIG}", hours=48),
-        "rayjob-sweep.yaml": ray_job("hdpo-sweep", f"hdpo-ray sweep --config {JOB_CONFIG} output_dir={SHARED_MOUNT}/hdpo/zephyr-7b-sweep", hours=240),
+        "rayjob-sweep.yaml": ray_job(
+            "hdpo-sweep",
+            f"hdpo-ray sweep --config {JOB_CONFIG} output_dir={SHARED_MOUNT}/hdpo/zephyr-7b-sweep",
+            hours=240,
+        ),
         "storage.yaml": {
-            "apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": SHARED_CLAIM, "labels": {"app": "hdpo-ray"}},
+            "apiVersion": "v1",
+            "kind": "PersistentVolumeClaim",
+            "metadata": {"name": SHARED_CLAIM, "labels": {"app": "hdpo-ray"}},
             "spec": {"accessModes": ["ReadWriteMany"], "resources": {"requests": {"storage": "2Ti"}}},
-        },  # fmt: skip
+        },
     }
 
 
 def render(name: str, manifest: dict[str, Any]) -> str:
-    return f"# Generated by cluster/render.py from one cluster description; edit that, then run it.\n{yaml.safe_dump(manifest, sort_keys=False, width=200)}"
+    return (
+        "# Generated by cluster/render.py from one cluster description; edit that, then run "
+        f"it.\n{yaml.safe_dump(manifest, sort_keys=False, width=200)}"
+    )
 
 
 if __name__ == "__main__":

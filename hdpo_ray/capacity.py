@@ -62,7 +62,10 @@ class Group:
 # them, or the pipeline waits forever.
 DATA_CPUS = 1.0
 DATA_GROUP = Group("Ray Data", 1, {"CPU": DATA_CPUS})
-CUSTOM_HINT = "only nodes started with the custom resource {resource} offer it (ray start --resources, a KubeRay group's rayStartParams)"
+CUSTOM_HINT = (
+    "only nodes started with the custom resource {resource} offer it (ray start --resources, a KubeRay group's "
+    "rayStartParams)"
+)
 
 
 @dataclass(frozen=True)
@@ -81,14 +84,21 @@ def shortfall(phase: Phase, cluster: dict[str, float], node_labels: list[dict[st
         askers = [g for g in phase.groups if g.bundle.get(resource)]
         needed, has = sum(g.total(resource) for g in askers), cluster.get(resource, 0.0)
         if needed > has + 1e-9:
-            advice = [*(g.hint for g in askers), phase.hint] if resource in RAY_BUILTIN_RESOURCES else [CUSTOM_HINT.format(resource=resource)]
+            advice = (
+                [*(g.hint for g in askers), phase.hint]
+                if resource in RAY_BUILTIN_RESOURCES
+                else [CUSTOM_HINT.format(resource=resource)]
+            )
             hints = "; ".join(dict.fromkeys(h for h in advice if h))
             asks = " + ".join(g.describe() for g in askers)
             return f"{phase.note}{asks} need {needed:g} {resource}, but the cluster has {has:g}; {hints}"
     for group in phase.groups:
         if node_labels is not None and group.labels and not any(labels_match(group.labels, n) for n in node_labels):
             wanted = ", ".join(f"{k}={v}" for k, v in group.labels.items())
-            return f"{group.name} ask for a node labelled {wanted}, but no node of the cluster has those labels; {group.hint}"
+            return (
+                f"{group.name} ask for a node labelled {wanted}, but no node of the cluster has those labels; "
+                f"{group.hint}"
+            )
     return None
 
 
@@ -102,11 +112,15 @@ def labels_match(selector: dict[str, str], labels: dict[str, str]) -> bool:
     return all(labels.get(k) == v for k, v in selector.items() if not v.startswith(("in(", "!")))
 
 
-def first_shortfall(phases: Sequence[Phase], cluster: dict[str, float], node_labels: list[dict[str, str]] | None = None) -> str | None:
+def first_shortfall(
+    phases: Sequence[Phase], cluster: dict[str, float], node_labels: list[dict[str, str]] | None = None
+) -> str | None:
     return next((reason for phase in phases if (reason := shortfall(phase, cluster, node_labels))), None)
 
 
-def check_fits(phases: Sequence[Phase], cluster: dict[str, float], node_labels: list[dict[str, str]] | None = None) -> None:
+def check_fits(
+    phases: Sequence[Phase], cluster: dict[str, float], node_labels: list[dict[str, str]] | None = None
+) -> None:
     reason = first_shortfall(phases, cluster, node_labels)
     if reason:
         raise ResourceError(reason)
@@ -123,7 +137,9 @@ class AutoscalerReport:
     def describe(self) -> str:
         starting = ", ".join(f"{count} {kind}" for kind, count in self.launching.items())
         failed = f"; {self.failed} failed to start" if self.failed else ""
-        return (f"the autoscaler is starting {starting} node(s)" if starting else "the autoscaler is starting no node") + failed
+        return (
+            f"the autoscaler is starting {starting} node(s)" if starting else "the autoscaler is starting no node"
+        ) + failed
 
 
 def autoscaler_report() -> AutoscalerReport | None:
@@ -183,7 +199,8 @@ def held(phases: Sequence[Phase], autoscaling: str, wait_s: float) -> Iterator[N
 
 
 def wait_for(phases: Sequence[Phase], wait_s: float) -> None:
-    """Wait until the cluster holds every phase; ResourceError when the autoscaler starts nothing for it, or at wait_s."""
+    """Wait until the cluster holds every phase; ResourceError when the autoscaler starts
+    nothing for it, or at wait_s."""
     import ray
 
     started, last_line = time.monotonic(), float("-inf")
@@ -199,11 +216,19 @@ def wait_for(phases: Sequence[Phase], wait_s: float) -> None:
         if report is not None and (first is None or report.time > first.time):
             idle_looks = idle_looks | {report.time} if not report.launching else set()
             if len(idle_looks) >= IDLE_LOOKS:
-                raise ResourceError(f"the autoscaler starts no node for this run: {reason} (no node type offers it, or the node types are at max_workers)")
+                raise ResourceError(
+                    f"the autoscaler starts no node for this run: {reason} (no node type offers it, or the node "
+                    "types are at max_workers)"
+                )
         starting = report.describe() if report else "no autoscaler report yet"
         if waited >= wait_s:
-            raise ResourceError(f"waited {wait_s:g} s (cluster.wait_for_resources_s) and the cluster still cannot hold the run: {reason}; {starting}")
+            raise ResourceError(
+                f"waited {wait_s:g} s (cluster.wait_for_resources_s) and the cluster still cannot hold the run: "
+                f"{reason}; {starting}"
+            )
         if time.monotonic() - last_line >= PROGRESS_EVERY_S:
-            log.info("waiting for the autoscaler (%.0f s of %g): %s; %s", waited, wait_s, reason.split("; ", 1)[0], starting)
+            log.info(
+                "waiting for the autoscaler (%.0f s of %g): %s; %s", waited, wait_s, reason.split("; ", 1)[0], starting
+            )
             last_line = time.monotonic()
         time.sleep(1.0)

@@ -24,18 +24,45 @@ def _parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train a policy with H-DPO (no --config: the embedded default)")
     train.add_argument("--config", help="YAML file of config sections (see jobs/)")
     train.add_argument("--help-config", action="store_true", help="list every config key with its default and meaning")
-    train.add_argument("--resume", metavar="RUN_DIR", help="continue the unfinished or stopped run in RUN_DIR (its OUTPUT_DIR) from its latest checkpoint, with its saved config.json (key=value overrides on top)")
-    train.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides with YAML values, e.g. loss.alpha=0.9")
-    sweep = commands.add_parser("sweep", help="train one policy per alpha (x beta x lr) on Ray Tune, sharing one reference pass; rerun to resume")
+    train.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        help=(
+            "continue the unfinished or stopped run in RUN_DIR (its OUTPUT_DIR) from its latest checkpoint, with its "
+            "saved config.json (key=value overrides on top)"
+        ),
+    )
+    train.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="dotted overrides with YAML values, e.g. loss.alpha=0.9"
+    )
+    sweep = commands.add_parser(
+        "sweep",
+        help="train one policy per alpha (x beta x lr) on Ray Tune, sharing one reference pass; rerun to resume",
+    )
     sweep.add_argument("--config", help="YAML file of config sections; the sweep: section holds the grid")
-    sweep.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. sweep.alphas=[0.8,1.0,1.2]")
-    evaluate = commands.add_parser("eval", help="sample from a model on GSM8K, HumanEval, IFEval, MMLU-Pro; pass@k per temperature, with entropy")
-    evaluate.add_argument("--model", help="model directory, hub id or embedded id (default: model.name_or_path of the config)")
+    sweep.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. sweep.alphas=[0.8,1.0,1.2]"
+    )
+    evaluate = commands.add_parser(
+        "eval", help="sample from a model on GSM8K, HumanEval, IFEval, MMLU-Pro; pass@k per temperature, with entropy"
+    )
+    evaluate.add_argument(
+        "--model", help="model directory, hub id or embedded id (default: model.name_or_path of the config)"
+    )
     evaluate.add_argument("--config", help="YAML file of config sections; the eval: section holds the plan")
-    evaluate.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. eval.tasks=[gsm8k] eval.limit=20")
-    toy = commands.add_parser("toy", help="the paper's toy: fit one Gaussian to a two-mode mixture under the alpha-weighted reverse KL")
+    evaluate.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. eval.tasks=[gsm8k] eval.limit=20"
+    )
+    toy = commands.add_parser(
+        "toy", help="the paper's toy: fit one Gaussian to a two-mode mixture under the alpha-weighted reverse KL"
+    )
     toy.add_argument("--output-dir", default="outputs/toy", help="where toy.png, toy.md and toy.json go")
-    toy.add_argument("--d", type=float, default=None, help="the modes sit at -d and +d (default: where alpha=1 covers both and alpha<=0.9 picks one)")
+    toy.add_argument(
+        "--d",
+        type=float,
+        default=None,
+        help="the modes sit at -d and +d (default: where alpha=1 covers both and alpha<=0.9 picks one)",
+    )
     toy.add_argument("--alphas", default=None, help="comma-separated alphas, e.g. 0.8,0.9,1.0")
     return parser
 
@@ -60,7 +87,10 @@ def _evaluate(config, model: str) -> int:
     results = run_eval(config, model, tasks=tasks_to_run(config), output_dir=output_dir)
     first_t, k = f"{config.eval.temperatures[0]:g}", config.eval.k[0]
     scores = ", ".join(f"{task} pass@{k} {by_t[first_t][f'pass@{k}']:.3f}" for task, by_t in results["tasks"].items())
-    print(f"[hdpo-ray] eval done in {results['wall_s']:.0f} s ({results['backend']}): {scores} at T={first_t}; tables in {output_dir}/results.md")
+    print(
+        f"[hdpo-ray] eval done in {results['wall_s']:.0f} s ({results['backend']}): {scores} at T={first_t}; "
+        f"tables in {output_dir}/results.md"
+    )
     return 0
 
 
@@ -68,16 +98,27 @@ def _report_sweep(config, outcome: dict) -> int:
     best, rows = outcome["best"], outcome["rows"]
     finished = sum(r["status"] == "finished" for r in rows)
     if any(r["status"] == "interrupted" for r in rows):
-        print(f"[hdpo-ray] sweep interrupted after {outcome['wall_s']:.0f} s with {finished}/{len(rows)} trials finished; rerun the same command to resume it")
+        print(
+            f"[hdpo-ray] sweep interrupted after {outcome['wall_s']:.0f} s with {finished}/{len(rows)} trials "
+            "finished; rerun the same command to resume it"
+        )
         return 1
-    print(f"[hdpo-ray] sweep done in {outcome['wall_s']:.0f} s: {finished}/{len(rows)} trials finished, {outcome['reference_forward_pairs']} reference forward passes (pairs) in all; table in {config.output_dir}/results.md")
+    print(
+        f"[hdpo-ray] sweep done in {outcome['wall_s']:.0f} s: {finished}/{len(rows)} trials finished, "
+        f"{outcome['reference_forward_pairs']} reference forward passes (pairs) in all; table in "
+        f"{config.output_dir}/results.md"
+    )
     if best:
-        print(f"[hdpo-ray] best by {config.sweep.metric}: {best['trial']} ({best[config.sweep.metric]:.4f}); model in {best['final_model']}")
+        print(
+            f"[hdpo-ray] best by {config.sweep.metric}: {best['trial']} ({best[config.sweep.metric]:.4f}); model "
+            f"in {best['final_model']}"
+        )
     return 1 if any(r["status"].startswith("error") for r in rows) or best is None else 0
 
 
 def _resume_config(args: argparse.Namespace):
-    """RUN_DIR's own config.json with the run directory as output_dir; overrides apply on top (e.g. train.max_failures)."""
+    """RUN_DIR's own config.json with the run directory as output_dir; overrides apply on
+    top (e.g. train.max_failures)."""
     from pathlib import Path
 
     from hdpo_ray.train.trainer import read_run_state, write_run_state
@@ -87,9 +128,15 @@ def _resume_config(args: argparse.Namespace):
         raise ConfigError("--resume takes the run's own config.json; drop --config (key=value overrides are allowed)")
     state = read_run_state(str(run_dir)) if run_dir.is_dir() else None
     if state is None or not (run_dir / "config.json").is_file():
-        raise ConfigError(f"--resume {args.resume}: no run there (a run directory holds run.json and config.json; it is the run's output_dir)")
+        raise ConfigError(
+            f"--resume {args.resume}: no run there (a run directory holds run.json and config.json; it is the "
+            "run's output_dir)"
+        )
     if state.get("status") not in ("running", "stopped"):
-        raise ConfigError(f"--resume {args.resume}: run {state['name']} is {state.get('status')}, nothing to continue (run without --resume to start a new one)")
+        raise ConfigError(
+            f"--resume {args.resume}: run {state['name']} is {state.get('status')}, nothing to continue (run "
+            "without --resume to start a new one)"
+        )
     config = load_config(str(run_dir / "config.json"), [*args.overrides, f"output_dir={run_dir}"])
     if state["status"] == "stopped":  # stopped on purpose (non-finite losses): continue it, with the overrides given
         write_run_state(str(run_dir), state | {"status": "running"})
@@ -98,18 +145,30 @@ def _resume_config(args: argparse.Namespace):
 
 def _bad_input_message(err: BaseException) -> str | None:
     """The one-line message of an input error, also when Ray wrapped it on the way up."""
+    from hdpo_ray.capacity import ResourceError
     from hdpo_ray.data.prepare import DataError
     from hdpo_ray.data.read import SourceError
     from hdpo_ray.data.template import TemplateError
     from hdpo_ray.eval.tasks.base import TaskDataError
     from hdpo_ray.models import ModelSourceError
-    from hdpo_ray.capacity import ResourceError
     from hdpo_ray.train.trainer import TrainingStopped
 
     seen = set()
     while err is not None and id(err) not in seen:
         seen.add(id(err))
-        if isinstance(err, (ConfigError, DataError, SourceError, TemplateError, ResourceError, ModelSourceError, TaskDataError, TrainingStopped)):
+        if isinstance(
+            err,
+            (
+                ConfigError,
+                DataError,
+                SourceError,
+                TemplateError,
+                ResourceError,
+                ModelSourceError,
+                TaskDataError,
+                TrainingStopped,
+            ),
+        ):
             return str(err)
         err = getattr(err, "cause", None) or err.__cause__
     return None
@@ -138,7 +197,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     logging.basicConfig(level=logging.INFO, format="[hdpo-ray] %(message)s")
     try:
-        config = _resume_config(args) if getattr(args, "resume", None) else load_config(args.config or str(EMBEDDED_DEFAULT), args.overrides)
+        config = (
+            _resume_config(args)
+            if getattr(args, "resume", None)
+            else load_config(args.config or str(EMBEDDED_DEFAULT), args.overrides)
+        )
         if args.command == "eval":
             return _evaluate(config, args.model or config.model.name_or_path)
         if args.command == "sweep":
@@ -155,9 +218,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hdpo-ray: error: {message}", file=sys.stderr)
         return EXIT_BAD_INPUT if not _stopped(err) else EXIT_STOPPED
     m = result.metrics
-    shown = [("loss", 4), ("rewards/accuracies", 3), ("eval/rewards/accuracies", 3), ("eval/policy_accuracy", 3), ("eval/reference_accuracy", 3)]
-    figures = "".join(f", {key} {m[key]:.{digits}f}" for key, digits in shown if key in m)  # only what was computed: no "nan"
-    print(f"[hdpo-ray] done in {result.wall_seconds:.0f} s: {result.steps} steps{figures}; model in {result.final_model}")
+    shown = [
+        ("loss", 4),
+        ("rewards/accuracies", 3),
+        ("eval/rewards/accuracies", 3),
+        ("eval/policy_accuracy", 3),
+        ("eval/reference_accuracy", 3),
+    ]
+    # only what was computed: no "nan"
+    figures = "".join(f", {key} {m[key]:.{digits}f}" for key, digits in shown if key in m)
+    print(
+        f"[hdpo-ray] done in {result.wall_seconds:.0f} s: {result.steps} steps{figures}; model in {result.final_model}"
+    )
     return 0
 
 

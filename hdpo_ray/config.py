@@ -40,7 +40,11 @@ class _Section(BaseModel):
         """`data.train_files=my.jsonl` means a one-file list: a bare value for a list key is wrapped in one."""
         if not isinstance(data, dict):
             return data
-        wrapped = {name: [value] for name, value in data.items() if name in cls.model_fields and _wants_list(cls.model_fields[name].annotation, value)}
+        wrapped = {
+            name: [value]
+            for name, value in data.items()
+            if name in cls.model_fields and _wants_list(cls.model_fields[name].annotation, value)
+        }
         return {**data, **wrapped}
 
 
@@ -60,7 +64,10 @@ def _custom_resources(resources: dict[str, float]) -> dict[str, float]:
     """Custom Ray resources only: CPUs and GPUs have keys of their own."""
     for name, amount in resources.items():
         if name in RAY_BUILTIN_RESOURCES:
-            raise ValueError(f"{name} is not a custom resource: CPUs, GPUs and memory have keys of their own; this key takes custom node resources (e.g. {{trainer: 1}})")
+            raise ValueError(
+                f"{name} is not a custom resource: CPUs, GPUs and memory have keys of their own; this key takes "
+                f"custom node resources (e.g. {{trainer: 1}})"
+            )
         if amount <= 0:
             raise ValueError(f"{name} must be a positive amount (got {amount:g})")
     return resources
@@ -69,23 +76,60 @@ def _custom_resources(resources: dict[str, float]) -> dict[str, float]:
 CustomResources = Annotated[dict[str, float], AfterValidator(_custom_resources)]
 
 
-RESOURCES_HELP = "Custom Ray resources each {who} also reserves (e.g. {{{example}: 1}}): steers it to the node groups that offer them."
-LABELS_HELP = "Node labels each {who} requires (e.g. {{ray.io/node-group: {example}}}), as Ray's label selectors; empty: any node."
+RESOURCES_HELP = (
+    "Custom Ray resources each {who} also reserves (e.g. {{{example}: 1}}): steers it to the node groups that offer "
+    "them."
+)
+LABELS_HELP = (
+    "Node labels each {who} requires (e.g. {{ray.io/node-group: {example}}}), as Ray's label selectors; empty: any "
+    "node."
+)
 
 
 class LoraConfig(_Section):
-    rank: int = Field(0, ge=0, description="LoRA rank; 0 (the default) trains every weight. With a rank, only the adapters train (peft); the reference stays the frozen base.")
-    alpha: float | None = Field(None, gt=0, description="LoRA scaling numerator (the update is scaled by alpha/rank); null means 2 x rank.")
-    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapters' input. Above 0 the step-1 policy no longer equals the reference exactly.")
-    target_modules: list[str] | Literal["all-linear"] = Field("all-linear", description="Module names to adapt (e.g. [q_proj, v_proj]), or all-linear: every linear layer but the LM head.")
+    rank: int = Field(
+        0,
+        ge=0,
+        description=(
+            "LoRA rank; 0 (the default) trains every weight. With a rank, only the adapters train (peft); the "
+            "reference stays the frozen base."
+        ),
+    )
+    alpha: float | None = Field(
+        None, gt=0, description="LoRA scaling numerator (the update is scaled by alpha/rank); null means 2 x rank."
+    )
+    dropout: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="Dropout on the adapters' input. Above 0 the step-1 policy no longer equals the reference exactly.",
+    )
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear",
+        description="Module names to adapt (e.g. [q_proj, v_proj]), or all-linear: every linear layer but the LM head.",
+    )
 
 
 class ModelConfig(_Section):
-    name_or_path: str = Field(EMBEDDED_MODEL, description="Policy: a Hugging Face causal LM (local directory or hub id), a .gguf file (path or URI; converted once into a cached HF directory), or an embedded id (hdpo-ray/tiny-llama-sft, hdpo-ray/smollm2-135m-instruct).")
+    name_or_path: str = Field(
+        EMBEDDED_MODEL,
+        description=(
+            "Policy: a Hugging Face causal LM (local directory or hub id), a .gguf file (path or URI; converted once "
+            "into a cached HF directory), or an embedded id (hdpo-ray/tiny-llama-sft, hdpo-ray/smollm2-135m-instruct)."
+        ),
+    )
     ref_name_or_path: str | None = Field(None, description="Reference model; null means the same as name_or_path.")
-    trust_remote_code: bool = Field(False, description="Allow model code from the hub. Off unless you trust the repository.")
+    trust_remote_code: bool = Field(
+        False, description="Allow model code from the hub. Off unless you trust the repository."
+    )
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
-    logprob_chunk_tokens: int = Field(1024, gt=0, description="Completion tokens per chunk when projecting onto the vocabulary; bounds the fp32 logits held at once.")
+    logprob_chunk_tokens: int = Field(
+        1024,
+        gt=0,
+        description=(
+            "Completion tokens per chunk when projecting onto the vocabulary; bounds the fp32 logits held at once."
+        ),
+    )
     lora: LoraConfig = Field(default_factory=LoraConfig)
 
     @property
@@ -94,82 +138,183 @@ class ModelConfig(_Section):
 
 
 class DataConfig(_Section):
-    train_files: list[str] = Field(default_factory=lambda: ["embedded:ultrafeedback/train_prefs-900.parquet"], description="Preference data: parquet/jsonl/json paths, globs or URIs (s3://, gs://, hf://), or hub ids `owner/name:split`.")
-    eval_files: list[str] = Field(default_factory=list, description="Held-out preference data, evaluated every train.eval_steps and at the end.")
-    on_invalid: Literal["error", "skip"] = Field("error", description="A bad row stops the run (error) or is skipped and counted in data_report.json (skip).")
+    train_files: list[str] = Field(
+        default_factory=lambda: ["embedded:ultrafeedback/train_prefs-900.parquet"],
+        description=(
+            "Preference data: parquet/jsonl/json paths, globs or URIs (s3://, gs://, hf://), or hub ids "
+            "`owner/name:split`."
+        ),
+    )
+    eval_files: list[str] = Field(
+        default_factory=list, description="Held-out preference data, evaluated every train.eval_steps and at the end."
+    )
+    on_invalid: Literal["error", "skip"] = Field(
+        "error", description="A bad row stops the run (error) or is skipped and counted in data_report.json (skip)."
+    )
     max_length: int = Field(512, gt=1, description="Longest prompt+completion in tokens; longer pairs are truncated.")
-    max_prompt_length: int = Field(256, gt=0, description="Longest prompt in tokens, cut from the left when a pair is too long.")
-    chat_template: str | None = Field(None, description="Jinja chat template; null uses the tokenizer's own, or hdpo_ray's default when it has none.")
+    max_prompt_length: int = Field(
+        256, gt=0, description="Longest prompt in tokens, cut from the left when a pair is too long."
+    )
+    chat_template: str | None = Field(
+        None, description="Jinja chat template; null uses the tokenizer's own, or hdpo_ray's default when it has none."
+    )
 
     @model_validator(mode="after")
-    def _prompt_fits(self) -> "DataConfig":
+    def _prompt_fits(self) -> DataConfig:
         if self.max_prompt_length >= self.max_length:
-            raise ValueError(f"data.max_prompt_length ({self.max_prompt_length}) must be below data.max_length ({self.max_length})")
+            raise ValueError(
+                f"data.max_prompt_length ({self.max_prompt_length}) must be below data.max_length ({self.max_length})"
+            )
         return self
 
 
 class LossConfig(_Section):
-    alpha: float = Field(1.0, gt=0, description="H-DPO entropy coefficient: 1 is DPO, <1 sharpens the policy, >1 flattens it.")
+    alpha: float = Field(
+        1.0, gt=0, description="H-DPO entropy coefficient: 1 is DPO, <1 sharpens the policy, >1 flattens it."
+    )
     beta: float = Field(0.1, gt=0, description="KL strength, as in DPO.")
-    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="Conservative DPO: assumed probability that a preference label is flipped.")
+    label_smoothing: float = Field(
+        0.0, ge=0, lt=0.5, description="Conservative DPO: assumed probability that a preference label is flipped."
+    )
 
 
 class ReferenceConfig(_Section):
-    num_actors: int = Field(1, gt=0, description="Actors in the reference pool, each holding one copy of the reference model.")
+    num_actors: int = Field(
+        1, gt=0, description="Actors in the reference pool, each holding one copy of the reference model."
+    )
     num_cpus_per_actor: float = Field(1.0, ge=0, description="CPUs each reference actor reserves.")
     num_gpus_per_actor: float = Field(0.0, ge=0, description="GPUs each reference actor reserves.")
     batch_size: int = Field(8, gt=0, description="Pairs per reference forward pass.")
-    torch_threads: int | None = Field(None, gt=0, description="Intra-op threads per CPU actor; null derives it from num_cpus_per_actor.")
-    cache_dir: str | None = Field("~/.cache/hdpo_ray/reference", description="Where prepared pairs with reference log-probs are kept (local path or URI), keyed by a hash of every input. On several nodes: shared storage or a URI.")
-    resources: CustomResources = Field(default_factory=dict, description=RESOURCES_HELP.format(who="reference actor", example="reference"))
-    label_selector: dict[str, str] = Field(default_factory=dict, description=LABELS_HELP.format(who="reference actor", example="reference-gpu"))
+    torch_threads: int | None = Field(
+        None, gt=0, description="Intra-op threads per CPU actor; null derives it from num_cpus_per_actor."
+    )
+    cache_dir: str | None = Field(
+        "~/.cache/hdpo_ray/reference",
+        description=(
+            "Where prepared pairs with reference log-probs are kept (local path or URI), keyed by a hash of every "
+            "input. On several nodes: shared storage or a URI."
+        ),
+    )
+    resources: CustomResources = Field(
+        default_factory=dict, description=RESOURCES_HELP.format(who="reference actor", example="reference")
+    )
+    label_selector: dict[str, str] = Field(
+        default_factory=dict, description=LABELS_HELP.format(who="reference actor", example="reference-gpu")
+    )
 
 
 class TrainConfig(_Section):
     num_workers: int = Field(2, gt=0, description="Ray Train workers, one DeepSpeed rank each.")
     use_gpu: bool = Field(False, description="One GPU per worker and NCCL; otherwise CPU and gloo.")
     precision: Literal["auto", "fp32", "bf16"] = Field(
-        "auto", description="Training precision: bf16 (bf16 weights and activations, fp32 master weights in the optimizer) or fp32; auto is bf16 on GPU and fp32 on CPU."
+        "auto",
+        description=(
+            "Training precision: bf16 (bf16 weights and activations, fp32 master weights in the optimizer) or fp32; "
+            "auto is bf16 on GPU and fp32 on CPU."
+        ),
     )
-    cpus_per_worker: float = Field(0.5, gt=0, description="CPUs each worker reserves. Leave some for Ray Data, or the input pipeline cannot start.")
-    torch_threads: int | None = Field(None, gt=0, description="Intra-op threads per worker; null derives it from cpus_per_worker.")
+    cpus_per_worker: float = Field(
+        0.5, gt=0, description="CPUs each worker reserves. Leave some for Ray Data, or the input pipeline cannot start."
+    )
+    torch_threads: int | None = Field(
+        None, gt=0, description="Intra-op threads per worker; null derives it from cpus_per_worker."
+    )
     max_steps: int = Field(-1, ge=-1, description="Optimizer steps to run; -1 runs train.epochs over the data.")
     epochs: float = Field(1.0, gt=0, description="Passes over the training data when max_steps is -1.")
     per_device_batch_size: int = Field(4, gt=0, description="Pairs per worker per micro-step.")
     gradient_accumulation_steps: int = Field(1, gt=0, description="Micro-steps per optimizer step.")
     lr: float = Field(5e-5, gt=0, description="Peak learning rate (AdamW).")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay, on weight matrices only (not norms or biases).")
+    weight_decay: float = Field(
+        0.0, ge=0, description="AdamW weight decay, on weight matrices only (not norms or biases)."
+    )
     adam_betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW (beta1, beta2).")
     max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping; 0 disables it.")
     lr_scheduler: Literal["cosine", "linear", "constant"] = Field("cosine", description="Decay after warmup.")
-    warmup_ratio: float = Field(0.1, ge=0, le=1, description="Fraction of steps spent warming up linearly (step s of W uses (s+1)/(W+1) of lr).")
+    warmup_ratio: float = Field(
+        0.1, ge=0, le=1, description="Fraction of steps spent warming up linearly (step s of W uses (s+1)/(W+1) of lr)."
+    )
     zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage.")
     packing: bool = Field(
-        True, description="Pack each micro-batch's 2B sequences (and the reference pool's) into rows without padding; position ids restart per sequence and attention never crosses sequences. false pads every sequence to the batch's longest."
+        True,
+        description=(
+            "Pack each micro-batch's 2B sequences (and the reference pool's) into rows without padding; position ids "
+            "restart per sequence and attention never crosses sequences. false pads every sequence to the batch's "
+            "longest."
+        ),
     )
-    deepspeed_config: str | None = Field(None, description="A DeepSpeed JSON to use instead of the built one; 'auto' values are filled in.")
+    deepspeed_config: str | None = Field(
+        None, description="A DeepSpeed JSON to use instead of the built one; 'auto' values are filled in."
+    )
     seed: int = Field(42, description="Seeds torch on every worker (dropout, any random init of new weights).")
     logging_steps: int = Field(10, gt=0, description="Write metrics every N optimizer steps.")
     report_poll_s: float = Field(
-        0.2, gt=0, le=2, description="How often Ray Train's controller collects the workers' reports (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S). A worker's report waits for it: at Ray's 2 s, a run that logs or saves every step makes at most one step per 2 s."
+        0.2,
+        gt=0,
+        le=2,
+        description=(
+            "How often Ray Train's controller collects the workers' reports (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S). A "
+            "worker's report waits for it: at Ray's 2 s, a run that logs or saves every step makes at most one step "
+            "per 2 s."
+        ),
     )
     eval_steps: int = Field(0, ge=0, description="Evaluate every N steps; 0 evaluates only at the end.")
     save_steps: int = Field(0, ge=0, description="Checkpoint every N steps; 0 saves only at the end.")
     keep_checkpoints: int = Field(2, gt=0, description="Checkpoints kept; older ones are deleted.")
-    max_failures: int = Field(0, ge=-1, description="Worker-group failures (a worker process or node lost) to recover from by restoring the latest checkpoint; -1 retries forever.")
-    max_consecutive_nonfinite: int = Field(3, gt=0, description="A micro-batch with a non-finite loss, or an optimizer step with a non-finite gradient, is skipped and counted; this many in a row stop the run.")
-    storage_path: str | None = Field(None, description="Ray Train storage (local path or cloud URI); null means OUTPUT_DIR/checkpoints. On several nodes: shared storage or a URI.")
-    resources_per_worker: CustomResources = Field(default_factory=dict, description=RESOURCES_HELP.format(who="training worker", example="trainer"))
-    label_selector: dict[str, str] = Field(default_factory=dict, description=LABELS_HELP.format(who="training worker", example="train-gpu"))
+    max_failures: int = Field(
+        0,
+        ge=-1,
+        description=(
+            "Worker-group failures (a worker process or node lost) to recover from by restoring the latest "
+            "checkpoint; -1 retries forever."
+        ),
+    )
+    max_consecutive_nonfinite: int = Field(
+        3,
+        gt=0,
+        description=(
+            "A micro-batch with a non-finite loss, or an optimizer step with a non-finite gradient, is skipped and "
+            "counted; this many in a row stop the run."
+        ),
+    )
+    storage_path: str | None = Field(
+        None,
+        description=(
+            "Ray Train storage (local path or cloud URI); null means OUTPUT_DIR/checkpoints. On several nodes: shared "
+            "storage or a URI."
+        ),
+    )
+    resources_per_worker: CustomResources = Field(
+        default_factory=dict, description=RESOURCES_HELP.format(who="training worker", example="trainer")
+    )
+    label_selector: dict[str, str] = Field(
+        default_factory=dict, description=LABELS_HELP.format(who="training worker", example="train-gpu")
+    )
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
-        "PACK", description="How Ray places the workers: PACK fills a node before the next (spreading when they do not fit one); SPREAD one per node where it can."
+        "PACK",
+        description=(
+            "How Ray places the workers: PACK fills a node before the next (spreading when they do not fit one); "
+            "SPREAD one per node where it can."
+        ),
     )
 
 
 class LoggingConfig(_Section):
-    tensorboard: bool = Field(True, description="TensorBoard event files in OUTPUT_DIR/tensorboard (`tensorboard --logdir OUTPUT_DIR/tensorboard`).")
-    mlflow_uri: str | None = Field(None, description="MLflow tracking URI (http://host:5000, sqlite:///mlflow.db, file:///path/mlruns, databricks); null: no MLflow. Needs `pip install 'hdpo-ray[mlflow]'`.")
-    mlflow_experiment: str = Field("hdpo-ray", min_length=1, description="MLflow experiment the run is logged under (created if missing).")
+    tensorboard: bool = Field(
+        True,
+        description=(
+            "TensorBoard event files in OUTPUT_DIR/tensorboard (`tensorboard --logdir OUTPUT_DIR/tensorboard`)."
+        ),
+    )
+    mlflow_uri: str | None = Field(
+        None,
+        description=(
+            "MLflow tracking URI (http://host:5000, sqlite:///mlflow.db, file:///path/mlruns, databricks); null: no "
+            "MLflow. Needs `pip install 'hdpo-ray[mlflow]'`."
+        ),
+    )
+    mlflow_experiment: str = Field(
+        "hdpo-ray", min_length=1, description="MLflow experiment the run is logged under (created if missing)."
+    )
 
     @field_validator("mlflow_uri")
     @classmethod
@@ -197,20 +342,53 @@ def _positive(values: list[float] | None, key: str) -> None:
 
 
 class SweepConfig(_Section):
-    alphas: list[float] = Field(default_factory=lambda: list(PAPER_ALPHAS), description="loss.alpha values, one trial each (default: the paper's grid).")
-    betas: list[float] | None = Field(None, description="Cross the alphas with these loss.beta values; null keeps loss.beta.")
+    alphas: list[float] = Field(
+        default_factory=lambda: list(PAPER_ALPHAS),
+        description="loss.alpha values, one trial each (default: the paper's grid).",
+    )
+    betas: list[float] | None = Field(
+        None, description="Cross the alphas with these loss.beta values; null keeps loss.beta."
+    )
     lrs: list[float] | None = Field(None, description="Cross with these train.lr values; null keeps train.lr.")
-    max_concurrent_trials: int | None = Field(None, gt=0, description="Trials at once; null fits as many as the cluster holds (each needs train.num_workers x train.cpus_per_worker CPUs, and GPUs if train.use_gpu).")
-    metric: str = Field("eval/policy_accuracy", description="Selects the best trial; must compare across alphas (the H-DPO loss and implied rewards do not). See README, 'Sweeps'.")
+    max_concurrent_trials: int | None = Field(
+        None,
+        gt=0,
+        description=(
+            "Trials at once; null fits as many as the cluster holds (each needs train.num_workers x "
+            "train.cpus_per_worker CPUs, and GPUs if train.use_gpu)."
+        ),
+    )
+    metric: str = Field(
+        "eval/policy_accuracy",
+        description=(
+            "Selects the best trial; must compare across alphas (the H-DPO loss and implied rewards do not). See "
+            "README, 'Sweeps'."
+        ),
+    )
     mode: Literal["max", "min"] = Field("max", description="Whether a larger or smaller sweep.metric is better.")
-    early_stopping: bool = Field(False, description="ASHA: stop trials whose sweep.metric lags at an evaluation (needs train.eval_steps and an eval/ metric).")
-    grace_steps: int = Field(0, ge=0, description="ASHA: optimizer steps every trial runs before it can be stopped; 0 means train.eval_steps.")
-    entropy_prompts: int = Field(128, gt=0, description="Held-out pairs on which each trained policy's entropy is measured (teacher-forced and sampled).")
-    entropy_max_new_tokens: int = Field(64, gt=0, description="Tokens sampled per prompt for the sampled-entropy measure (temperature 1.0).")
+    early_stopping: bool = Field(
+        False,
+        description=(
+            "ASHA: stop trials whose sweep.metric lags at an evaluation (needs train.eval_steps and an eval/ metric)."
+        ),
+    )
+    grace_steps: int = Field(
+        0,
+        ge=0,
+        description="ASHA: optimizer steps every trial runs before it can be stopped; 0 means train.eval_steps.",
+    )
+    entropy_prompts: int = Field(
+        128,
+        gt=0,
+        description="Held-out pairs on which each trained policy's entropy is measured (teacher-forced and sampled).",
+    )
+    entropy_max_new_tokens: int = Field(
+        64, gt=0, description="Tokens sampled per prompt for the sampled-entropy measure (temperature 1.0)."
+    )
     entropy_seed: int = Field(0, description="Seed of the sampled-entropy measure; the same for every trial.")
 
     @model_validator(mode="after")
-    def _grid(self) -> "SweepConfig":
+    def _grid(self) -> SweepConfig:
         _positive(self.alphas, "alphas")
         _positive(self.betas, "betas")
         _positive(self.lrs, "lrs")
@@ -222,36 +400,88 @@ EVAL_TASKS: tuple[str, ...] = get_args(EvalTask)
 
 
 class EvalConfig(_Section):
-    tasks: list[EvalTask] = Field(default_factory=list, description="Tasks to evaluate. `hdpo-ray eval` with none runs all four; `hdpo-ray sweep` evaluates each trial's model on these (none by default).")
-    data: dict[str, str] = Field(default_factory=dict, description="Per-task data source instead of the shipped copy: a file in the official layout, a URI, or a hub id owner/name:split (e.g. eval.data.gsm8k=test.jsonl).")
-    limit: int | None = Field(None, gt=0, description="Evaluate only the first N problems of each task (quick runs); null runs all.")
+    tasks: list[EvalTask] = Field(
+        default_factory=list,
+        description=(
+            "Tasks to evaluate. `hdpo-ray eval` with none runs all four; `hdpo-ray sweep` evaluates each trial's "
+            "model on these (none by default)."
+        ),
+    )
+    data: dict[str, str] = Field(
+        default_factory=dict,
+        description=(
+            "Per-task data source instead of the shipped copy: a file in the official layout, a URI, or a hub id "
+            "owner/name:split (e.g. eval.data.gsm8k=test.jsonl)."
+        ),
+    )
+    limit: int | None = Field(
+        None, gt=0, description="Evaluate only the first N problems of each task (quick runs); null runs all."
+    )
     num_samples: int = Field(1, gt=0, description="Completions sampled per problem and temperature (n of pass@k).")
-    k: list[int] = Field(default_factory=lambda: [1], description="pass@k for these k (each at most eval.num_samples), unbiased estimator of Chen et al. 2021.")
-    temperatures: list[float] = Field(default_factory=lambda: [1.0], description="Sampling temperatures; every problem is sampled at each (use e.g. 0.01 for near-greedy).")
+    k: list[int] = Field(
+        default_factory=lambda: [1],
+        description="pass@k for these k (each at most eval.num_samples), unbiased estimator of Chen et al. 2021.",
+    )
+    temperatures: list[float] = Field(
+        default_factory=lambda: [1.0],
+        description="Sampling temperatures; every problem is sampled at each (use e.g. 0.01 for near-greedy).",
+    )
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling threshold (1.0: off).")
     max_new_tokens: int = Field(512, gt=0, description="Longest completion in tokens.")
-    max_prompt_length: int = Field(2048, gt=0, description="Longer prompts keep their last tokens (counted as truncated in results.json).")
-    seed: int = Field(0, description="Sampling seed; each (task, problem, temperature) draws from its own seed derived from it, whatever the batching.")
-    backend: Literal["auto", "hf", "vllm"] = Field("auto", description="auto: vLLM when it is installed and the actors get GPUs, else Hugging Face generate.")
-    num_actors: int = Field(1, gt=0, description="Sampling actors (Ray Data actor pool), each holding one copy of the model.")
+    max_prompt_length: int = Field(
+        2048, gt=0, description="Longer prompts keep their last tokens (counted as truncated in results.json)."
+    )
+    seed: int = Field(
+        0,
+        description=(
+            "Sampling seed; each (task, problem, temperature) draws from its own seed derived from it, whatever the "
+            "batching."
+        ),
+    )
+    backend: Literal["auto", "hf", "vllm"] = Field(
+        "auto", description="auto: vLLM when it is installed and the actors get GPUs, else Hugging Face generate."
+    )
+    num_actors: int = Field(
+        1, gt=0, description="Sampling actors (Ray Data actor pool), each holding one copy of the model."
+    )
     num_cpus_per_actor: float = Field(1.0, ge=0, description="CPUs each sampling actor reserves.")
     num_gpus_per_actor: float = Field(0.0, ge=0, description="GPUs each sampling actor reserves (bf16 on GPU).")
-    torch_threads: int | None = Field(None, gt=0, description="Intra-op threads per CPU actor; null derives it from num_cpus_per_actor.")
+    torch_threads: int | None = Field(
+        None, gt=0, description="Intra-op threads per CPU actor; null derives it from num_cpus_per_actor."
+    )
     code_timeout_s: float = Field(10.0, gt=0, description="HumanEval: wall-clock limit per program run in the sandbox.")
-    code_memory_mb: int = Field(1024, gt=0, description="HumanEval: address-space limit per program run in the sandbox.")
-    code_workers: int | None = Field(None, gt=0, description="HumanEval: programs run at once; null means the CPUs this process may use.")
-    output_dir: str | None = Field(None, description="Where results.json/md, samples.jsonl and plots go; null means OUTPUT_DIR/eval.")
-    resources: CustomResources = Field(default_factory=dict, description=RESOURCES_HELP.format(who="sampling actor", example="eval"))
-    label_selector: dict[str, str] = Field(default_factory=dict, description=LABELS_HELP.format(who="sampling actor", example="eval-gpu"))
+    code_memory_mb: int = Field(
+        1024, gt=0, description="HumanEval: address-space limit per program run in the sandbox."
+    )
+    code_workers: int | None = Field(
+        None, gt=0, description="HumanEval: programs run at once; null means the CPUs this process may use."
+    )
+    output_dir: str | None = Field(
+        None, description="Where results.json/md, samples.jsonl and plots go; null means OUTPUT_DIR/eval."
+    )
+    resources: CustomResources = Field(
+        default_factory=dict, description=RESOURCES_HELP.format(who="sampling actor", example="eval")
+    )
+    label_selector: dict[str, str] = Field(
+        default_factory=dict, description=LABELS_HELP.format(who="sampling actor", example="eval-gpu")
+    )
 
     @model_validator(mode="after")
-    def _sampling_plan(self) -> "EvalConfig":
+    def _sampling_plan(self) -> EvalConfig:
         if not self.k or any(k <= 0 or k > self.num_samples for k in self.k):
-            raise ValueError(f"eval.k must be a non-empty list of integers between 1 and eval.num_samples ({self.num_samples}); got {self.k}")
+            raise ValueError(
+                "eval.k must be a non-empty list of integers between 1 and eval.num_samples "
+                f"({self.num_samples}); got {self.k}"
+            )
         if not self.temperatures or any(t <= 0 for t in self.temperatures):
-            raise ValueError(f"eval.temperatures must be a non-empty list of positive numbers (got {self.temperatures}); use e.g. 0.01 for near-greedy")
+            raise ValueError(
+                f"eval.temperatures must be a non-empty list of positive numbers (got {self.temperatures}); use "
+                "e.g. 0.01 for near-greedy"
+            )
         if len({f"{t:g}" for t in self.temperatures}) < len(self.temperatures) or len(set(self.k)) < len(self.k):
-            raise ValueError(f"eval.temperatures and eval.k must not repeat a value (got {self.temperatures} and {self.k})")
+            raise ValueError(
+                f"eval.temperatures and eval.k must not repeat a value (got {self.temperatures} and {self.k})"
+            )
         unknown = sorted(set(self.data) - set(EVAL_TASKS))
         if unknown:
             raise ValueError(f"eval.data.{unknown[0]}: not a task (tasks: {', '.join(EVAL_TASKS)})")
@@ -260,9 +490,20 @@ class EvalConfig(_Section):
 
 class ClusterConfig(_Section):
     autoscaling: Literal["auto", "on", "off"] = Field(
-        "auto", description="auto: when an autoscaler reports to the cluster (KubeRay, ray up), ask it for what the run needs and wait; on: always ask and wait; off: refuse at once what the cluster cannot hold now."
+        "auto",
+        description=(
+            "auto: when an autoscaler reports to the cluster (KubeRay, ray up), ask it for what the run needs and "
+            "wait; on: always ask and wait; off: refuse at once what the cluster cannot hold now."
+        ),
     )
-    wait_for_resources_s: float = Field(900.0, gt=0, description="How long a run waits for an autoscaling cluster to add the nodes it needs before it stops, naming what never came.")
+    wait_for_resources_s: float = Field(
+        900.0,
+        gt=0,
+        description=(
+            "How long a run waits for an autoscaling cluster to add the nodes it needs before it stops, naming what "
+            "never came."
+        ),
+    )
 
     @field_validator("autoscaling", mode="before")
     @classmethod
@@ -354,7 +595,10 @@ def _first_error_line(err: ValidationError, source: str = "") -> str:
         hint = f"did you mean '{close[0]}'? " if close else ""
         return f"unknown key '{where}'{source} ({hint}see `hdpo-ray train --help-config` for the keys)"
     if first["type"] in _STRUCTURE_ERRORS[1:]:
-        return f"{where} is a section, not a value{source}: set its keys, e.g. {where}.<key>=... (see `hdpo-ray train --help-config`)"
+        return (
+            f"{where} is a section, not a value{source}: set its keys, e.g. {where}.<key>=... (see `hdpo-ray train "
+            "--help-config`)"
+        )
     if first["type"] == "value_error":  # our own validators: a section's message names its keys; a field's gets its key
         message = str(first["ctx"]["error"])
         return message if not first["loc"] or message.startswith(f"{first['loc'][0]}.") else f"{where}: {message}"
@@ -363,7 +607,9 @@ def _first_error_line(err: ValidationError, source: str = "") -> str:
     return f"{where}: {first['msg']}{shown}"
 
 
-def load_config(path: str | None = None, overrides: list[str] | None = None, *, base: dict[str, Any] | None = None) -> Config:
+def load_config(
+    path: str | None = None, overrides: list[str] | None = None, *, base: dict[str, Any] | None = None
+) -> Config:
     """Defaults <- `base` <- YAML file at `path` <- dotted overrides; raises ConfigError on anything wrong."""
     tree: dict[str, Any] = dict(base or {})
     if path is not None:
@@ -400,11 +646,24 @@ def check_local_files(config: Config) -> None:
 
     for key in ("train_files", "eval_files"):
         for spec in getattr(config.data, key):
-            if _is_local(spec) and not has_magic(spec) and not os.path.exists(os.path.expanduser(spec)) and not looks_like_hub_id(spec):
-                raise ConfigError(f"data.{key}: {spec} does not exist (give a parquet/jsonl/json file, a folder of them, a URI or a hub id owner/name:split)")
+            if (
+                _is_local(spec)
+                and not has_magic(spec)
+                and not os.path.exists(os.path.expanduser(spec))
+                and not looks_like_hub_id(spec)
+            ):
+                raise ConfigError(
+                    f"data.{key}: {spec} does not exist (give a parquet/jsonl/json file, a folder of them, a URI "
+                    "or a hub id owner/name:split)"
+                )
     for key in ("name_or_path", "ref_name_or_path"):
         spec = getattr(config.model, key)
-        if spec and spec.lower().endswith(".gguf") and not is_uri(spec) and not os.path.isfile(os.path.expanduser(spec)):
+        if (
+            spec
+            and spec.lower().endswith(".gguf")
+            and not is_uri(spec)
+            and not os.path.isfile(os.path.expanduser(spec))
+        ):
             raise ConfigError(f"model.{key}: GGUF file {spec} does not exist")
     if config.train.max_steps == 0:
         raise ConfigError("train.max_steps: 0 runs nothing; give a positive number, or -1 to run train.epochs")
@@ -423,7 +682,10 @@ def check_local_files(config: Config) -> None:
         import importlib.util
 
         if importlib.util.find_spec("mlflow") is None:
-            raise ConfigError("logging.mlflow_uri is set but MLflow is not installed: pip install 'hdpo-ray[mlflow]' (or mlflow), or leave logging.mlflow_uri unset")
+            raise ConfigError(
+                "logging.mlflow_uri is set but MLflow is not installed: pip install 'hdpo-ray[mlflow]' (or "
+                "mlflow), or leave logging.mlflow_uri unset"
+            )
 
 
 def is_uri(path: str) -> bool:

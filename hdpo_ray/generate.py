@@ -69,20 +69,50 @@ def sample(
     own_config, model.generation_config = model.generation_config, GenerationConfig()
     try:
         for b, start in enumerate(range(0, len(prompt_ids), batch_size)):
-            samples.extend(_sample_batch(model, prompt_ids[start : start + batch_size], device, seed + b, eos_id, pad_id, max_new_tokens, temperature, top_p))
+            samples.extend(
+                _sample_batch(
+                    model,
+                    prompt_ids[start : start + batch_size],
+                    device,
+                    seed + b,
+                    eos_id,
+                    pad_id,
+                    max_new_tokens,
+                    temperature,
+                    top_p,
+                )
+            )
     finally:
         model.generation_config = own_config
     return samples
 
 
-def _sample_batch(model, prompt_ids: list[list[int]], device, seed: int, eos_id: int, pad_id: int, max_new_tokens: int, temperature: float, top_p: float) -> list[Sample]:
+def _sample_batch(
+    model,
+    prompt_ids: list[list[int]],
+    device,
+    seed: int,
+    eos_id: int,
+    pad_id: int,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+) -> list[Sample]:
     input_ids, attention_mask = left_pad(prompt_ids, pad_id)
     torch.manual_seed(seed)
     out = model.generate(
-        input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), do_sample=True, temperature=temperature,
-        top_p=top_p, top_k=0, max_new_tokens=max_new_tokens, eos_token_id=eos_id, pad_token_id=pad_id,
-        output_scores=True, return_dict_in_generate=True,
-    )  # fmt: skip
+        input_ids=input_ids.to(device),
+        attention_mask=attention_mask.to(device),
+        do_sample=True,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=0,
+        max_new_tokens=max_new_tokens,
+        eos_token_id=eos_id,
+        pad_token_id=pad_id,
+        output_scores=True,
+        return_dict_in_generate=True,
+    )
     tokens = out.sequences[:, input_ids.shape[1] :].cpu()  # (n, S)
     entropy = torch.stack([entropy_of_scores(s) for s in out.scores], dim=1).cpu()  # (n, S)
     samples = []
@@ -96,7 +126,14 @@ def _sample_batch(model, prompt_ids: list[list[int]], device, seed: int, eos_id:
 
 @torch.inference_mode()
 def completion_entropy(
-    model: torch.nn.Module, prompt_ids: list[int], completions: list[list[int]], *, temperature: float, top_p: float, pad_id: int = 0, batch_size: int = 8
+    model: torch.nn.Module,
+    prompt_ids: list[int],
+    completions: list[list[int]],
+    *,
+    temperature: float,
+    top_p: float,
+    pad_id: int = 0,
+    batch_size: int = 8,
 ) -> list[float]:
     """Per completion of one prompt, the summed entropy (nats) of the distributions its tokens were drawn
     from, by teacher forcing: what `sample` records, for tokens sampled elsewhere (vLLM).
@@ -122,7 +159,9 @@ def completion_entropy(
             attention_mask[r, : len(sequence)] = 1
         logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
         for r, i in enumerate(rows):
-            scores = logits[r, len(prompt_ids) - 1 : len(prompt_ids) - 1 + len(completions[i])].float()  # (S_i, V): position t predicts token t
+            scores = logits[
+                r, len(prompt_ids) - 1 : len(prompt_ids) - 1 + len(completions[i])
+            ].float()  # (S_i, V): position t predicts token t
             for warp in warpers:  # warpers act row by row, so the S_i positions go through as a batch
                 scores = warp(input_ids[r : r + 1], scores)
             sums[i] = float(entropy_of_scores(scores).sum())

@@ -96,7 +96,10 @@ def convert(gguf_file: Path, directory: Path) -> None:
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     except (ValueError, KeyError, NotImplementedError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise GGUFError(f"{gguf_file}: transformers cannot read this GGUF file ({first}); convert it to a Hugging Face directory another way and give that") from None
+        raise GGUFError(
+            f"{gguf_file}: transformers cannot read this GGUF file ({first}); convert it to a Hugging Face "
+            "directory another way and give that"
+        ) from None
     config = loaded.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # the weights below are plain floats; this entry is what blocks saving
@@ -122,7 +125,12 @@ def _local_copy(source: str) -> Path:
         return path
     import fsspec
 
-    target = cache_root() / "downloads" / hashlib.blake2b(source.encode(), digest_size=8).hexdigest() / source.rsplit("/", 1)[-1]
+    target = (
+        cache_root()
+        / "downloads"
+        / hashlib.blake2b(source.encode(), digest_size=8).hexdigest()
+        / source.rsplit("/", 1)[-1]
+    )
     if not target.is_file() or _remote_size(source) not in (None, target.stat().st_size):
         target.parent.mkdir(parents=True, exist_ok=True)
         partial = target.with_name(f".{target.name}.partial-{os.getpid()}")
@@ -131,7 +139,10 @@ def _local_copy(source: str) -> Path:
                 shutil.copyfileobj(remote, local, 1 << 22)
         except (OSError, ValueError, ImportError) as err:
             partial.unlink(missing_ok=True)
-            raise GGUFError(f"GGUF file {source} could not be read ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
+            raise GGUFError(
+                f"GGUF file {source} could not be read ({type(err).__name__}: "
+                f"{str(err).splitlines()[0] if str(err) else ''})"
+            ) from None
         os.replace(partial, target)
     return target
 

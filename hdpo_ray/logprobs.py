@@ -24,7 +24,9 @@ class CompletionStats(NamedTuple):
     num_tokens: torch.Tensor  # (N,) completion tokens per sequence
 
 
-def _token_stats(lm_head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, softcap: float | None, with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _token_stats(
+    lm_head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, softcap: float | None, with_entropy: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
     """hidden (M, H), targets (M,) -> log p(target) (M,) and entropy (M,) (zeros unless with_entropy), fp32."""
     logits = lm_head(hidden).float()
     if softcap:  # Gemma-2 style final-logit soft-capping
@@ -69,10 +71,23 @@ def completion_logprobs(
     """
     packed = position_ids is not None
     layout = (input_ids, completion_mask, *((position_ids, sequence_index) if packed else (attention_mask,)))
-    if completion_mask is None or any(t is None or t.shape != input_ids.shape for t in layout) or (packed and attention_mask is not None):
-        shapes = {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask, "position_ids": position_ids, "sequence_index": sequence_index}
+    if (
+        completion_mask is None
+        or any(t is None or t.shape != input_ids.shape for t in layout)
+        or (packed and attention_mask is not None)
+    ):
+        shapes = {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "completion_mask": completion_mask,
+            "position_ids": position_ids,
+            "sequence_index": sequence_index,
+        }
         given = {k: tuple(v.shape) for k, v in shapes.items() if v is not None}
-        raise ValueError(f"need input_ids, completion_mask and either attention_mask (padded) or position_ids + sequence_index (packed), all of one shape; got {given}")
+        raise ValueError(
+            "need input_ids, completion_mask and either attention_mask (padded) or position_ids + sequence_index "
+            f"(packed), all of one shape; got {given}"
+        )
     if completion_mask[:, 0].any():
         raise ValueError("completion_mask is set on position 0: a completion token needs a prompt token before it")
     # Packed: no 2D mask, so that transformers reads the sequence boundaries from the restarting position ids.
@@ -88,20 +103,30 @@ def completion_logprobs(
         seq_of_row = sequence_index[:, 1:][target_mask]
         n = int(sequence_index.max()) + 1
     else:
-        seq_of_row = torch.arange(input_ids.shape[0], device=input_ids.device).unsqueeze(1).expand_as(target_mask)[target_mask]
+        seq_of_row = (
+            torch.arange(input_ids.shape[0], device=input_ids.device).unsqueeze(1).expand_as(target_mask)[target_mask]
+        )
         n = input_ids.shape[0]
 
     lm_head = model.get_output_embeddings()
     softcap = getattr(model.config, "final_logit_softcapping", None)
     needed = -(-rows.shape[0] // chunk_tokens)
     if num_chunks is not None and num_chunks < needed:
-        raise ValueError(f"num_chunks={num_chunks} cannot hold {rows.shape[0]} completion tokens at {chunk_tokens} per chunk")
+        raise ValueError(
+            f"num_chunks={num_chunks} cannot hold {rows.shape[0]} completion tokens at {chunk_tokens} per chunk"
+        )
     num_chunks = needed if num_chunks is None else num_chunks
     # Keep at most one chunk of logits alive for backward: with several chunks, recompute each in backward.
     recompute = torch.is_grad_enabled() and num_chunks > 1
     token_logps, token_entropy = [], []
     for start in range(0, num_chunks * chunk_tokens, chunk_tokens):
-        chunk = (lm_head, rows[start : start + chunk_tokens], targets[start : start + chunk_tokens], softcap, with_entropy)
+        chunk = (
+            lm_head,
+            rows[start : start + chunk_tokens],
+            targets[start : start + chunk_tokens],
+            softcap,
+            with_entropy,
+        )
         logps, entropy = checkpoint(_token_stats, *chunk, use_reentrant=False) if recompute else _token_stats(*chunk)
         token_logps.append(logps)
         token_entropy.append(entropy)
@@ -115,7 +140,9 @@ def completion_logprobs(
     return CompletionStats(logps, entropy_sum.detach(), torch.bincount(seq_of_row, minlength=n))
 
 
-def naive_completion_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_mask: torch.Tensor) -> torch.Tensor:
+def naive_completion_logprobs(
+    model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_mask: torch.Tensor
+) -> torch.Tensor:
     """The textbook version (full logits, full log-softmax): the reference the tests and benchmark compare to. (N,)"""
     logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1].float()
     token_logps = F.log_softmax(logits, dim=-1).gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
@@ -136,7 +163,14 @@ def packing_is_exact(model: torch.nn.Module, device: torch.device) -> bool:
     was_training = model.training
     model.eval()
     try:
-        padded, packed = (completion_logprobs(model, **{k: v.to(device) for k, v in collate_completions(prompts, completions, 0, packed=p).items()}, with_entropy=False).logps for p in (False, True))
+        padded, packed = (
+            completion_logprobs(
+                model,
+                **{k: v.to(device) for k, v in collate_completions(prompts, completions, 0, packed=p).items()},
+                with_entropy=False,
+            ).logps
+            for p in (False, True)
+        )
     finally:
         model.train(was_training)
     tolerance = 1e-4 if next(model.parameters()).dtype == torch.float32 else 5e-2
@@ -150,5 +184,8 @@ def use_packing(wanted: bool, model: torch.nn.Module, device: torch.device, name
     if packing_is_exact(model, device):
         return True
     if announce:
-        print(f"[hdpo-ray] train.packing: {name} attends across packed sequences, so its batches are padded instead", flush=True)
+        print(
+            f"[hdpo-ray] train.packing: {name} attends across packed sequences, so its batches are padded instead",
+            flush=True,
+        )
     return False

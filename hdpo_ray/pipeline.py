@@ -31,7 +31,8 @@ def init_ray(config: Config) -> None:
         # Read by every Ray Train controller this run starts (Tune trials' too), which inherit this runtime env.
         "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": str(config.train.report_poll_s),
     }
-    if os.environ.get("HDPO_RAY_MODEL_CACHE"):  # where converted GGUF models live: the driver's choice holds for its workers
+    # where converted GGUF models live: the driver's choice holds for its workers
+    if os.environ.get("HDPO_RAY_MODEL_CACHE"):
         wanted["HDPO_RAY_MODEL_CACHE"] = os.environ["HDPO_RAY_MODEL_CACHE"]
     if os.environ.get("RAY_ADDRESS"):
         # Ray's State API, used inside the run's actors (Ray Train's placement-group cleaner), finds its cluster
@@ -70,6 +71,7 @@ def prepare_data(config: Config, output_dir: str, *, stream: bool = True) -> Pre
     stream=False always goes through the reference cache (a sweep's trials all read it).
     """
     from hdpo_ray.data.prepare import DataError, encode_split, score_split
+
     report_file = Path(output_dir, "data_report.json")
     report_file.unlink(missing_ok=True)
     encoded = {}
@@ -83,7 +85,9 @@ def prepare_data(config: Config, output_dir: str, *, stream: bool = True) -> Pre
         raise
     train_split = score_split(config, encoded["train"], stream=stream)
     eval_split = score_split(config, encoded["eval"], stream=False) if "eval" in encoded else None
-    report = {"on_invalid": config.data.on_invalid, "stopped": False, "train": train_split.report} | ({"eval": eval_split.report} if eval_split else {})
+    report = {"on_invalid": config.data.on_invalid, "stopped": False, "train": train_split.report} | (
+        {"eval": eval_split.report} if eval_split else {}
+    )
     report_file.write_text(json.dumps(report, indent=2))
     return PreparedData(train_split, eval_split, encoded.get("eval"))
 
@@ -100,7 +104,9 @@ def run_training(config: Config) -> TrainResult:
         result, total_steps, state = fit(config, data.train, data.eval)
         final = finish(config, result, total_steps, state)
     metrics = last_metrics(Path(output_dir, "metrics.jsonl"))
-    return TrainResult(output_dir, final, metrics, total_steps, data.reference_forward_pairs, time.perf_counter() - started)
+    return TrainResult(
+        output_dir, final, metrics, total_steps, data.reference_forward_pairs, time.perf_counter() - started
+    )
 
 
 def last_metrics(path: Path) -> dict:

@@ -25,14 +25,24 @@ import torch
 log = logging.getLogger("hdpo_ray")
 
 SFT_RECIPE = {
-    "version": 1, "data": "ultrafeedback/train_prefs-900.parquet", "max_length": 192, "max_prompt_length": 64,
-    "epochs": 3, "batch_size": 16, "lr": 3e-3, "warmup_ratio": 0.1, "max_grad_norm": 1.0, "seed": 0, "torch_threads": 2,
-}  # fmt: skip
+    "version": 1,
+    "data": "ultrafeedback/train_prefs-900.parquet",
+    "max_length": 192,
+    "max_prompt_length": 64,
+    "epochs": 3,
+    "batch_size": 16,
+    "lr": 3e-3,
+    "warmup_ratio": 0.1,
+    "max_grad_norm": 1.0,
+    "seed": 0,
+    "torch_threads": 2,
+}
 SUMMARY = "sft.json"
 
 
 def chosen_sequences(recipe: dict) -> list[tuple[list[int], list[int]]]:
-    """(prompt ids, chosen ids) of every valid pair in the recipe's embedded file, templated and truncated as for training."""
+    """(prompt ids, chosen ids) of every valid pair in the recipe's embedded file,
+    templated and truncated as for training."""
     from hdpo_ray.config import EMBEDDED_MODEL
     from hdpo_ray.data.read import _records, expand_sources
     from hdpo_ray.data.template import encode_pair
@@ -47,12 +57,16 @@ def chosen_sequences(recipe: dict) -> list[tuple[list[int], list[int]]]:
             pair = normalize_pair(json.loads(raw))
         except InvalidRow:
             continue  # the same rows the DPO data report skips
-        encoded = encode_pair(pair, tokenizer, max_length=recipe["max_length"], max_prompt_length=recipe["max_prompt_length"])
+        encoded = encode_pair(
+            pair, tokenizer, max_length=recipe["max_length"], max_prompt_length=recipe["max_prompt_length"]
+        )
         sequences.append((encoded.prompt_ids, encoded.chosen_ids))
     return sequences
 
 
-def train_sft(model: torch.nn.Module, sequences: list[tuple[list[int], list[int]]], recipe: dict, pad_id: int) -> list[float]:
+def train_sft(
+    model: torch.nn.Module, sequences: list[tuple[list[int], list[int]]], recipe: dict, pad_id: int
+) -> list[float]:
     """Mean token NLL on the completions, AdamW with warmup + cosine; returns the per-step losses."""
     from hdpo_ray.data.collate import collate_completions
     from hdpo_ray.logprobs import completion_logprobs
@@ -63,13 +77,15 @@ def train_sft(model: torch.nn.Module, sequences: list[tuple[list[int], list[int]
     steps = recipe["epochs"] * math.ceil(len(sequences) / batch_size)
     optimizer = torch.optim.AdamW(model.parameters(), lr=recipe["lr"], weight_decay=0.0)
     warmup = round(recipe["warmup_ratio"] * steps)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps=steps, warmup_steps=warmup, kind="cosine"))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, total_steps=steps, warmup_steps=warmup, kind="cosine")
+    )
     model.train()
     losses = []
     for _ in range(recipe["epochs"]):
         order = torch.randperm(len(sequences), generator=generator).tolist()
         for start in range(0, len(order), batch_size):
-            prompts, completions = zip(*(sequences[i] for i in order[start : start + batch_size]))
+            prompts, completions = zip(*(sequences[i] for i in order[start : start + batch_size]), strict=True)
             batch = collate_completions(prompts, completions, pad_id)
             stats = completion_logprobs(model, **batch, with_entropy=False)
             loss = -stats.logps.sum() / stats.num_tokens.sum()
@@ -109,12 +125,21 @@ def build_tiny_sft(target: Path, recipe: dict = SFT_RECIPE) -> dict:
     (partial / SUMMARY).write_text(json.dumps(summary, indent=2))
     shutil.rmtree(target, ignore_errors=True)
     partial.rename(target)
-    log.info("SFT model: %d steps, loss %.3f -> %.3f, %.0f s -> %s", len(losses), losses[0], losses[-1], time.perf_counter() - started, target)
+    log.info(
+        "SFT model: %d steps, loss %.3f -> %.3f, %.0f s -> %s",
+        len(losses),
+        losses[0],
+        losses[-1],
+        time.perf_counter() - started,
+        target,
+    )
     return summary
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m hdpo_ray.sft", description="Rebuild the embedded SFT model from SFT_RECIPE.")
+    parser = argparse.ArgumentParser(
+        prog="python -m hdpo_ray.sft", description="Rebuild the embedded SFT model from SFT_RECIPE."
+    )
     parser.add_argument("--output", required=True, help="directory to write (replaced if it exists)")
     logging.basicConfig(level=logging.INFO, format="[hdpo-ray] %(message)s")
     build_tiny_sft(Path(parser.parse_args().output))

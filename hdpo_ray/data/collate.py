@@ -14,14 +14,26 @@ from collections.abc import Sequence
 import torch
 
 
-def collate_pairs(prompt_ids: Sequence[Sequence[int]], chosen_ids: Sequence[Sequence[int]], rejected_ids: Sequence[Sequence[int]], pad_id: int, *, packed: bool = False) -> dict[str, torch.Tensor]:
-    """B pairs -> 2B sequences: sequences [0, B) are prompt+chosen and [B, 2B) prompt+rejected (see collate_completions)."""
+def collate_pairs(
+    prompt_ids: Sequence[Sequence[int]],
+    chosen_ids: Sequence[Sequence[int]],
+    rejected_ids: Sequence[Sequence[int]],
+    pad_id: int,
+    *,
+    packed: bool = False,
+) -> dict[str, torch.Tensor]:
+    """B pairs -> 2B sequences: sequences [0, B) are prompt+chosen and [B, 2B)
+    prompt+rejected (see collate_completions)."""
     if not (len(prompt_ids) == len(chosen_ids) == len(rejected_ids)):
-        raise ValueError(f"{len(prompt_ids)} prompts, {len(chosen_ids)} chosen and {len(rejected_ids)} rejected completions")
+        raise ValueError(
+            f"{len(prompt_ids)} prompts, {len(chosen_ids)} chosen and {len(rejected_ids)} rejected completions"
+        )
     return collate_completions([*prompt_ids, *prompt_ids], [*chosen_ids, *rejected_ids], pad_id, packed=packed)
 
 
-def collate_completions(prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Sequence[int]], pad_id: int, *, packed: bool = False) -> dict[str, torch.Tensor]:
+def collate_completions(
+    prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Sequence[int]], pad_id: int, *, packed: bool = False
+) -> dict[str, torch.Tensor]:
     """N (prompt, completion) -> tensors for N prompt+completion sequences.
 
     Padded: input_ids (N, T) long, attention_mask (N, T) long, completion_mask (N, T) bool, T the longest sequence.
@@ -41,7 +53,7 @@ def _padded(sequences: list[list[int]], starts: list[int], pad_id: int) -> dict[
     input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
     completion_mask = torch.zeros((len(sequences), width), dtype=torch.bool)
-    for row, (seq, start) in enumerate(zip(sequences, starts)):
+    for row, (seq, start) in enumerate(zip(sequences, starts, strict=True)):
         input_ids[row, : len(seq)] = torch.as_tensor(seq, dtype=torch.long)
         attention_mask[row, : len(seq)] = 1
         completion_mask[row, start : len(seq)] = True
@@ -87,9 +99,16 @@ def _packed(sequences: list[list[int]], starts: list[int], pad_id: int) -> dict[
             at += n
         # The tail is one more segment (positions from 0), so it attends only to itself; nothing reads it.
         position_ids[r, at:] = torch.arange(width - at)
-    return {"input_ids": input_ids, "position_ids": position_ids, "completion_mask": completion_mask, "sequence_index": sequence_index}
+    return {
+        "input_ids": input_ids,
+        "position_ids": position_ids,
+        "completion_mask": completion_mask,
+        "sequence_index": sequence_index,
+    }
 
 
 def real_tokens(prompt_ids: Sequence[Sequence[int]], *completions: Sequence[Sequence[int]]) -> int:
     """Tokens of the sequences prompt+completion for every completion list (padding excluded), counted on the host."""
-    return sum(len(p) + len(c) for completion_ids in completions for p, c in zip(prompt_ids, completion_ids, strict=True))
+    return sum(
+        len(p) + len(c) for completion_ids in completions for p, c in zip(prompt_ids, completion_ids, strict=True)
+    )

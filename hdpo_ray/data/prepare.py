@@ -37,7 +37,9 @@ log = logging.getLogger("hdpo_ray")
 PREP_VERSION = "2"  # bump when the encoded layout, the row order or tokenization rules change
 MAX_EXAMPLES = 20
 ROWS_PER_FILE = 4096  # cache entries are written in files of at least this many rows, not one per (small) block
-READ_CPUS = 0.25  # parquet reads and writes are I/O: a small CPU claim lets them run beside the reference pool and the workers
+READ_CPUS = (
+    0.25  # parquet reads and writes are I/O: a small CPU claim lets them run beside the reference pool and the workers
+)
 
 
 class DataError(ValueError):
@@ -103,24 +105,47 @@ def summarize(entry: str) -> dict[str, Any]:
     import pyarrow.dataset as pads
 
     fs, path = _entry_fs(entry)
-    table = pads.dataset(path, filesystem=fs, format="parquet").to_table(columns=["source_file", "source_row", "skip_reason", "skip_detail", "truncated"])
+    table = pads.dataset(path, filesystem=fs, format="parquet").to_table(
+        columns=["source_file", "source_row", "skip_reason", "skip_detail", "truncated"]
+    )
     valid = pc.is_null(table["skip_reason"])
-    counts = pa.table({"source_file": table["source_file"], "valid": pc.cast(valid, pa.int64()), "truncated": pc.cast(pc.and_(valid, table["truncated"]), pa.int64())})
-    per_file = counts.group_by("source_file").aggregate([("valid", "count"), ("valid", "sum"), ("truncated", "sum")]).to_pylist()
+    counts = pa.table(
+        {
+            "source_file": table["source_file"],
+            "valid": pc.cast(valid, pa.int64()),
+            "truncated": pc.cast(pc.and_(valid, table["truncated"]), pa.int64()),
+        }
+    )
+    per_file = (
+        counts.group_by("source_file")
+        .aggregate([("valid", "count"), ("valid", "sum"), ("truncated", "sum")])
+        .to_pylist()
+    )
     skipped = table.filter(pc.invert(valid))
     reasons = skipped.group_by(["source_file", "skip_reason"]).aggregate([("source_row", "count")]).to_pylist()
     files = {}
     for row in sorted(per_file, key=lambda r: r["source_file"]):
         read, good = row["valid_count"], row["valid_sum"]
         by_reason = {r["skip_reason"]: r["source_row_count"] for r in reasons if r["source_file"] == row["source_file"]}
-        files[row["source_file"]] = {"read": read, "valid": good, "skipped": read - good, "truncated": row["truncated_sum"], "skipped_by_reason": by_reason}
+        files[row["source_file"]] = {
+            "read": read,
+            "valid": good,
+            "skipped": read - good,
+            "truncated": row["truncated_sum"],
+            "skipped_by_reason": by_reason,
+        }
     total = {key: sum(f[key] for f in files.values()) for key in ("read", "valid", "skipped", "truncated")}
     by_reason: dict[str, int] = defaultdict(int)
     for stats in files.values():
         for reason, count in stats["skipped_by_reason"].items():
             by_reason[reason] += count
-    first_invalid = skipped.sort_by([("source_file", "ascending"), ("source_row", "ascending")]).slice(0, MAX_EXAMPLES).to_pylist()
-    examples = [{"file": r["source_file"], "row": r["source_row"], "reason": r["skip_reason"], "detail": r["skip_detail"]} for r in first_invalid]
+    first_invalid = (
+        skipped.sort_by([("source_file", "ascending"), ("source_row", "ascending")]).slice(0, MAX_EXAMPLES).to_pylist()
+    )
+    examples = [
+        {"file": r["source_file"], "row": r["source_row"], "reason": r["skip_reason"], "detail": r["skip_detail"]}
+        for r in first_invalid
+    ]
     return {**total, "skipped_by_reason": dict(by_reason), "files": files, "invalid_examples": examples}
 
 
@@ -136,19 +161,44 @@ def _encode(config: Config, files: list[str], tokenizer, split: str) -> tuple[st
     from hdpo_ray.models import tokenizer_fingerprint
 
     data = config.data
-    key = _hash(PREP_VERSION, fingerprint_sources(files), tokenizer_fingerprint(tokenizer), data.max_length, data.max_prompt_length)
+    key = _hash(
+        PREP_VERSION,
+        fingerprint_sources(files),
+        tokenizer_fingerprint(tokenizer),
+        data.max_length,
+        data.max_prompt_length,
+    )
     entry = f"{_cache_root(config)}/encoded-{key}"
     manifest = _read_manifest(entry)
     if manifest is None:
         start = time.perf_counter()
         _fresh_dir(entry)
-        encode = encode_rows_fn(config.model.name_or_path, data.chat_template, data.max_length, data.max_prompt_length, config.model.trust_remote_code)
+        encode = encode_rows_fn(
+            config.model.name_or_path,
+            data.chat_template,
+            data.max_length,
+            data.max_prompt_length,
+            config.model.trust_remote_code,
+        )
         encoded = read_raw_rows(files).map_batches(encode, batch_format="pyarrow", batch_size=256)
         encoded.set_name(f"encode-{split}")  # the stage's name in the Ray dashboard's Data view
         encoded.write_parquet(entry, min_rows_per_file=ROWS_PER_FILE)
-        manifest = {"key": key, "files": files, "report": summarize(entry), "seconds": round(time.perf_counter() - start, 2)}
+        manifest = {
+            "key": key,
+            "files": files,
+            "report": summarize(entry),
+            "seconds": round(time.perf_counter() - start, 2),
+        }
         _write_manifest(entry, manifest)
-    log.info("%s data: %d rows read, %d valid, %d skipped, %d truncated (%s)", split, manifest["report"]["read"], manifest["report"]["valid"], manifest["report"]["skipped"], manifest["report"]["truncated"], entry)
+    log.info(
+        "%s data: %d rows read, %d valid, %d skipped, %d truncated (%s)",
+        split,
+        manifest["report"]["read"],
+        manifest["report"]["valid"],
+        manifest["report"]["skipped"],
+        manifest["report"]["truncated"],
+        entry,
+    )
     return entry, manifest
 
 
@@ -172,7 +222,13 @@ def encode_split(config: Config, specs: list[str], split: str) -> EncodedSplit:
     report = manifest["report"]
     if report["skipped"] and config.data.on_invalid == "error":
         first = report["invalid_examples"][0]
-        raise DataError(f"{_row_name(first['file'], first['row'])}: {first['reason']}: {first['detail']} ({report['skipped']} invalid rows in {split} data, listed in data_report.json; fix them or set data.on_invalid=skip)", {split: report})
+        raise DataError(
+            (
+                f"{_row_name(first['file'], first['row'])}: {first['reason']}: {first['detail']} ({report['skipped']} "
+                f"invalid rows in {split} data, listed in data_report.json; fix them or set data.on_invalid=skip)"
+            ),
+            {split: report},
+        )
     if report["valid"] == 0:
         raise DataError(f"no valid pairs in {split} data {specs}: {report['skipped_by_reason']}", {split: report})
     return EncodedSplit(split, entry, manifest)
@@ -201,13 +257,16 @@ def configure_ray_data() -> None:
 
 
 def read_entry(entry: str, num_blocks: int | None = None, num_cpus: float = READ_CPUS, concurrency: int | None = None):
-    """A cache entry's parquet files as a Ray Dataset, in file order (how training cuts it into blocks: train.trainer.rank_blocks).
+    """A cache entry's parquet files as a Ray Dataset, in file order (how training cuts it into
+    blocks: train.trainer.rank_blocks).
 
     num_blocks: cut the files into about this many blocks as they are read (inside the read tasks); None leaves
     it to Ray Data. Built after configure_ray_data (the V1 reader)."""
     import ray.data
 
-    return ray.data.read_parquet(entry, file_extensions=["parquet"], num_cpus=num_cpus, override_num_blocks=num_blocks, concurrency=concurrency)
+    return ray.data.read_parquet(
+        entry, file_extensions=["parquet"], num_cpus=num_cpus, override_num_blocks=num_blocks, concurrency=concurrency
+    )
 
 
 def _parquet_rows(entry: str) -> int:
@@ -244,7 +303,9 @@ def score_split(config: Config, encoded: EncodedSplit, *, stream: bool = True) -
     from hdpo_ray.models import load_tokenizer, model_fingerprint
 
     split, report = encoded.name, encoded.report
-    pad_id = load_tokenizer(config.model.name_or_path, config.data.chat_template, config.model.trust_remote_code).pad_token_id
+    pad_id = load_tokenizer(
+        config.model.name_or_path, config.data.chat_template, config.model.trust_remote_code
+    ).pad_token_id
     streamed = config.reference.cache_dir is None and stream
     valid = _valid_pairs(config, encoded, streamed=streamed)
     if streamed:
@@ -252,7 +313,12 @@ def score_split(config: Config, encoded: EncodedSplit, *, stream: bool = True) -
         scored.set_name(f"reference-{split}")
         return PreparedSplit(scored, report["valid"], report, report["valid"], None)
 
-    key = _hash(encoded.manifest["key"], model_fingerprint(config.model.reference), reference_dtype(config), config.model.trust_remote_code)
+    key = _hash(
+        encoded.manifest["key"],
+        model_fingerprint(config.model.reference),
+        reference_dtype(config),
+        config.model.trust_remote_code,
+    )
     entry = f"{_cache_root(config)}/reference-{key}"
     ref_manifest = _read_manifest(entry)
     forward_pairs = 0
@@ -264,11 +330,27 @@ def score_split(config: Config, encoded: EncodedSplit, *, stream: bool = True) -
         scored.write_parquet(entry, min_rows_per_file=ROWS_PER_FILE, ray_remote_args={"num_cpus": READ_CPUS})
         written = _parquet_rows(entry)
         if written != report["valid"]:  # e.g. parts written to node-local disks of other nodes
-            raise DataError(f"reference pass wrote {written} of {report['valid']} pairs to {entry}; on a multi-node cluster reference.cache_dir must be shared storage (a URI or a shared mount)")
+            raise DataError(
+                f"reference pass wrote {written} of {report['valid']} pairs to {entry}; on a multi-node cluster "
+                "reference.cache_dir must be shared storage (a URI or a shared mount)"
+            )
         forward_pairs = report["valid"]
-        ref_manifest = {"key": key, "encoded": encoded.entry, "reference": config.model.reference, "pairs": forward_pairs, "seconds": round(time.perf_counter() - start, 2), "id": uuid.uuid4().hex}
+        ref_manifest = {
+            "key": key,
+            "encoded": encoded.entry,
+            "reference": config.model.reference,
+            "pairs": forward_pairs,
+            "seconds": round(time.perf_counter() - start, 2),
+            "id": uuid.uuid4().hex,
+        }
         _write_manifest(entry, ref_manifest)
-        log.info("%s reference log-probs: %d pairs scored in %.1f s -> %s", split, forward_pairs, ref_manifest["seconds"], entry)
+        log.info(
+            "%s reference log-probs: %d pairs scored in %.1f s -> %s",
+            split,
+            forward_pairs,
+            ref_manifest["seconds"],
+            entry,
+        )
     else:
         log.info("%s reference log-probs: cache hit, no reference forward pass (%s)", split, entry)
     dataset = read_entry(entry)

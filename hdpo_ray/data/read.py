@@ -27,7 +27,9 @@ import pyarrow.fs as pafs
 from hdpo_ray.config import DATA_SUFFIXES, is_uri, looks_like_hub_id
 
 ROWS_PER_BLOCK = 512
-RAW_SCHEMA = pa.schema([("source_file", pa.string()), ("source_row", pa.int64()), ("raw", pa.string()), ("read_error", pa.string())])
+RAW_SCHEMA = pa.schema(
+    [("source_file", pa.string()), ("source_row", pa.int64()), ("raw", pa.string()), ("read_error", pa.string())]
+)
 
 
 class SourceError(ValueError):
@@ -48,7 +50,11 @@ def _hub_patterns(spec: str) -> list[str]:
     """The hub's parquet layouts for one split: data/{split}-00000-of-N.parquet, {split}.parquet, {split}/*.parquet."""
     repo, _, split = spec.partition(":")
     split = split or "train"
-    return [f"hf://datasets/{repo}/**/{split}-*.parquet", f"hf://datasets/{repo}/**/{split}.parquet", f"hf://datasets/{repo}/**/{split}/*.parquet"]
+    return [
+        f"hf://datasets/{repo}/**/{split}-*.parquet",
+        f"hf://datasets/{repo}/**/{split}.parquet",
+        f"hf://datasets/{repo}/**/{split}/*.parquet",
+    ]
 
 
 def expand_sources(specs: list[str]) -> list[str]:
@@ -65,9 +71,13 @@ def expand_sources(specs: list[str]) -> list[str]:
         else:
             local = os.path.expanduser(spec)
             if os.path.isdir(local):
-                found = sorted(p for p in glob.glob(os.path.join(local, "**", "*"), recursive=True) if p.endswith(DATA_SUFFIXES))
+                found = sorted(
+                    p for p in glob.glob(os.path.join(local, "**", "*"), recursive=True) if p.endswith(DATA_SUFFIXES)
+                )
             else:
-                found = sorted(glob.glob(local)) if glob.has_magic(local) else ([local] if os.path.isfile(local) else [])
+                found = (
+                    sorted(glob.glob(local)) if glob.has_magic(local) else ([local] if os.path.isfile(local) else [])
+                )
         if not found:
             raise SourceError(f"data source {spec} matched no parquet/jsonl/json file")
         files.extend(found)
@@ -89,7 +99,9 @@ def _expand_remote(uri: str) -> list[str]:
             return sorted(f"{scheme}://{i.path}" for i in listing if i.path.endswith(DATA_SUFFIXES))
         return [uri] if info.type == pafs.FileType.File else []
     except Exception as err:  # network, credentials, unknown protocol: say which source and why
-        raise SourceError(f"data source {uri} could not be listed: {type(err).__name__}: {str(err).splitlines()[0]}") from None
+        raise SourceError(
+            f"data source {uri} could not be listed: {type(err).__name__}: {str(err).splitlines()[0]}"
+        ) from None
 
 
 def update_with_file(digest, path: str | os.PathLike) -> None:
@@ -170,7 +182,7 @@ def read_file_blocks(batch: dict) -> Iterator[pa.Table]:
     for file in batch["file"]:
         columns: dict[str, list] = {name: [] for name in RAW_SCHEMA.names}
         for row, raw, error in _records_or_error(str(file)):
-            for name, value in zip(RAW_SCHEMA.names, (str(file), row, raw, error)):
+            for name, value in zip(RAW_SCHEMA.names, (str(file), row, raw, error), strict=True):
                 columns[name].append(value)
             if len(columns["raw"]) == ROWS_PER_BLOCK:
                 yield pa.table(columns, schema=RAW_SCHEMA)

@@ -22,13 +22,26 @@ class ReferenceScorer:
     """Callable class for `map_batches`: loads pi_ref once per actor, scores batches of pairs; returns the
     columns training reads: PAIR_COLUMNS, ref_chosen_logps and ref_rejected_logps."""
 
-    def __init__(self, name_or_path: str, pad_id: int, chunk_tokens: int, dtype: str, trust_remote_code: bool = False, torch_threads: int | None = None, packing: bool = True):
+    def __init__(
+        self,
+        name_or_path: str,
+        pad_id: int,
+        chunk_tokens: int,
+        dtype: str,
+        trust_remote_code: bool = False,
+        torch_threads: int | None = None,
+        packing: bool = True,
+    ):
         from hdpo_ray.models import load_causal_lm
 
         self.device = torch.device("cuda" if dtype == "bfloat16" else "cpu")
         if torch_threads:
             torch.set_num_threads(torch_threads)
-        self.model = load_causal_lm(name_or_path, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code).to(self.device).eval()
+        self.model = (
+            load_causal_lm(name_or_path, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code)
+            .to(self.device)
+            .eval()
+        )
         self.pad_id = pad_id
         self.chunk_tokens = chunk_tokens
         self.packing = use_packing(packing, self.model, self.device, name_or_path)
@@ -37,11 +50,18 @@ class ReferenceScorer:
     def __call__(self, batch: pa.Table) -> pa.Table:
         n = batch.num_rows
         tensors = collate_pairs(*(batch[k].to_pylist() for k in PAIR_COLUMNS), self.pad_id, packed=self.packing)
-        stats = completion_logprobs(self.model, **{k: v.to(self.device) for k, v in tensors.items()}, chunk_tokens=self.chunk_tokens, with_entropy=False)
+        stats = completion_logprobs(
+            self.model,
+            **{k: v.to(self.device) for k, v in tensors.items()},
+            chunk_tokens=self.chunk_tokens,
+            with_entropy=False,
+        )
         logps = stats.logps.float().cpu().numpy()
         # Only what training reads: a separate column-selection stage would ask Ray Data for one more CPU per block.
         pairs = batch.select(PAIR_COLUMNS)
-        return pairs.append_column("ref_chosen_logps", pa.array(logps[:n])).append_column("ref_rejected_logps", pa.array(logps[n:]))
+        return pairs.append_column("ref_chosen_logps", pa.array(logps[:n])).append_column(
+            "ref_rejected_logps", pa.array(logps[n:])
+        )
 
 
 def reference_dtype(config: Config) -> str:
@@ -57,7 +77,15 @@ def add_reference_logprobs(dataset, config: Config, pad_id: int):
     threads = ref.torch_threads or max(1, int(ref.num_cpus_per_actor))
     return dataset.map_batches(
         ReferenceScorer,
-        fn_constructor_kwargs=dict(name_or_path=config.model.reference, pad_id=pad_id, chunk_tokens=config.model.logprob_chunk_tokens, dtype=reference_dtype(config), trust_remote_code=config.model.trust_remote_code, torch_threads=threads, packing=config.train.packing),
+        fn_constructor_kwargs=dict(
+            name_or_path=config.model.reference,
+            pad_id=pad_id,
+            chunk_tokens=config.model.logprob_chunk_tokens,
+            dtype=reference_dtype(config),
+            trust_remote_code=config.model.trust_remote_code,
+            torch_threads=threads,
+            packing=config.train.packing,
+        ),
         compute=ActorPoolStrategy(size=ref.num_actors),
         num_cpus=ref.num_cpus_per_actor,
         num_gpus=ref.num_gpus_per_actor,

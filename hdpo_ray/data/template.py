@@ -14,10 +14,9 @@ Exactness rules, each a bug seen in other DPO tools:
 from __future__ import annotations
 
 import json
-
-import jinja2
 from typing import Any, NamedTuple
 
+import jinja2
 import pyarrow as pa
 
 from hdpo_ray.data.validate import InvalidRow, Pair, normalize_pair
@@ -42,7 +41,10 @@ def _adds_bos(tokenizer) -> bool:
 def _completion_ids(tokenizer, prompt_text: str, messages: list[dict[str, str]], completion: str) -> list[int]:
     full = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": completion}], tokenize=False)
     if not full.startswith(prompt_text):
-        raise TemplateError("the chat template does not render the prompt (with add_generation_prompt) as a prefix of the full conversation; set data.chat_template")
+        raise TemplateError(
+            "the chat template does not render the prompt (with add_generation_prompt) as a prefix of the full "
+            "conversation; set data.chat_template"
+        )
     ids = tokenizer(full[len(prompt_text) :], add_special_tokens=False).input_ids
     eos = tokenizer.eos_token_id
     if eos in ids:
@@ -92,10 +94,18 @@ def encode_pair(pair: Pair, tokenizer, *, max_length: int, max_prompt_length: in
     return EncodedPair(prompt, chosen, rejected, truncated)
 
 
-ENCODED_SCHEMA = pa.schema([
-    ("source_file", pa.string()), ("source_row", pa.int64()), ("skip_reason", pa.string()), ("skip_detail", pa.string()),
-    ("truncated", pa.bool_()), ("prompt_ids", pa.list_(pa.int32())), ("chosen_ids", pa.list_(pa.int32())), ("rejected_ids", pa.list_(pa.int32())),
-])  # fmt: skip
+ENCODED_SCHEMA = pa.schema(
+    [
+        ("source_file", pa.string()),
+        ("source_row", pa.int64()),
+        ("skip_reason", pa.string()),
+        ("skip_detail", pa.string()),
+        ("truncated", pa.bool_()),
+        ("prompt_ids", pa.list_(pa.int32())),
+        ("chosen_ids", pa.list_(pa.int32())),
+        ("rejected_ids", pa.list_(pa.int32())),
+    ]
+)
 
 
 class EncodeRows:
@@ -105,7 +115,14 @@ class EncodeRows:
     is loaded once per worker process.
     """
 
-    def __init__(self, tokenizer_name: str, chat_template: str | None, max_length: int, max_prompt_length: int, trust_remote_code: bool = False):
+    def __init__(
+        self,
+        tokenizer_name: str,
+        chat_template: str | None,
+        max_length: int,
+        max_prompt_length: int,
+        trust_remote_code: bool = False,
+    ):
         from hdpo_ray.models import load_tokenizer
 
         self.tokenizer = load_tokenizer(tokenizer_name, chat_template, trust_remote_code)
@@ -114,9 +131,16 @@ class EncodeRows:
     def _encode(self, raw: str | None, read_error: str | None) -> tuple[Any, ...]:
         try:
             if raw is None:
-                reason = "unreadable_file" if read_error and read_error.startswith("file could not be read") else "not_json"
+                reason = (
+                    "unreadable_file" if read_error and read_error.startswith("file could not be read") else "not_json"
+                )
                 raise InvalidRow(reason, read_error or "unreadable record")
-            encoded = encode_pair(normalize_pair(json.loads(raw)), self.tokenizer, max_length=self.max_length, max_prompt_length=self.max_prompt_length)
+            encoded = encode_pair(
+                normalize_pair(json.loads(raw)),
+                self.tokenizer,
+                max_length=self.max_length,
+                max_prompt_length=self.max_prompt_length,
+            )
         except InvalidRow as err:
             return err.reason, err.detail, False, None, None, None
         except (TemplateError, jinja2.TemplateError) as err:  # e.g. a template that refuses system turns
@@ -124,13 +148,24 @@ class EncodeRows:
         return None, None, encoded.truncated, encoded.prompt_ids, encoded.chosen_ids, encoded.rejected_ids
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        results = [self._encode(raw, err) for raw, err in zip(batch["raw"].to_pylist(), batch["read_error"].to_pylist())]
+        results = [
+            self._encode(raw, err)
+            for raw, err in zip(batch["raw"].to_pylist(), batch["read_error"].to_pylist(), strict=True)
+        ]
         if not results:
             return ENCODED_SCHEMA.empty_table()
-        return pa.table([batch["source_file"], batch["source_row"], *map(list, zip(*results))], schema=ENCODED_SCHEMA)
+        return pa.table(
+            [batch["source_file"], batch["source_row"], *map(list, zip(*results, strict=True))], schema=ENCODED_SCHEMA
+        )
 
 
-def encode_rows_fn(tokenizer_name: str, chat_template: str | None, max_length: int, max_prompt_length: int, trust_remote_code: bool = False):
+def encode_rows_fn(
+    tokenizer_name: str,
+    chat_template: str | None,
+    max_length: int,
+    max_prompt_length: int,
+    trust_remote_code: bool = False,
+):
     """A plain function wrapping EncodeRows, cached per process, so Ray Data can run it as tasks."""
     key = (tokenizer_name, chat_template, max_length, max_prompt_length, trust_remote_code)
 

@@ -171,7 +171,9 @@ def _sharegpt_turn(raw: Any, where: str) -> Message:
     if not isinstance(who, str):
         raise InvalidRow("bad_type", f"{where}.from is {type(who).__name__}; expected a string")
     if who not in _SHAREGPT_ROLES:
-        raise InvalidRow("unknown_role", f"{where}.from is {who!r}; expected one of {', '.join(sorted(_SHAREGPT_ROLES))}")
+        raise InvalidRow(
+            "unknown_role", f"{where}.from is {who!r}; expected one of {', '.join(sorted(_SHAREGPT_ROLES))}"
+        )
     return Message(_SHAREGPT_ROLES[who], _text(raw, "value", f"{where}.value"))
 
 

@@ -28,7 +28,8 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     if k > n:
         raise ValueError(f"pass@k: k={k} is more than the n={n} samples generated per problem (generate at least k)")
     if n - c < k:
-        return 1.0  # too few wrong samples to fill a k-subset (the product below holds the factor 1 - k / k = 0 and agrees)
+        # too few wrong samples to fill a k-subset (the product below holds the factor 1 - k / k = 0 and agrees)
+        return 1.0
     return float(1.0 - np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
 
 

@@ -33,10 +33,13 @@ def aggregate(records: list[dict[str, Any]], ks: list[int], summarize=None) -> d
     n = len(records) or 1
     out: dict[str, Any] = {f"pass@{k}": mean_pass_at_k(counts, k) for k in ks}
     out.update(
-        problems=len(per_problem), samples=len(records), correct=sum(c for _, c in counts),
-        entropy=sum(r["entropy"] for r in records) / n, tokens=sum(r["num_tokens"] for r in records) / n,
+        problems=len(per_problem),
+        samples=len(records),
+        correct=sum(c for _, c in counts),
+        entropy=sum(r["entropy"] for r in records) / n,
+        tokens=sum(r["num_tokens"] for r in records) / n,
         finished=sum(bool(r["finished"]) for r in records) / n,
-    )  # fmt: skip
+    )
     if summarize is not None:
         out.update(summarize(records))
     return out
@@ -46,9 +49,11 @@ def flat_metrics(tables: dict[str, dict[str, dict[str, Any]]]) -> dict[str, floa
     """{task: {temperature: {metric: value}}} -> {"task/metric/t=T": value} for numeric metrics."""
     return {
         metric_key(task, name, float(t)): float(value)
-        for task, by_t in tables.items() for t, row in by_t.items() for name, value in row.items()
+        for task, by_t in tables.items()
+        for t, row in by_t.items()
+        for name, value in row.items()
         if isinstance(value, (int, float)) and name not in ("problems", "samples", "correct")
-    }  # fmt: skip
+    }
 
 
 def _fmt(value: Any) -> str:
@@ -61,18 +66,29 @@ def _fmt(value: Any) -> str:
 def results_markdown(results: dict[str, Any]) -> str:
     """One table per task: a row per temperature; pass@k columns first, then entropy and task metrics."""
     lines = [
-        f"# Evaluation of {results['model']}", "",
+        f"# Evaluation of {results['model']}",
+        "",
         f"backend {results['backend']}, {results['num_samples']} samples per problem, top_p {results['top_p']}, "
-        f"max_new_tokens {results['max_new_tokens']}, seed {results['seed']}, limit {results['limit']}; {results['wall_s']:.0f} s "
-        f"(sampling {results['sampling_s']:.0f} s, scoring {results['scoring_s']:.0f} s)", "",
-        "entropy: mean over completions of the mean per-token entropy (nats) of the sampling distribution; tokens: mean completion length.",
-    ]  # fmt: skip
+        f"max_new_tokens {results['max_new_tokens']}, seed {results['seed']}, limit {results['limit']}; "
+        f"{results['wall_s']:.0f} s (sampling {results['sampling_s']:.0f} s, scoring {results['scoring_s']:.0f} s)",
+        "",
+        (
+            "entropy: mean over completions of the mean per-token entropy (nats) of the sampling distribution; "
+            "tokens: mean completion length."
+        ),
+    ]
     for task, by_t in results["tasks"].items():
         first = next(iter(by_t.values()))
         passk = [c for c in first if c.startswith("pass@")]
         extra = [c for c in first if c not in passk and c not in ("problems", "samples", "correct")]
         columns = ["temperature", *passk, *extra, "correct/samples"]
-        lines += ["", f"## {task} ({first['problems']} problems)", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+        lines += [
+            "",
+            f"## {task} ({first['problems']} problems)",
+            "",
+            "| " + " | ".join(columns) + " |",
+            "|" + "---|" * len(columns),
+        ]
         for t, row in by_t.items():
             cells = [t, *(_fmt(row[c]) for c in passk + extra), f"{row['correct']}/{row['samples']}"]
             lines.append("| " + " | ".join(cells) + " |")
@@ -80,7 +96,8 @@ def results_markdown(results: dict[str, Any]) -> str:
 
 
 def plot_results(results: dict[str, Any], output_dir: Path) -> list[str]:
-    """passk.png (pass@k against k, a line per temperature) and temperature.png (pass@1 and entropy against temperature)."""
+    """passk.png (pass@k against k, a line per temperature) and temperature.png (pass@1
+    and entropy against temperature)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -89,7 +106,7 @@ def plot_results(results: dict[str, Any], output_dir: Path) -> list[str]:
     tasks = list(results["tasks"])
     ks = sorted(results["k"])
     fig, axes = plt.subplots(1, len(tasks), figsize=(4 * len(tasks), 3.4), squeeze=False)
-    for ax, task in zip(axes[0], tasks):
+    for ax, task in zip(axes[0], tasks, strict=True):
         for t, row in results["tasks"][task].items():
             ax.plot(ks, [row[f"pass@{k}"] for k in ks], marker="o", label=f"T={t}")
         ax.set(title=task, xlabel="k", ylabel="pass@k", xticks=ks)

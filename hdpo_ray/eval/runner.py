@@ -30,7 +30,8 @@ def tasks_to_run(config: Config) -> list[str]:
 
 
 def selectable_task_metrics(e: EvalConfig) -> list[str]:
-    """The task metrics a sweep can select on: pass@k for each eval.k, entropy and each task's own summary metrics, at each temperature."""
+    """The task metrics a sweep can select on: pass@k for each eval.k, entropy and each
+    task's own summary metrics, at each temperature."""
     from hdpo_ray.eval.report import metric_key
     from hdpo_ray.eval.tasks import get_task_class
 
@@ -43,7 +44,13 @@ def selectable_task_metrics(e: EvalConfig) -> list[str]:
 
 def eval_group(e: EvalConfig) -> Group:
     bundle = {"CPU": e.num_cpus_per_actor, "GPU": e.num_gpus_per_actor, **e.resources}
-    return Group("eval pool", e.num_actors, bundle, e.label_selector, "lower eval.num_actors or eval.num_cpus_per_actor / eval.num_gpus_per_actor")
+    return Group(
+        "eval pool",
+        e.num_actors,
+        bundle,
+        e.label_selector,
+        "lower eval.num_actors or eval.num_cpus_per_actor / eval.num_gpus_per_actor",
+    )
 
 
 def plan_eval(config: Config, tasks: list[str]) -> tuple[str, dict[str, Any], dict[str, list]]:
@@ -66,8 +73,11 @@ def _local_or_id(model: str) -> str:
     return os.path.abspath(path) if os.path.exists(path) else model
 
 
-def run_eval(config: Config, model: str, *, tasks: list[str], output_dir: str, node_id: str | None = None, hold: bool = True) -> dict[str, Any]:
-    """Evaluate `model` (a directory, hub id or embedded id) on `tasks`; writes output_dir and returns results.json's content.
+def run_eval(
+    config: Config, model: str, *, tasks: list[str], output_dir: str, node_id: str | None = None, hold: bool = True
+) -> dict[str, Any]:
+    """Evaluate `model` (a directory, hub id or embedded id) on `tasks`; writes output_dir and
+    returns results.json's content.
 
     node_id: sample on that node when it can hold the pool (where a sweep trial just wrote its model).
     hold=False: the caller already holds the cluster for the eval pool (a sweep trial: its sweep's driver
@@ -82,47 +92,115 @@ def run_eval(config: Config, model: str, *, tasks: list[str], output_dir: str, n
     fingerprint = model_fingerprint(model)  # a model that is not there fails here, in one line
     backend, task_objects, problems = plan_eval(config, tasks)
     init_ray(config)
-    holding = held([Phase((eval_group(e),))], config.cluster.autoscaling, config.cluster.wait_for_resources_s) if hold else nullcontext()
+    holding = (
+        held([Phase((eval_group(e),))], config.cluster.autoscaling, config.cluster.wait_for_resources_s)
+        if hold
+        else nullcontext()
+    )
     with holding:
-        return _sample_and_score(config, model, fingerprint, backend, task_objects, problems, output_dir, node_id, started)
+        return _sample_and_score(
+            config, model, fingerprint, backend, task_objects, problems, output_dir, node_id, started
+        )
 
 
-def _sample_and_score(config: Config, model: str, fingerprint: str, backend: str, task_objects: dict, problems: dict, output_dir: str, node_id: str | None, started: float) -> dict[str, Any]:
+def _sample_and_score(
+    config: Config,
+    model: str,
+    fingerprint: str,
+    backend: str,
+    task_objects: dict,
+    problems: dict,
+    output_dir: str,
+    node_id: str | None,
+    started: float,
+) -> dict[str, Any]:
     from hdpo_ray.eval.report import aggregate, flat_metrics, write_results
     from hdpo_ray.eval.sampling import SamplingPlan, sample_completions
 
     e = config.eval
-    rows = [{"task": name, "problem_id": p.id, "prompt": p.prompt, "temperature": t} for name, ps in problems.items() for p in ps for t in e.temperatures]
-    log.info(f"eval: {len(rows)} prompts ({', '.join(f'{n} {len(ps)}' for n, ps in problems.items())} problems x {len(e.temperatures)} temperatures) "
-             f"x {e.num_samples} samples on {e.num_actors} {backend} actor(s)")  # fmt: skip
-    samples = sample_completions(rows, SamplingPlan.from_config(config, model), backend, num_actors=e.num_actors, num_cpus=e.num_cpus_per_actor, num_gpus=e.num_gpus_per_actor, node_id=node_id,
-                                 placement=placement_options(e.resources, e.label_selector))
+    rows = [
+        {"task": name, "problem_id": p.id, "prompt": p.prompt, "temperature": t}
+        for name, ps in problems.items()
+        for p in ps
+        for t in e.temperatures
+    ]
+    log.info(
+        f"eval: {len(rows)} prompts ({', '.join(f'{n} {len(ps)}' for n, ps in problems.items())} problems x "
+        f"{len(e.temperatures)} temperatures) x {e.num_samples} samples on {e.num_actors} {backend} actor(s)"
+    )
+    samples = sample_completions(
+        rows,
+        SamplingPlan.from_config(config, model),
+        backend,
+        num_actors=e.num_actors,
+        num_cpus=e.num_cpus_per_actor,
+        num_gpus=e.num_gpus_per_actor,
+        node_id=node_id,
+        placement=placement_options(e.resources, e.label_selector),
+    )
     drawn = Counter((s["task"], s["problem_id"], s["temperature"], s["sample"]) for s in samples)
-    short = next(((r["task"], r["problem_id"], r["temperature"]) for r in rows if any(drawn[(r["task"], r["problem_id"], r["temperature"], i)] != 1 for i in range(e.num_samples))), None)
+    short = next(
+        (
+            (r["task"], r["problem_id"], r["temperature"])
+            for r in rows
+            if any(drawn[(r["task"], r["problem_id"], r["temperature"], i)] != 1 for i in range(e.num_samples))
+        ),
+        None,
+    )
     if short is not None or len(samples) != len(rows) * e.num_samples:
-        raise RuntimeError(f"sampling returned {len(samples)} completions for {len(rows)} prompts x {e.num_samples} samples (first incomplete: {short})")
+        raise RuntimeError(
+            f"sampling returned {len(samples)} completions for {len(rows)} prompts x {e.num_samples} samples "
+            f"(first incomplete: {short})"
+        )
     sampling_s = time.time() - started
 
     scored, tables, truncated = [], {}, {}
     for name, task in task_objects.items():
         order = {p.id: i for i, p in enumerate(problems[name])}
         by_id = {p.id: p for p in problems[name]}
-        mine = sorted((s for s in samples if s["task"] == name), key=lambda s: (order[s["problem_id"]], e.temperatures.index(s["temperature"]), s["sample"]))
+        mine = sorted(
+            (s for s in samples if s["task"] == name),
+            key=lambda s: (order[s["problem_id"]], e.temperatures.index(s["temperature"]), s["sample"]),
+        )
         scores = task.score_many([(by_id[s["problem_id"]], s["completion"]) for s in mine])
         records = [
-            dict(s, category=by_id[s["problem_id"]].category, correct=bool(sc.correct), extracted=sc.extracted, details=sc.details)
+            dict(
+                s,
+                category=by_id[s["problem_id"]].category,
+                correct=bool(sc.correct),
+                extracted=sc.extracted,
+                details=sc.details,
+            )
             for s, sc in zip(mine, scores, strict=True)
-        ]  # fmt: skip
-        tables[name] = {f"{t:g}": aggregate([r for r in records if r["temperature"] == t], e.k, task.summarize) for t in e.temperatures}
-        truncated[name] = sum(r["prompt_truncated"] for r in records if r["sample"] == 0 and r["temperature"] == e.temperatures[0])
+        ]
+        tables[name] = {
+            f"{t:g}": aggregate([r for r in records if r["temperature"] == t], e.k, task.summarize)
+            for t in e.temperatures
+        }
+        truncated[name] = sum(
+            r["prompt_truncated"] for r in records if r["sample"] == 0 and r["temperature"] == e.temperatures[0]
+        )
         scored.extend(records)
 
     results = {
-        "model": model, "model_fingerprint": fingerprint, "backend": backend, "tasks": tables, "metrics": flat_metrics(tables),
-        "truncated_prompts": truncated, "num_samples": e.num_samples, "k": e.k, "temperatures": e.temperatures, "top_p": e.top_p,
-        "max_new_tokens": e.max_new_tokens, "max_prompt_length": e.max_prompt_length, "seed": e.seed, "limit": e.limit,
+        "model": model,
+        "model_fingerprint": fingerprint,
+        "backend": backend,
+        "tasks": tables,
+        "metrics": flat_metrics(tables),
+        "truncated_prompts": truncated,
+        "num_samples": e.num_samples,
+        "k": e.k,
+        "temperatures": e.temperatures,
+        "top_p": e.top_p,
+        "max_new_tokens": e.max_new_tokens,
+        "max_prompt_length": e.max_prompt_length,
+        "seed": e.seed,
+        "limit": e.limit,
         "data": {name: e.data.get(name) or task.default_source for name, task in task_objects.items()},
-        "sampling_s": sampling_s, "scoring_s": time.time() - started - sampling_s, "wall_s": time.time() - started,
-    }  # fmt: skip
+        "sampling_s": sampling_s,
+        "scoring_s": time.time() - started - sampling_s,
+        "wall_s": time.time() - started,
+    }
     write_results(results, scored, output_dir)
     return results

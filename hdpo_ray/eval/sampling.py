@@ -42,10 +42,21 @@ class SamplingPlan:
     torch_threads: int
 
     @classmethod
-    def from_config(cls, config: Config, model: str) -> "SamplingPlan":
+    def from_config(cls, config: Config, model: str) -> SamplingPlan:
         e = config.eval
         threads = e.torch_threads or max(1, int(e.num_cpus_per_actor))
-        return cls(model, config.data.chat_template, config.model.trust_remote_code, e.num_samples, e.max_new_tokens, e.max_prompt_length, e.top_p, e.seed, e.num_gpus_per_actor > 0, threads)
+        return cls(
+            model,
+            config.data.chat_template,
+            config.model.trust_remote_code,
+            e.num_samples,
+            e.max_new_tokens,
+            e.max_prompt_length,
+            e.top_p,
+            e.seed,
+            e.num_gpus_per_actor > 0,
+            threads,
+        )
 
 
 def row_seed(seed: int, task: str, problem_id: str, temperature: float) -> int:
@@ -54,10 +65,15 @@ def row_seed(seed: int, task: str, problem_id: str, temperature: float) -> int:
     return int.from_bytes(digest, "little") % (2**31 - 1)
 
 
-def output_rows(row: dict[str, Any], completions: list[dict[str, Any]], prompt_tokens: int, truncated: bool) -> list[dict[str, Any]]:
+def output_rows(
+    row: dict[str, Any], completions: list[dict[str, Any]], prompt_tokens: int, truncated: bool
+) -> list[dict[str, Any]]:
     """One output row per completion: the input row's keys plus the sample index and its measures."""
     keys = {k: row[k] for k in ("task", "problem_id", "temperature")}
-    return [dict(keys, sample=i, prompt_tokens=prompt_tokens, prompt_truncated=truncated, **c) for i, c in enumerate(completions)]
+    return [
+        dict(keys, sample=i, prompt_tokens=prompt_tokens, prompt_truncated=truncated, **c)
+        for i, c in enumerate(completions)
+    ]
 
 
 def _columns(rows: list[dict[str, Any]]) -> dict[str, list]:
@@ -78,7 +94,11 @@ class HFSampler:
         torch.set_num_threads(self.plan.torch_threads)
         device = torch.device("cuda" if self.plan.use_gpu else "cpu")
         dtype = torch.bfloat16 if self.plan.use_gpu else torch.float32
-        self.model = load_causal_lm(self.plan.model, dtype=dtype, trust_remote_code=self.plan.trust_remote_code).to(device).eval()
+        self.model = (
+            load_causal_lm(self.plan.model, dtype=dtype, trust_remote_code=self.plan.trust_remote_code)
+            .to(device)
+            .eval()
+        )
         self.tokenizer = load_tokenizer(self.plan.model, self.plan.chat_template, self.plan.trust_remote_code)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
@@ -87,41 +107,66 @@ class HFSampler:
 
         plan, tok = self.plan, self.tokenizer
         out: list[dict[str, Any]] = []
-        for row in (dict(zip(batch, values)) for values in zip(*batch.values())):
+        for row in (dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True)):
             _, ids = encode_prompt(tok, [{"role": "user", "content": str(row["prompt"])}])
             ids, truncated = fit_prompt(ids, plan.max_prompt_length, tok.bos_token_id)
             temperature = float(row["temperature"])
             samples = sample(
-                self.model, [ids] * plan.num_samples, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, max_new_tokens=plan.max_new_tokens,
-                temperature=temperature, top_p=plan.top_p, seed=row_seed(plan.seed, row["task"], row["problem_id"], temperature), batch_size=plan.num_samples,
-            )  # fmt: skip
+                self.model,
+                [ids] * plan.num_samples,
+                eos_id=tok.eos_token_id,
+                pad_id=tok.pad_token_id,
+                max_new_tokens=plan.max_new_tokens,
+                temperature=temperature,
+                top_p=plan.top_p,
+                seed=row_seed(plan.seed, row["task"], row["problem_id"], temperature),
+                batch_size=plan.num_samples,
+            )
             completions = [
-                {"completion": tok.decode(s.completion_ids, skip_special_tokens=True), "num_tokens": s.num_tokens,
-                 "entropy": s.entropy_sum / max(s.num_tokens, 1), "finished": s.finished}
+                {
+                    "completion": tok.decode(s.completion_ids, skip_special_tokens=True),
+                    "num_tokens": s.num_tokens,
+                    "entropy": s.entropy_sum / max(s.num_tokens, 1),
+                    "finished": s.finished,
+                }
                 for s in samples
-            ]  # fmt: skip
+            ]
             out.extend(output_rows(row, completions, len(ids), truncated))
         return _columns(out)
 
 
 def choose_backend(requested: str, num_gpus_per_actor: float) -> str:
-    """'hf' or 'vllm'. auto takes vLLM only when it is installed (on the driver: the same image everywhere) and each actor gets a GPU."""
+    """'hf' or 'vllm'. auto takes vLLM only when it is installed (on the driver: the same
+    image everywhere) and each actor gets a GPU."""
     has_vllm = importlib.util.find_spec("vllm") is not None
     if requested == "vllm" and not has_vllm:
         from hdpo_ray.config import ConfigError
 
-        raise ConfigError("eval.backend=vllm but vllm is not installed: pip install 'hdpo-ray[vllm]' on a GPU machine, or use eval.backend=hf")
+        raise ConfigError(
+            "eval.backend=vllm but vllm is not installed: pip install 'hdpo-ray[vllm]' on a GPU machine, or use "
+            "eval.backend=hf"
+        )
     if requested == "vllm" and num_gpus_per_actor < 1:
         from hdpo_ray.config import ConfigError
 
-        raise ConfigError("eval.backend=vllm needs a whole GPU per actor (a vLLM engine takes most of its memory): set eval.num_gpus_per_actor=1")
+        raise ConfigError(
+            "eval.backend=vllm needs a whole GPU per actor (a vLLM engine takes most of its memory): set "
+            "eval.num_gpus_per_actor=1"
+        )
     if requested == "auto":
         return "vllm" if has_vllm and num_gpus_per_actor >= 1 else "hf"
     return requested
 
 
 def sample_completions(
-    rows: list[dict[str, Any]], plan: SamplingPlan, backend: str, *, num_actors: int, num_cpus: float, num_gpus: float, node_id: str | None = None,
+    rows: list[dict[str, Any]],
+    plan: SamplingPlan,
+    backend: str,
+    *,
+    num_actors: int,
+    num_cpus: float,
+    num_gpus: float,
+    node_id: str | None = None,
     placement: dict[str, dict] | None = None,
 ) -> list[dict[str, Any]]:
     """rows (task, problem_id, prompt, temperature) -> one dict per completion, through a Ray Data actor pool.
@@ -138,9 +183,15 @@ def sample_completions(
         sampler = HFSampler
     dataset = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), 4 * num_actors)))
     sampled = dataset.map_batches(
-        sampler, fn_constructor_kwargs={"plan": asdict(plan)}, batch_size=sampler.rows_per_batch,
-        compute=ActorPoolStrategy(size=num_actors), num_cpus=num_cpus, num_gpus=num_gpus, **_on_node(node_id), **(placement or {}),
-    )  # fmt: skip
+        sampler,
+        fn_constructor_kwargs={"plan": asdict(plan)},
+        batch_size=sampler.rows_per_batch,
+        compute=ActorPoolStrategy(size=num_actors),
+        num_cpus=num_cpus,
+        num_gpus=num_gpus,
+        **_on_node(node_id),
+        **(placement or {}),
+    )
     sampled.set_name("eval-sampling")
     return sampled.take_all()
 

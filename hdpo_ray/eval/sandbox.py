@@ -41,9 +41,24 @@ MAX_FILE_BYTES = 16 << 20  # RLIMIT_FSIZE; also caps stderr, which goes to a fil
 
 CLONE_NEWNS, CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = 0x00020000, 0x10000000, 0x20000000, 0x40000000
 MS_BIND, MS_REC, MS_PRIVATE, MS_NOSUID, MS_NODEV, MS_NOEXEC = 0x1000, 0x4000, 0x40000, 0x2, 0x4, 0x8
-MOUNT_ATTR_RDONLY, MOUNT_ATTR_NOSUID, AT_FDCWD, AT_RECURSIVE, SYS_MOUNT_SETATTR = 0x1, 0x2, -100, 0x8000, 442  # 442 on every arch
+MOUNT_ATTR_RDONLY, MOUNT_ATTR_NOSUID, AT_FDCWD, AT_RECURSIVE, SYS_MOUNT_SETATTR = (
+    0x1,
+    0x2,
+    -100,
+    0x8000,
+    442,  # 442 on every arch
+)
 PR_SET_PDEATHSIG, SIGKILL = 1, 9
-_LAUNCH_ARGS = ("program", "workdir", "python", "host_pid", "report_fd", "memory_bytes", "cpu_seconds", "drop_to_nobody")  # then all ints
+_LAUNCH_ARGS = (
+    "program",
+    "workdir",
+    "python",  # then all ints
+    "host_pid",
+    "report_fd",
+    "memory_bytes",
+    "cpu_seconds",
+    "drop_to_nobody",
+)
 
 
 def _launch(config: dict) -> None:
@@ -89,9 +104,11 @@ def _launch(config: dict) -> None:
             os.setgroups([])
             os.setgid(NOBODY)
             os.setuid(NOBODY)
-            resource.setrlimit(resource.RLIMIT_NPROC, (NOBODY_MAX_PROCESSES, NOBODY_MAX_PROCESSES))  # after setuid: it counts per user
+            # after setuid: it counts per user
+            resource.setrlimit(resource.RLIMIT_NPROC, (NOBODY_MAX_PROCESSES, NOBODY_MAX_PROCESSES))
             report("nobody")
-        libc.prctl(PR_SET_PDEATHSIG, ctypes.c_ulong(SIGKILL), ctypes.c_ulong(0), ctypes.c_ulong(0), ctypes.c_ulong(0))  # setuid cleared it
+        # setuid cleared it
+        libc.prctl(PR_SET_PDEATHSIG, ctypes.c_ulong(SIGKILL), ctypes.c_ulong(0), ctypes.c_ulong(0), ctypes.c_ulong(0))
         os.execv(config["python"], [config["python"], "-I", "-B", config["program"]])
     except OSError as err:
         report(f"error: {err} (starting {config['python']} as uid {os.getuid()})")
@@ -105,7 +122,11 @@ def _enter_new_namespaces(libc) -> list[str]:
     uid, gid = os.geteuid(), os.getegid()
     if uid != 0 and libc.unshare(CLONE_NEWUSER | CLONE_NEWNET | CLONE_NEWPID) == 0:
         # The same ids inside as outside, so files keep their owners; capabilities are lost at exec.
-        for path, text in (("/proc/self/uid_map", f"{uid} {uid} 1"), ("/proc/self/setgroups", "deny"), ("/proc/self/gid_map", f"{gid} {gid} 1")):
+        for path, text in (
+            ("/proc/self/uid_map", f"{uid} {uid} 1"),
+            ("/proc/self/setgroups", "deny"),
+            ("/proc/self/gid_map", f"{gid} {gid} 1"),
+        ):
             with open(path, "w") as file:
                 file.write(text)
         return ["user-namespace", "net-namespace", "pid-namespace"]
@@ -119,10 +140,21 @@ def _make_mounts_read_only(libc, workdir: str) -> bool:
     import ctypes
 
     class MountAttr(ctypes.Structure):
-        _fields_ = [("attr_set", ctypes.c_uint64), ("attr_clr", ctypes.c_uint64), ("propagation", ctypes.c_uint64), ("userns_fd", ctypes.c_uint64)]
+        _fields_ = [
+            ("attr_set", ctypes.c_uint64),
+            ("attr_clr", ctypes.c_uint64),
+            ("propagation", ctypes.c_uint64),
+            ("userns_fd", ctypes.c_uint64),
+        ]
 
     def mount_setattr(path: bytes, flags: int, attr: MountAttr) -> bool:
-        args = (ctypes.c_long(AT_FDCWD), ctypes.c_char_p(path), ctypes.c_ulong(flags), ctypes.byref(attr), ctypes.c_size_t(ctypes.sizeof(attr)))
+        args = (
+            ctypes.c_long(AT_FDCWD),
+            ctypes.c_char_p(path),
+            ctypes.c_ulong(flags),
+            ctypes.byref(attr),
+            ctypes.c_size_t(ctypes.sizeof(attr)),
+        )
         return libc.syscall(ctypes.c_long(SYS_MOUNT_SETATTR), *args) == 0
 
     libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_void_p]
@@ -142,13 +174,16 @@ def _make_mounts_read_only(libc, workdir: str) -> bool:
 
 
 if __name__ == "__main__":  # never returns: it execs the program or exits, without the host part's imports
-    _launch(dict(zip(_LAUNCH_ARGS, sys.argv[1:4])) | {key: int(value) for key, value in zip(_LAUNCH_ARGS[3:], sys.argv[4:])})
+    _launch(
+        dict(zip(_LAUNCH_ARGS, sys.argv[1:4], strict=False))
+        | {key: int(value) for key, value in zip(_LAUNCH_ARGS[3:], sys.argv[4:], strict=True)}
+    )
 
 
 # ---- The host part ----
 
-from dataclasses import dataclass  # after the launcher, which would spend 20 ms a program importing it
-from functools import lru_cache
+from dataclasses import dataclass  # after the launcher, which would spend 20 ms a program importing it  # noqa: E402
+from functools import lru_cache  # noqa: E402 (after the launcher too, as the line above)
 
 STDERR_TAIL_BYTES = 4096
 
@@ -187,7 +222,8 @@ class SandboxError(RuntimeError):
 
 
 def run_program(code: str, *, timeout_s: float, memory_mb: int) -> ExecResult:
-    """Run `code` in its own sandboxed process (see the module docstring); the program's faults are results, not errors."""
+    """Run `code` in its own sandboxed process (see the module docstring); the program's
+    faults are results, not errors."""
     import secrets
     import shutil
     import subprocess
@@ -207,17 +243,46 @@ def run_program(code: str, *, timeout_s: float, memory_mb: int) -> ExecResult:
         if as_nobody:  # the program runs as nobody: its own directory is the one place it may write
             os.chown(workdir, NOBODY, NOBODY)
             os.chown(program, NOBODY, NOBODY)
-        config = {"program": program, "workdir": workdir, "python": python, "host_pid": os.getpid(), "report_fd": report_write,
-                  "memory_bytes": memory_mb << 20, "cpu_seconds": int(timeout_s) + 1, "drop_to_nobody": int(as_nobody)}  # fmt: skip
-        env = {"PATH": "/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir, "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8",
-               "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # fmt: skip
+        config = {
+            "program": program,
+            "workdir": workdir,
+            "python": python,
+            "host_pid": os.getpid(),
+            "report_fd": report_write,
+            "memory_bytes": memory_mb << 20,
+            "cpu_seconds": int(timeout_s) + 1,
+            "drop_to_nobody": int(as_nobody),
+        }
+        env = {
+            "PATH": "/usr/bin:/bin",
+            "HOME": workdir,
+            "TMPDIR": workdir,
+            "LANG": "C.UTF-8",
+            "LC_ALL": "C.UTF-8",
+            "OMP_NUM_THREADS": "1",
+            "OPENBLAS_NUM_THREADS": "1",
+            "MKL_NUM_THREADS": "1",
+        }
         with tempfile.TemporaryFile() as stderr:
             started = time.monotonic()
             # No preexec_fn (unsafe with threads): the launcher sets limits and namespaces after its exec.
             launcher = subprocess.Popen(
-                [sys.executable, "-I", "-S", "-B", os.path.abspath(__file__), *(str(config[key]) for key in _LAUNCH_ARGS)], cwd=workdir, env=env,
-                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr, pass_fds=(report_write,), start_new_session=True,
-            )  # fmt: skip
+                [
+                    sys.executable,
+                    "-I",
+                    "-S",
+                    "-B",
+                    os.path.abspath(__file__),
+                    *(str(config[key]) for key in _LAUNCH_ARGS),
+                ],
+                cwd=workdir,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=stderr,
+                pass_fds=(report_write,),
+                start_new_session=True,
+            )
             os.close(report_write)
             report_write = -1
             timed_out = not _wait_then_kill_group(launcher, timeout_s)
@@ -237,7 +302,9 @@ def run_program(code: str, *, timeout_s: float, memory_mb: int) -> ExecResult:
     return ExecResult(status, detail, round(seconds, 3), tuple(report))
 
 
-def run_programs(codes: list[str], *, timeout_s: float, memory_mb: int, max_workers: int | None = None) -> list[ExecResult]:
+def run_programs(
+    codes: list[str], *, timeout_s: float, memory_mb: int, max_workers: int | None = None
+) -> list[ExecResult]:
     """run_program for each code, several at once, results in input order; the threads only launch and wait."""
     from concurrent.futures import ThreadPoolExecutor
 

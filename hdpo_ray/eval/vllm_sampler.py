@@ -29,10 +29,18 @@ class VLLMSampler:
         self.plan = SamplingPlan(**plan)
         self.tokenizer = load_tokenizer(self.plan.model, self.plan.chat_template, self.plan.trust_remote_code)
         self.llm = LLM(
-            model=resolve_model(self.plan.model), seed=self.plan.seed, dtype="bfloat16", trust_remote_code=self.plan.trust_remote_code,
-            gpu_memory_utilization=GPU_MEMORY_FRACTION, max_model_len=self.plan.max_prompt_length + self.plan.max_new_tokens,
-        )  # fmt: skip
-        self.scorer = load_causal_lm(self.plan.model, dtype=torch.bfloat16, trust_remote_code=self.plan.trust_remote_code).cuda().eval()
+            model=resolve_model(self.plan.model),
+            seed=self.plan.seed,
+            dtype="bfloat16",
+            trust_remote_code=self.plan.trust_remote_code,
+            gpu_memory_utilization=GPU_MEMORY_FRACTION,
+            max_model_len=self.plan.max_prompt_length + self.plan.max_new_tokens,
+        )
+        self.scorer = (
+            load_causal_lm(self.plan.model, dtype=torch.bfloat16, trust_remote_code=self.plan.trust_remote_code)
+            .cuda()
+            .eval()
+        )
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
         from vllm import SamplingParams
@@ -42,24 +50,37 @@ class VLLMSampler:
         from hdpo_ray.generate import completion_entropy
 
         plan, tok = self.plan, self.tokenizer
-        rows = [dict(zip(batch, values)) for values in zip(*batch.values())]
+        rows = [dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True)]
         prompts, params = [], []
         for row in rows:
             _, ids = encode_prompt(tok, [{"role": "user", "content": str(row["prompt"])}])
             prompts.append(fit_prompt(ids, plan.max_prompt_length, tok.bos_token_id))
             temperature = float(row["temperature"])
-            params.append(SamplingParams(
-                n=plan.num_samples, temperature=temperature, top_p=plan.top_p, max_tokens=plan.max_new_tokens,
-                seed=row_seed(plan.seed, row["task"], row["problem_id"], temperature), stop_token_ids=[tok.eos_token_id],
-            ))  # fmt: skip
+            params.append(
+                SamplingParams(
+                    n=plan.num_samples,
+                    temperature=temperature,
+                    top_p=plan.top_p,
+                    max_tokens=plan.max_new_tokens,
+                    seed=row_seed(plan.seed, row["task"], row["problem_id"], temperature),
+                    stop_token_ids=[tok.eos_token_id],
+                )
+            )
         results = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids, _ in prompts], params, use_tqdm=False)
         out: list[dict[str, Any]] = []
-        for row, (ids, truncated), result, p in zip(rows, prompts, results, params):
+        for row, (ids, truncated), result, p in zip(rows, prompts, results, params, strict=True):
             tokens = [list(c.token_ids) for c in result.outputs]
-            entropy = completion_entropy(self.scorer, ids, tokens, temperature=p.temperature, top_p=p.top_p, pad_id=tok.pad_token_id)
+            entropy = completion_entropy(
+                self.scorer, ids, tokens, temperature=p.temperature, top_p=p.top_p, pad_id=tok.pad_token_id
+            )
             completions = [
-                {"completion": tok.decode(t, skip_special_tokens=True), "num_tokens": len(t), "entropy": h / max(len(t), 1), "finished": c.finish_reason == "stop"}
-                for t, h, c in zip(tokens, entropy, result.outputs)
-            ]  # fmt: skip
+                {
+                    "completion": tok.decode(t, skip_special_tokens=True),
+                    "num_tokens": len(t),
+                    "entropy": h / max(len(t), 1),
+                    "finished": c.finish_reason == "stop",
+                }
+                for t, h, c in zip(tokens, entropy, result.outputs, strict=True)
+            ]
             out.extend(output_rows(row, completions, len(ids), truncated))
         return _columns(out)

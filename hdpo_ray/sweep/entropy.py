@@ -20,13 +20,22 @@ def eval_pairs(encoded_entry: str, limit: int) -> dict[str, list]:
     from hdpo_ray.data.prepare import _entry_fs, _valid_only
 
     fs, path = _entry_fs(encoded_entry)
-    table = pads.dataset(path, filesystem=fs, format="parquet", exclude_invalid_files=True).to_table(columns=["source_file", "source_row", "skip_reason", "prompt_ids", "chosen_ids"])
+    table = pads.dataset(path, filesystem=fs, format="parquet", exclude_invalid_files=True).to_table(
+        columns=["source_file", "source_row", "skip_reason", "prompt_ids", "chosen_ids"]
+    )
     table = _valid_only(table).sort_by([("source_file", "ascending"), ("source_row", "ascending")]).slice(0, limit)
     return {"prompt_ids": table["prompt_ids"].to_pylist(), "chosen_ids": table["chosen_ids"].to_pylist()}
 
 
 @torch.inference_mode()
-def teacher_forced_entropy(model, prompt_ids: list[list[int]], chosen_ids: list[list[int]], pad_id: int, batch_size: int = 16, chunk_tokens: int = 1024) -> float:
+def teacher_forced_entropy(
+    model,
+    prompt_ids: list[list[int]],
+    chosen_ids: list[list[int]],
+    pad_id: int,
+    batch_size: int = 16,
+    chunk_tokens: int = 1024,
+) -> float:
     """Mean per-token entropy (nats) of the policy's next-token distribution over the chosen completions."""
     from hdpo_ray.data.collate import collate_completions
     from hdpo_ray.logprobs import completion_logprobs
@@ -34,14 +43,27 @@ def teacher_forced_entropy(model, prompt_ids: list[list[int]], chosen_ids: list[
     device = next(model.parameters()).device
     entropy, tokens = 0.0, 0
     for start in range(0, len(prompt_ids), batch_size):
-        batch = collate_completions(prompt_ids[start : start + batch_size], chosen_ids[start : start + batch_size], pad_id)
-        stats = completion_logprobs(model, **{k: v.to(device) for k, v in batch.items()}, chunk_tokens=chunk_tokens, with_entropy=True)
+        batch = collate_completions(
+            prompt_ids[start : start + batch_size], chosen_ids[start : start + batch_size], pad_id
+        )
+        stats = completion_logprobs(
+            model, **{k: v.to(device) for k, v in batch.items()}, chunk_tokens=chunk_tokens, with_entropy=True
+        )
         entropy += stats.entropy_sum.sum().item()
         tokens += int(stats.num_tokens.sum())
     return entropy / max(tokens, 1)
 
 
-def measure_policy_entropy(model_dir: str, encoded_entry: str, *, num_prompts: int, max_new_tokens: int, seed: int, use_gpu: bool, torch_threads: int) -> dict[str, float]:
+def measure_policy_entropy(
+    model_dir: str,
+    encoded_entry: str,
+    *,
+    num_prompts: int,
+    max_new_tokens: int,
+    seed: int,
+    use_gpu: bool,
+    torch_threads: int,
+) -> dict[str, float]:
     """Both entropy measures of the model in model_dir on the eval split's first num_prompts pairs."""
     from hdpo_ray.generate import sample
     from hdpo_ray.models import load_causal_lm, load_tokenizer
@@ -52,7 +74,15 @@ def measure_policy_entropy(model_dir: str, encoded_entry: str, *, num_prompts: i
     tokenizer = load_tokenizer(model_dir)
     pairs = eval_pairs(encoded_entry, num_prompts)
     forced = teacher_forced_entropy(model, pairs["prompt_ids"], pairs["chosen_ids"], tokenizer.pad_token_id)
-    samples = sample(model, pairs["prompt_ids"], eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id, max_new_tokens=max_new_tokens, temperature=1.0, seed=seed)
+    samples = sample(
+        model,
+        pairs["prompt_ids"],
+        eos_id=tokenizer.eos_token_id,
+        pad_id=tokenizer.pad_token_id,
+        max_new_tokens=max_new_tokens,
+        temperature=1.0,
+        seed=seed,
+    )
     sampled_tokens = sum(s.num_tokens for s in samples)
     return {
         "entropy/teacher_forced": forced,

@@ -19,20 +19,66 @@ from typing import Any
 
 from hdpo_ray.config import Config
 
-SELECTABLE_METRICS = ("eval/policy_accuracy", "eval/logps/chosen", "eval/entropy", "entropy/teacher_forced", "entropy/sampled")
+SELECTABLE_METRICS = (
+    "eval/policy_accuracy",
+    "eval/logps/chosen",
+    "eval/entropy",
+    "entropy/teacher_forced",
+    "entropy/sampled",
+)
 COLUMNS = (
-    "trial", "alpha", "beta", "lr", "status", "steps",
-    "loss", "rewards/accuracies", "policy_accuracy", "eval/loss", "eval/rewards/accuracies", "eval/policy_accuracy", "eval/logps/chosen", "eval/entropy",
-    "entropy/teacher_forced", "entropy/sampled", "entropy/sampled_tokens", "tokens_per_s", "wall_s", "final_model",
-)  # fmt: skip
-TRAIN_KEYS = ("loss", "rewards/accuracies", "policy_accuracy", "eval/loss", "eval/rewards/accuracies", "eval/policy_accuracy", "eval/logps/chosen", "eval/entropy")
+    "trial",
+    "alpha",
+    "beta",
+    "lr",
+    "status",
+    "steps",
+    "loss",
+    "rewards/accuracies",
+    "policy_accuracy",
+    "eval/loss",
+    "eval/rewards/accuracies",
+    "eval/policy_accuracy",
+    "eval/logps/chosen",
+    "eval/entropy",
+    "entropy/teacher_forced",
+    "entropy/sampled",
+    "entropy/sampled_tokens",
+    "tokens_per_s",
+    "wall_s",
+    "final_model",
+)
+TRAIN_KEYS = (
+    "loss",
+    "rewards/accuracies",
+    "policy_accuracy",
+    "eval/loss",
+    "eval/rewards/accuracies",
+    "eval/policy_accuracy",
+    "eval/logps/chosen",
+    "eval/entropy",
+)
 
 
-def trial_row(params: dict[str, float], metrics: dict[str, Any], measures: dict[str, float], *, steps: int | None, wall_s: float | None, final_model: str | None, status: str) -> dict[str, Any]:
+def trial_row(
+    params: dict[str, float],
+    metrics: dict[str, Any],
+    measures: dict[str, float],
+    *,
+    steps: int | None,
+    wall_s: float | None,
+    final_model: str | None,
+    status: str,
+) -> dict[str, Any]:
     """One table row from a trial's grid point, its last logged metrics and its measures (entropy, task metrics)."""
     from hdpo_ray.sweep.tuner import trial_name
 
-    row = {"trial": trial_name(params), **params, "status": status, "steps": steps if steps is not None else metrics.get("step")}
+    row = {
+        "trial": trial_name(params),
+        **params,
+        "status": status,
+        "steps": steps if steps is not None else metrics.get("step"),
+    }
     row |= {k: metrics[k] for k in TRAIN_KEYS if k in metrics}
     row |= measures
     row |= {"wall_s": round(wall_s, 1) if wall_s is not None else None, "final_model": final_model}
@@ -41,7 +87,11 @@ def trial_row(params: dict[str, float], metrics: dict[str, Any], measures: dict[
 
 def select_best(rows: list[dict[str, Any]], metric: str, mode: str) -> dict[str, Any] | None:
     """The finished trial with the best finite `metric` (ties: the first in grid order), or None."""
-    scored = [r for r in rows if r.get("status") == "finished" and isinstance(r.get(metric), (int, float)) and math.isfinite(r[metric])]
+    scored = [
+        r
+        for r in rows
+        if r.get("status") == "finished" and isinstance(r.get(metric), (int, float)) and math.isfinite(r[metric])
+    ]
     if not scored:
         return None
     sign = 1 if mode == "max" else -1
@@ -56,7 +106,9 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
-def write_results(config: Config, output_dir: Path, rows: list[dict[str, Any]], reference: dict[str, int]) -> dict[str, Any] | None:
+def write_results(
+    config: Config, output_dir: Path, rows: list[dict[str, Any]], reference: dict[str, int]
+) -> dict[str, Any] | None:
     """results.csv, results.md, alpha_sweep.png and best.json in output_dir; returns the best row."""
     sweep = config.sweep
     from hdpo_ray.sweep.task_results import task_columns, write_alpha_temperature
@@ -68,22 +120,38 @@ def write_results(config: Config, output_dir: Path, rows: list[dict[str, Any]], 
         writer.writerows(rows)
     shown = [c for c in COLUMNS if c != "final_model"] + task_columns(rows, headline_only=True)
     lines = [
-        "# H-DPO alpha sweep", "",
-        f"- Reference log-probs: {reference['pairs']} pairs (train + eval); reference forward passes over the whole sweep: "
-        f"{reference['forward_pairs']} pairs in {reference['invocations']} invocation(s), {reference['this_run']} in the latest; every trial read the cache"
-        + "".join(f" (reference-{e['entry']}: {e['pairs']} pairs scored in {e['seconds']:.0f} s)" for e in reference.get("entries", [])) + ".",
+        "# H-DPO alpha sweep",
+        "",
+        f"- Reference log-probs: {reference['pairs']} pairs (train + eval); reference forward passes over the whole "
+        f"sweep: {reference['forward_pairs']} pairs in {reference['invocations']} invocation(s), "
+        f"{reference['this_run']} in the latest; every trial read the cache"
+        + "".join(
+            f" (reference-{e['entry']}: {e['pairs']} pairs scored in {e['seconds']:.0f} s)"
+            for e in reference.get("entries", [])
+        )
+        + ".",
         f"- Selection: `{sweep.metric}` ({sweep.mode}); best trial: **{best['trial'] if best else 'none finished'}**"
         + (f" ({sweep.metric} = {_cell(best[sweep.metric])}, model: `{best['final_model']}`)" if best else ""),
-        f"- Entropy: mean nats per token on the first {sweep.entropy_prompts} eval pairs, teacher-forced on the chosen completions and "
-        f"sampled at temperature 1.0 (seed {sweep.entropy_seed}, up to {sweep.entropy_max_new_tokens} new tokens)"
-        + (f"; the reference model on the same prompts: teacher-forced {_cell(reference['entropy']['entropy/teacher_forced'])}, "
-           f"sampled {_cell(reference['entropy']['entropy/sampled'])}." if reference.get("entropy") else "."), "",
-        "| " + " | ".join(shown) + " |", "|" + "---|" * len(shown),
-    ]  # fmt: skip
+        f"- Entropy: mean nats per token on the first {sweep.entropy_prompts} eval pairs, teacher-forced on the chosen "
+        f"completions and sampled at temperature 1.0 (seed {sweep.entropy_seed}, up to {sweep.entropy_max_new_tokens} "
+        "new tokens)"
+        + (
+            "; the reference model on the same prompts: teacher-forced "
+            f"{_cell(reference['entropy']['entropy/teacher_forced'])}, "
+            f"sampled {_cell(reference['entropy']['entropy/sampled'])}."
+            if reference.get("entropy")
+            else "."
+        ),
+        "",
+        "| " + " | ".join(shown) + " |",
+        "|" + "---|" * len(shown),
+    ]
     lines += ["| " + " | ".join(_cell(row.get(c)) for c in shown) + " |" for row in rows]
     lines += ["", "Final models: " + ", ".join(f"`{r['final_model']}`" for r in rows if r.get("final_model")), ""]
     (output_dir / "results.md").write_text("\n".join(lines))
-    (output_dir / "best.json").write_text(json.dumps({"metric": sweep.metric, "mode": sweep.mode, "best": best}, indent=2))
+    (output_dir / "best.json").write_text(
+        json.dumps({"metric": sweep.metric, "mode": sweep.mode, "best": best}, indent=2)
+    )
     plot_sweep(rows, output_dir / "alpha_sweep.png", sweep.metric)
     write_alpha_temperature(config, rows, output_dir)
     return best
@@ -96,17 +164,24 @@ def plot_sweep(rows: list[dict[str, Any]], path: Path, metric: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [("entropy/teacher_forced", "teacher-forced entropy (nats/token)"), ("entropy/sampled", "sampled entropy, T=1 (nats/token)"), (metric, metric), ("eval/loss", "eval H-DPO loss (not comparable across alpha)")]
+    panels = [
+        ("entropy/teacher_forced", "teacher-forced entropy (nats/token)"),
+        ("entropy/sampled", "sampled entropy, T=1 (nats/token)"),
+        (metric, metric),
+        ("eval/loss", "eval H-DPO loss (not comparable across alpha)"),
+    ]
     panels = list(dict(panels).items())  # metric may repeat an entropy panel
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6))
     groups: dict[tuple, list] = {}
     for row in rows:
         groups.setdefault((row["beta"], row["lr"]), []).append(row)
-    for ax, (key, title) in zip(axes, panels):
+    for ax, (key, title) in zip(axes, panels, strict=True):
         for (beta, lr), group in groups.items():
-            points = sorted((r["alpha"], r[key]) for r in group if isinstance(r.get(key), (int, float)) and math.isfinite(r[key]))
+            points = sorted(
+                (r["alpha"], r[key]) for r in group if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])
+            )
             if points:
-                ax.plot(*zip(*points), marker="o", label=f"beta={beta:g}, lr={lr:g}")
+                ax.plot(*zip(*points, strict=True), marker="o", label=f"beta={beta:g}, lr={lr:g}")
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("alpha")
         ax.grid(alpha=0.3)

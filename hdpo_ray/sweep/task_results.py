@@ -22,7 +22,11 @@ def task_columns(rows: list[dict[str, Any]], *, headline_only: bool = False) -> 
     """Task metric keys found in rows, first seen first; headline_only keeps pass@k and entropy (results.md's width)."""
     keys = dict.fromkeys(k for row in rows for k in row if TASK_KEY.match(k))
     if headline_only:
-        keys = {k: None for k in keys if TASK_KEY.match(k)["metric"].startswith("pass@") or TASK_KEY.match(k)["metric"] == "entropy"}
+        keys = {
+            k: None
+            for k in keys
+            if TASK_KEY.match(k)["metric"].startswith("pass@") or TASK_KEY.match(k)["metric"] == "entropy"
+        }
     return list(keys)
 
 
@@ -43,13 +47,25 @@ def write_alpha_temperature(config: Config, rows: list[dict[str, Any]], output_d
     if not e.tasks or not done:
         return []
     metrics = list(dict.fromkeys([f"pass@{min(e.k)}", f"pass@{max(e.k)}", "entropy"]))
-    lines = ["# alpha x temperature", "", f"{e.num_samples} samples per problem, first {e.limit or 'all'} problems per task; entropy in nats per token.", ""]
+    lines = [
+        "# alpha x temperature",
+        "",
+        f"{e.num_samples} samples per problem, first {e.limit or 'all'} problems per task; entropy in nats per token.",
+        "",
+    ]
     for task in dict.fromkeys(e.tasks):
         for metric in metrics:
-            lines += [f"## {task}: {metric}", "", "| trial | " + " | ".join(f"T={t:g}" for t in e.temperatures) + " |", "|---|" + "---|" * len(e.temperatures)]
+            lines += [
+                f"## {task}: {metric}",
+                "",
+                "| trial | " + " | ".join(f"T={t:g}" for t in e.temperatures) + " |",
+                "|---|" + "---|" * len(e.temperatures),
+            ]
             for row in done:
                 cells = [_value(row, f"{task}/{metric}/t={t:g}") for t in e.temperatures]
-                lines.append(f"| {_label(row, done)} | " + " | ".join("" if c is None else f"{c:.3f}" for c in cells) + " |")
+                lines.append(
+                    f"| {_label(row, done)} | " + " | ".join("" if c is None else f"{c:.3f}" for c in cells) + " |"
+                )
             lines.append("")
     (output_dir / "alpha_temperature.md").write_text("\n".join(lines))
     _plot(config, done, metrics, output_dir / "alpha_temperature.png")
@@ -70,7 +86,7 @@ def _plot(config: Config, rows: list[dict[str, Any]], metrics: list[str], path: 
             for row in rows:
                 points = [(t, v) for t in temps if (v := _value(row, f"{task}/{metric}/t={t:g}")) is not None]
                 if points:
-                    ax.plot(*zip(*points), marker="o", label=_label(row, rows))
+                    ax.plot(*zip(*points, strict=True), marker="o", label=_label(row, rows))
             ax.set(title=f"{task}: {metric}", xlabel="temperature")
             ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)

@@ -52,7 +52,10 @@ def trial_config(base: Config, params: dict[str, float], sweep_dir: str) -> Conf
     tree = base.to_dict()
     tree["loss"] |= {"alpha": params["alpha"], "beta": params["beta"]}
     storage = tree["train"]["storage_path"]  # null: checkpoints go under the trial's own output_dir
-    tree["train"] |= {"lr": params["lr"], "storage_path": f"{storage.rstrip('/')}/{TRIALS_DIR}/{trial_name(params)}" if storage else None}
+    tree["train"] |= {
+        "lr": params["lr"],
+        "storage_path": f"{storage.rstrip('/')}/{TRIALS_DIR}/{trial_name(params)}" if storage else None,
+    }
     tree["output_dir"] = os.path.join(sweep_dir, TRIALS_DIR, trial_name(params))
     return Config.model_validate(tree)
 
@@ -60,7 +63,9 @@ def trial_config(base: Config, params: dict[str, float], sweep_dir: str) -> Conf
 def concurrent_trials(config: Config, cluster: dict[str, float]) -> int:
     """sweep.max_concurrent_trials, or as many trials as the cluster holds side by side (one CPU kept for Ray Data)."""
     workers = worker_group(config)
-    spare = {resource: cluster.get(resource, 0.0) - (DATA_CPUS if resource == "CPU" else 0.0) for resource in workers.bundle}
+    spare = {
+        resource: cluster.get(resource, 0.0) - (DATA_CPUS if resource == "CPU" else 0.0) for resource in workers.bundle
+    }
     fit = min(math.floor((spare[r] + 1e-9) / workers.total(r)) for r, amount in workers.bundle.items() if amount)
     return max(1, min(fit, config.sweep.max_concurrent_trials or fit))
 
@@ -71,29 +76,46 @@ def _check_sweep(config: Config) -> None:
 
     sweep = config.sweep
     if not config.data.eval_files:
-        raise ConfigError("a sweep needs data.eval_files: the selection metric and the entropy measures use held-out pairs")
+        raise ConfigError(
+            "a sweep needs data.eval_files: the selection metric and the entropy measures use held-out pairs"
+        )
     task_metrics = selectable_task_metrics(config.eval)
     if sweep.metric not in SELECTABLE_METRICS and sweep.metric not in task_metrics:
         example = task_metrics[0] if task_metrics else "gsm8k/pass@1/t=1 with eval.tasks=[gsm8k]"
-        raise ConfigError(f"sweep.metric {sweep.metric!r} is not one of {', '.join(SELECTABLE_METRICS)}, nor a metric of eval.tasks (e.g. {example})")
+        raise ConfigError(
+            f"sweep.metric {sweep.metric!r} is not one of {', '.join(SELECTABLE_METRICS)}, nor a metric of "
+            f"eval.tasks (e.g. {example})"
+        )
     if config.eval.tasks:  # a bad eval plan (task data, backend) fails now, not after every trial has trained
         from hdpo_ray.eval.runner import plan_eval
 
         plan_eval(config, list(dict.fromkeys(config.eval.tasks)))
     if sweep.early_stopping and (sweep.metric not in EARLY_STOPPING_METRICS or not config.train.eval_steps):
-        raise ConfigError(f"sweep.early_stopping needs train.eval_steps > 0 and sweep.metric in {', '.join(EARLY_STOPPING_METRICS)} (reported at every evaluation)")
+        raise ConfigError(
+            "sweep.early_stopping needs train.eval_steps > 0 and sweep.metric in "
+            f"{', '.join(EARLY_STOPPING_METRICS)} (reported at every evaluation)"
+        )
 
 
 def _claim_output_dir(config: Config, output_dir: Path) -> dict:
     """sweep.json pins the sweep to its output_dir: rerunning the same config resumes it, another config is refused."""
     state_file = output_dir / "sweep.json"
-    # Tuner.restore keeps the first TuneConfig, concurrency included; where the metrics are also sent is not the sweep's identity
-    identity = {k: v for k, v in flatten(config.to_dict()).items() if k != "output_dir" and not k.startswith(("logging.", "cluster."))}
+    # Tuner.restore keeps the first TuneConfig, concurrency included;
+    # where the metrics are also sent is not the sweep's identity
+    identity = {
+        k: v
+        for k, v in flatten(config.to_dict()).items()
+        if k != "output_dir" and not k.startswith(("logging.", "cluster."))
+    }
     if state_file.exists():
         state = json.loads(state_file.read_text())
         changed = [k for k in sorted(set(identity) | set(state["config"])) if identity.get(k) != state["config"].get(k)]
         if changed:
-            raise ConfigError(f"{output_dir} holds a sweep with a different config ({changed[0]}: {state['config'].get(changed[0])!r} there, {identity.get(changed[0])!r} now); rerun with the same config to resume it, or set another output_dir")
+            raise ConfigError(
+                f"{output_dir} holds a sweep with a different config ({changed[0]}: "
+                f"{state['config'].get(changed[0])!r} there, {identity.get(changed[0])!r} now); rerun with the "
+                "same config to resume it, or set another output_dir"
+            )
         return state
     return {"config": identity, "invocations": []}
 
@@ -135,7 +157,12 @@ def run_trial(point: dict, shared: dict) -> None:
         steps = run_state["steps"]  # trained and exported before an interruption: only the measures are missing
     else:
         report = _report_to_tune(TuneReportCallback, total_optimizer_steps(config, shared["train_pairs"]))
-        result, steps, state = fit(config, split(shared["train_entry"], shared["train_pairs"]), split(shared["eval_entry"], shared["eval_pairs"]), callbacks=(report,))
+        result, steps, state = fit(
+            config,
+            split(shared["train_entry"], shared["train_pairs"]),
+            split(shared["eval_entry"], shared["eval_pairs"]),
+            callbacks=(report,),
+        )
         final = finish(config, result, steps, state)
     train, sweep = config.train, config.sweep
     cpus = train.num_workers * train.cpus_per_worker  # the training workers' share, free again now
@@ -143,13 +170,30 @@ def run_trial(point: dict, shared: dict) -> None:
     # (Tune sized that for the trial process alone). Soft: a node that cannot hold it (a CPU head node,
     # the task asking for a GPU) gives way to one that can, which then reads final/ from shared storage.
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
-    measure = ray.remote(measure_policy_entropy).options(num_cpus=cpus, num_gpus=1 if train.use_gpu else 0, scheduling_strategy=here)
+    measure = ray.remote(measure_policy_entropy).options(
+        num_cpus=cpus, num_gpus=1 if train.use_gpu else 0, scheduling_strategy=here
+    )
     entropy = ray.get(
-        measure.remote(final, shared["eval_encoded_entry"], num_prompts=sweep.entropy_prompts, max_new_tokens=sweep.entropy_max_new_tokens,
-                       seed=sweep.entropy_seed, use_gpu=train.use_gpu, torch_threads=train.torch_threads or max(1, int(cpus)))
-    )  # fmt: skip
+        measure.remote(
+            final,
+            shared["eval_encoded_entry"],
+            num_prompts=sweep.entropy_prompts,
+            max_new_tokens=sweep.entropy_max_new_tokens,
+            seed=sweep.entropy_seed,
+            use_gpu=train.use_gpu,
+            torch_threads=train.torch_threads or max(1, int(cpus)),
+        )
+    )
     task_metrics = _evaluate_tasks(config, final, trial_dir) if config.eval.tasks else {}
-    row = trial_row(params, last_metrics(trial_dir / "metrics.jsonl"), entropy | task_metrics, steps=steps, wall_s=time.time() - started, final_model=final, status="finished")
+    row = trial_row(
+        params,
+        last_metrics(trial_dir / "metrics.jsonl"),
+        entropy | task_metrics,
+        steps=steps,
+        wall_s=time.time() - started,
+        final_model=final,
+        status="finished",
+    )
     row["tokens_per_s"] = _mean_throughput(trial_dir / "metrics.jsonl")
     partial = summary_file.with_suffix(".partial")
     partial.write_text(json.dumps(row, indent=2))
@@ -158,7 +202,8 @@ def run_trial(point: dict, shared: dict) -> None:
 
 
 def _evaluate_tasks(config: Config, final: str, trial_dir: Path) -> dict[str, float]:
-    """eval.tasks on the trial's final model, sampled preferably on this node; an earlier invocation's complete results are reused."""
+    """eval.tasks on the trial's final model, sampled preferably on this node; an earlier
+    invocation's complete results are reused."""
     import ray
 
     from hdpo_ray.eval.runner import run_eval
@@ -166,7 +211,14 @@ def _evaluate_tasks(config: Config, final: str, trial_dir: Path) -> dict[str, fl
     done = trial_dir / "eval" / "results.json"  # written last, whole, by run_eval; sweep.json pins the config
     if done.exists():
         return json.loads(done.read_text())["metrics"]
-    results = run_eval(config, final, tasks=list(dict.fromkeys(config.eval.tasks)), output_dir=str(done.parent), node_id=ray.get_runtime_context().get_node_id(), hold=False)
+    results = run_eval(
+        config,
+        final,
+        tasks=list(dict.fromkeys(config.eval.tasks)),
+        output_dir=str(done.parent),
+        node_id=ray.get_runtime_context().get_node_id(),
+        hold=False,
+    )
     return results["metrics"]
 
 
@@ -177,7 +229,8 @@ def without_final_eval(row: dict[str, Any], total_steps: int) -> dict[str, Any]:
 
 
 def _report_to_tune(base: type, total_steps: int):
-    """A TuneReportCallback (passed as `base`, importable only inside a Tune session) that applies without_final_eval."""
+    """A TuneReportCallback (passed as `base`, importable only inside a Tune session) that
+    applies without_final_eval."""
 
     class ReportToTune(base):
         def after_report(self, run_context, metrics, checkpoint):
@@ -201,17 +254,30 @@ def _tuner(config: Config, output_dir: Path, shared: dict, concurrency: int, tot
     trainable = tune.with_resources(tune.with_parameters(run_trial, shared=shared), {"CPU": 0, "memory": TRIAL_MEMORY})
     path = str(output_dir / TUNE_DIR)
     if tune.Tuner.can_restore(path):
-        log.info("resuming the sweep in %s: finished trials are kept, unfinished ones continue from their checkpoints", path)
+        log.info(
+            "resuming the sweep in %s: finished trials are kept, unfinished ones continue from their checkpoints", path
+        )
         return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True)
     scheduler = early_stopping_scheduler(config, total_steps)
     axes = {key: sorted({p[key] for p in trial_grid(config)}) for key in ("alpha", "beta", "lr")}
     return tune.Tuner(
         trainable,
         param_space={key: tune.grid_search(values) for key, values in axes.items()},  # the same points as trial_grid
-        tune_config=tune.TuneConfig(max_concurrent_trials=concurrency, scheduler=scheduler, trial_name_creator=_tune_trial_name, trial_dirname_creator=_tune_trial_name),
+        tune_config=tune.TuneConfig(
+            max_concurrent_trials=concurrency,
+            scheduler=scheduler,
+            trial_name_creator=_tune_trial_name,
+            trial_dirname_creator=_tune_trial_name,
+        ),
         # Status tables; per-report lines come from our progress callback. Tune's own result.json and progress.csv per
-        # trial, not its TensorBoard logger (each trial's run writes TensorBoard itself; Tune's warned on every '@' and '=').
-        run_config=tune.RunConfig(name=TUNE_DIR, storage_path=str(output_dir), verbose=1, callbacks=[JsonLoggerCallback(), CSVLoggerCallback()]),
+        # trial, not its TensorBoard logger (each trial's run writes TensorBoard itself; Tune's warned on every '@'
+        # and '=').
+        run_config=tune.RunConfig(
+            name=TUNE_DIR,
+            storage_path=str(output_dir),
+            verbose=1,
+            callbacks=[JsonLoggerCallback(), CSVLoggerCallback()],
+        ),
     )
 
 
@@ -225,7 +291,15 @@ def early_stopping_scheduler(config: Config, total_steps: int):
     # Rungs strictly before the last step, and stop_last_trials off: a trial that reaches its last
     # report must live on to export its model and measure its entropy.
     grace = max(1, min(sweep.grace_steps or config.train.eval_steps, total_steps - 1))
-    return ASHAScheduler(time_attr="step", metric=sweep.metric, mode=sweep.mode, max_t=total_steps, grace_period=grace, reduction_factor=2, stop_last_trials=False)
+    return ASHAScheduler(
+        time_attr="step",
+        metric=sweep.metric,
+        mode=sweep.mode,
+        max_t=total_steps,
+        grace_period=grace,
+        reduction_factor=2,
+        stop_last_trials=False,
+    )
 
 
 def reference_entropy(config: Config, output_dir: Path, eval_encoded_entry: str) -> dict[str, float]:
@@ -244,9 +318,16 @@ def reference_entropy(config: Config, output_dir: Path, eval_encoded_entry: str)
     cpus = train.num_workers * train.cpus_per_worker
     measure = ray.remote(measure_policy_entropy).options(num_cpus=cpus, num_gpus=1 if train.use_gpu else 0)
     entropy = ray.get(
-        measure.remote(config.model.reference, eval_encoded_entry, num_prompts=sweep.entropy_prompts, max_new_tokens=sweep.entropy_max_new_tokens,
-                       seed=sweep.entropy_seed, use_gpu=train.use_gpu, torch_threads=train.torch_threads or max(1, int(cpus)))
-    )  # fmt: skip
+        measure.remote(
+            config.model.reference,
+            eval_encoded_entry,
+            num_prompts=sweep.entropy_prompts,
+            max_new_tokens=sweep.entropy_max_new_tokens,
+            seed=sweep.entropy_seed,
+            use_gpu=train.use_gpu,
+            torch_threads=train.torch_threads or max(1, int(cpus)),
+        )
+    )
     partial = saved.with_suffix(".partial")
     partial.write_text(json.dumps(entropy, indent=2))
     os.replace(partial, saved)
@@ -267,17 +348,30 @@ def _run_trials(config: Config, output_dir: Path, state: dict) -> tuple[Any, Any
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")  # eval metrics arrive only at evaluations
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # the loggers are chosen in _tuner
     data = prepare_data(config, str(output_dir), stream=False)
-    state["invocations"].append({"started": time.strftime("%Y-%m-%d %H:%M:%S"), "reference_forward_pairs": data.reference_forward_pairs})
+    state["invocations"].append(
+        {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "reference_forward_pairs": data.reference_forward_pairs}
+    )
     (output_dir / "sweep.json").write_text(json.dumps(state, indent=2))
     shared = {
-        "config": config.to_dict(), "output_dir": str(output_dir),
-        "train_entry": data.train.cache_entry, "train_pairs": data.train.num_pairs,
-        "eval_entry": data.eval.cache_entry, "eval_pairs": data.eval.num_pairs, "eval_encoded_entry": data.eval_encoded.entry,
-    }  # fmt: skip
+        "config": config.to_dict(),
+        "output_dir": str(output_dir),
+        "train_entry": data.train.cache_entry,
+        "train_pairs": data.train.num_pairs,
+        "eval_entry": data.eval.cache_entry,
+        "eval_pairs": data.eval.num_pairs,
+        "eval_encoded_entry": data.eval_encoded.entry,
+    }
     grid = trial_grid(config)
     concurrency = concurrent_trials(config, ray.cluster_resources())
     total_steps = total_optimizer_steps(config, data.train.num_pairs)
-    log.info("sweep: %d trials (%s), %d at a time, %d steps each; reference log-probs for %d pairs shared by all", len(grid), ", ".join(map(trial_name, grid)), concurrency, total_steps, data.train.num_pairs + data.eval.num_pairs)
+    log.info(
+        "sweep: %d trials (%s), %d at a time, %d steps each; reference log-probs for %d pairs shared by all",
+        len(grid),
+        ", ".join(map(trial_name, grid)),
+        concurrency,
+        total_steps,
+        data.train.num_pairs + data.eval.num_pairs,
+    )
     return _tuner(config, output_dir, shared, concurrency, total_steps).fit(), data
 
 
@@ -305,7 +399,12 @@ def run_sweep(config: Config) -> dict[str, Any]:
         if not any(r["status"] == "interrupted" for r in rows):  # an interrupted sweep starts no new work
             reference["entropy"] = reference_entropy(config, output_dir, data.eval_encoded.entry)
     best = write_results(config, output_dir, rows, reference)
-    return {"rows": rows, "best": best, "reference_forward_pairs": reference["forward_pairs"], "wall_s": time.time() - started}
+    return {
+        "rows": rows,
+        "best": best,
+        "reference_forward_pairs": reference["forward_pairs"],
+        "wall_s": time.time() - started,
+    }
 
 
 def _trial_rows(config: Config, output_dir: Path, results) -> list[dict[str, Any]]:
@@ -315,7 +414,9 @@ def _trial_rows(config: Config, output_dir: Path, results) -> list[dict[str, Any
 
     errors = {trial_name(r.config): r.error for r in results if r.config and r.error}
     # Tune's own trial states (TERMINATED, ERROR, PENDING, RUNNING, PAUSED) tell an early stop from an interruption.
-    states = {trial_name(t.config): t.status for t in getattr(getattr(results, "_experiment_analysis", None), "trials", [])}
+    states = {
+        trial_name(t.config): t.status for t in getattr(getattr(results, "_experiment_analysis", None), "trials", [])
+    }
     rows = []
     for params in trial_grid(config):
         trial_dir = output_dir / TRIALS_DIR / trial_name(params)
@@ -329,7 +430,17 @@ def _trial_rows(config: Config, output_dir: Path, results) -> list[dict[str, Any
             status = "stopped early"
         else:
             status = "interrupted"
-        rows.append(trial_row(params, last_metrics(trial_dir / "metrics.jsonl"), {}, steps=None, wall_s=None, final_model=None, status=status))
+        rows.append(
+            trial_row(
+                params,
+                last_metrics(trial_dir / "metrics.jsonl"),
+                {},
+                steps=None,
+                wall_s=None,
+                final_model=None,
+                status=status,
+            )
+        )
     return rows
 
 
@@ -339,7 +450,9 @@ def _reference_summary(state: dict, data) -> dict[str, Any]:
 
     cached = [_read_manifest(split.cache_entry) for split in (data.train, data.eval)]
     return {
-        "pairs": data.train.num_pairs + data.eval.num_pairs, "forward_pairs": sum(i["reference_forward_pairs"] for i in state["invocations"]),
-        "this_run": data.reference_forward_pairs, "invocations": len(state["invocations"]),
+        "pairs": data.train.num_pairs + data.eval.num_pairs,
+        "forward_pairs": sum(i["reference_forward_pairs"] for i in state["invocations"]),
+        "this_run": data.reference_forward_pairs,
+        "invocations": len(state["invocations"]),
         "entries": [{"entry": m["key"], "pairs": m["pairs"], "seconds": m["seconds"]} for m in cached],
-    }  # fmt: skip
+    }

@@ -34,7 +34,9 @@ class PolicyLogprobs(torch.nn.Module):
         self.chunk_tokens = chunk_tokens
         self.zero3 = zero3
 
-    def forward(self, input_ids: torch.Tensor, completion_mask: torch.Tensor, with_entropy: bool = True, **layout: torch.Tensor) -> CompletionStats:
+    def forward(
+        self, input_ids: torch.Tensor, completion_mask: torch.Tensor, with_entropy: bool = True, **layout: torch.Tensor
+    ) -> CompletionStats:
         """layout: attention_mask (padded) or position_ids + sequence_index (packed), as collate_pairs returns them."""
         num_chunks = None
         if self.zero3 and dist.is_initialized():
@@ -43,7 +45,15 @@ class PolicyLogprobs(torch.nn.Module):
             needed = torch.tensor([-(-int(completion_mask[:, 1:].sum()) // self.chunk_tokens)], device=input_ids.device)
             dist.all_reduce(needed, op=dist.ReduceOp.MAX)
             num_chunks = int(needed)
-        return completion_logprobs(self.model, input_ids, completion_mask=completion_mask, chunk_tokens=self.chunk_tokens, with_entropy=with_entropy, num_chunks=num_chunks, **layout)
+        return completion_logprobs(
+            self.model,
+            input_ids,
+            completion_mask=completion_mask,
+            chunk_tokens=self.chunk_tokens,
+            with_entropy=with_entropy,
+            num_chunks=num_chunks,
+            **layout,
+        )
 
 
 def build_engine(config: Config, *, total_steps: int, world_size: int):
@@ -64,7 +74,9 @@ def build_engine(config: Config, *, total_steps: int, world_size: int):
         # process group Ray Train set up, or it sees one rank and rejects the batch sizes.
         deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
         zero3_loading = _hf_deepspeed_config(ds_config)
-    model = load_causal_lm(config.model.name_or_path, dtype=torch.float32, trust_remote_code=config.model.trust_remote_code)
+    model = load_causal_lm(
+        config.model.name_or_path, dtype=torch.float32, trust_remote_code=config.model.trust_remote_code
+    )
     if config.model.lora.rank:
         model = add_adapters(model, config.model.lora)
     if config.model.gradient_checkpointing:
@@ -78,10 +90,16 @@ def build_engine(config: Config, *, total_steps: int, world_size: int):
     no_decay = [p for p in trainable if len(getattr(p, "ds_shape", p.shape)) < 2]
     groups = [{"params": decay, "weight_decay": train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     # An empty group (LoRA adapters are all matrices) would be dropped by ZeRO behind the scheduler's back.
-    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=train.lr, betas=train.adam_betas, fused=on_gpu or None)
+    optimizer = torch.optim.AdamW(
+        [g for g in groups if g["params"]], lr=train.lr, betas=train.adam_betas, fused=on_gpu or None
+    )
     warmup = round(train.warmup_ratio * total_steps)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps=total_steps, warmup_steps=warmup, kind=train.lr_scheduler))
-    engine, *_ = deepspeed.initialize(model=policy, optimizer=optimizer, lr_scheduler=schedule, config=ds_config, dist_init_required=False)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, total_steps=total_steps, warmup_steps=warmup, kind=train.lr_scheduler)
+    )
+    engine, *_ = deepspeed.initialize(
+        model=policy, optimizer=optimizer, lr_scheduler=schedule, config=ds_config, dist_init_required=False
+    )
     del zero3_loading
     return engine
 
@@ -123,18 +141,27 @@ def export_model(engine, config: Config, directory: str) -> None:
 
     model, lora = engine.module.model, config.model.lora
     if config.train.zero_stage == 3:
-        gathered = engine._zero3_consolidated_16bit_state_dict(exclude_frozen_parameters=bool(lora.rank))  # as HF Trainer uses
+        # as HF Trainer uses
+        gathered = engine._zero3_consolidated_16bit_state_dict(exclude_frozen_parameters=bool(lora.rank))
         state = {k.removeprefix("model."): v for k, v in gathered.items()} if gathered is not None else None
     elif engine.global_rank == 0:
-        state = adapter_state(model) if lora.rank else {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        state = (
+            adapter_state(model)
+            if lora.rank
+            else {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        )
     if engine.global_rank != 0:
         return
     target = Path(directory, EXPORT_DIR)
     if lora.rank:
-        base = load_causal_lm(config.model.name_or_path, dtype=torch.float32, trust_remote_code=config.model.trust_remote_code)
+        base = load_causal_lm(
+            config.model.name_or_path, dtype=torch.float32, trust_remote_code=config.model.trust_remote_code
+        )
         base.config.use_cache = True
         save_merged(base, lora, state, target, Path(directory, ADAPTER_DIR))
     else:
         model.config.use_cache = True  # training turned the KV cache off; generation wants it
         model.save_pretrained(target, state_dict=state, safe_serialization=True)
-    load_tokenizer(config.model.name_or_path, config.data.chat_template, config.model.trust_remote_code, for_export=True).save_pretrained(target)
+    load_tokenizer(
+        config.model.name_or_path, config.data.chat_template, config.model.trust_remote_code, for_export=True
+    ).save_pretrained(target)

@@ -24,7 +24,21 @@ from hdpo_ray.train.engine import build_engine, export_model, load_checkpoint, s
 from hdpo_ray.train.nonfinite import NonFiniteGuard, finite_everywhere, step_engine
 from hdpo_ray.train.tracking import RESTORED_KEY
 
-SUMS = ("seconds", "loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "policy_accuracy", "reference_accuracy", "logps/chosen", "logps/rejected", "pairs", "entropy", "entropy_tokens", "tokens")
+SUMS = (
+    "seconds",
+    "loss",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/accuracies",
+    "policy_accuracy",
+    "reference_accuracy",
+    "logps/chosen",
+    "logps/rejected",
+    "pairs",
+    "entropy",
+    "entropy_tokens",
+    "tokens",
+)
 
 
 @dataclass
@@ -38,7 +52,16 @@ class Window:
     def __post_init__(self) -> None:
         self.sums = torch.zeros(len(SUMS), dtype=torch.float64, device=self.device)
 
-    def add(self, out, stats, n: int, tokens: int, seconds: float = 0.0, with_entropy: bool = True, ref_logps: torch.Tensor | None = None) -> None:
+    def add(
+        self,
+        out,
+        stats,
+        n: int,
+        tokens: int,
+        seconds: float = 0.0,
+        with_entropy: bool = True,
+        ref_logps: torch.Tensor | None = None,
+    ) -> None:
         """out: HDPOLoss over n pairs; stats: CompletionStats over 2n sequences (chosen first); ref_logps: (2n,)."""
         # The policy's own ranking, by mean log-prob per token: unlike the implied rewards it does not
         # depend on alpha or the reference, so it compares trials of an alpha sweep.
@@ -54,7 +77,9 @@ class Window:
             "rewards/accuracies": (out.chosen_rewards > out.rejected_rewards).sum(),
             "policy_accuracy": (per_token[:n] > per_token[n:]).sum(),
             # The same ranking by the reference: what policy_accuracy was before training.
-            "reference_accuracy": (ref_logps[:n] / tokens_per_seq[:n] > ref_logps[n:] / tokens_per_seq[n:]).sum() if ref_logps is not None else zero,
+            "reference_accuracy": (ref_logps[:n] / tokens_per_seq[:n] > ref_logps[n:] / tokens_per_seq[n:]).sum()
+            if ref_logps is not None
+            else zero,
             "logps/chosen": logps[:n].sum(),
             "logps/rejected": logps[n:].sum(),
             "pairs": n,
@@ -68,33 +93,60 @@ class Window:
         totals = self.sums.clone()
         if dist.is_initialized():
             dist.all_reduce(totals)
-        t = dict(zip(SUMS, totals.tolist()))
+        t = dict(zip(SUMS, totals.tolist(), strict=True))
         pairs = max(t["pairs"], 1.0)
-        metrics = {k: t[k] / pairs for k in ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "policy_accuracy", "reference_accuracy", "logps/chosen", "logps/rejected")}
+        metrics = {
+            k: t[k] / pairs
+            for k in (
+                "loss",
+                "rewards/chosen",
+                "rewards/rejected",
+                "rewards/accuracies",
+                "policy_accuracy",
+                "reference_accuracy",
+                "logps/chosen",
+                "logps/rejected",
+            )
+        }
         metrics["rewards/margins"] = metrics["rewards/chosen"] - metrics["rewards/rejected"]
         metrics["entropy"] = t["entropy"] / max(t["entropy_tokens"], 1.0)
         # Ranks run concurrently: tokens of all ranks over the mean rank's busy time.
-        metrics["tokens_per_s"] = t["tokens"] / max(t["seconds"] / dist.get_world_size() if dist.is_initialized() else t["seconds"], 1e-9)
+        metrics["tokens_per_s"] = t["tokens"] / max(
+            t["seconds"] / dist.get_world_size() if dist.is_initialized() else t["seconds"], 1e-9
+        )
         metrics["pairs"] = t["pairs"]
         return {f"{prefix}{k}": v for k, v in metrics.items()}
 
 
-def _forward_loss(engine, batch: dict, config: Config, device: torch.device, with_entropy: bool = True, packed: bool = False):
-    """One micro-batch of B pairs -> (HDPOLoss, CompletionStats over 2B sequences, real tokens, reference log-probs (2B,))."""
+def _forward_loss(
+    engine, batch: dict, config: Config, device: torch.device, with_entropy: bool = True, packed: bool = False
+):
+    """One micro-batch of B pairs -> (HDPOLoss, CompletionStats over 2B sequences, real
+    tokens, reference log-probs (2B,))."""
     prompts, chosen, rejected = batch["prompt_ids"], batch["chosen_ids"], batch["rejected_ids"]
     tensors = collate_pairs(prompts, chosen, rejected, _pad_id(config), packed=packed)
     stats = engine(**{k: v.to(device) for k, v in tensors.items()}, with_entropy=with_entropy)
     n = len(prompts)
     ref_c = torch.as_tensor(batch["ref_chosen_logps"], dtype=torch.float32, device=device)
     ref_r = torch.as_tensor(batch["ref_rejected_logps"], dtype=torch.float32, device=device)
-    out = hdpo_loss(stats.logps[:n], stats.logps[n:], ref_c, ref_r, alpha=config.loss.alpha, beta=config.loss.beta, label_smoothing=config.loss.label_smoothing)
+    out = hdpo_loss(
+        stats.logps[:n],
+        stats.logps[n:],
+        ref_c,
+        ref_r,
+        alpha=config.loss.alpha,
+        beta=config.loss.beta,
+        label_smoothing=config.loss.label_smoothing,
+    )
     return out, stats, real_tokens(prompts, chosen, rejected), torch.cat([ref_c, ref_r])
 
 
 def _pad_id(config: Config) -> int:
     from hdpo_ray.models import load_tokenizer  # cached per process: a dict lookup per micro-batch
 
-    return load_tokenizer(config.model.name_or_path, config.data.chat_template, config.model.trust_remote_code).pad_token_id
+    return load_tokenizer(
+        config.model.name_or_path, config.data.chat_template, config.model.trust_remote_code
+    ).pad_token_id
 
 
 def _batches(iterator, batch_size: int):
@@ -156,7 +208,13 @@ def train_loop_per_worker(loop_config: dict) -> dict:
     context = ray.train.get_context()
     device = torch.device("cuda", torch.cuda.current_device()) if train.use_gpu else torch.device("cpu")
     engine = build_engine(config, total_steps=total_steps, world_size=context.get_world_size())
-    packed = use_packing(config.train.packing, engine.module.model, device, config.model.name_or_path, announce=context.get_world_rank() == 0)
+    packed = use_packing(
+        config.train.packing,
+        engine.module.model,
+        device,
+        config.model.name_or_path,
+        announce=context.get_world_rank() == 0,
+    )
 
     state = {"step": 0, "epoch": 0, "micro_batches_in_epoch": 0}
     checkpoint = ray.train.get_checkpoint()
@@ -164,8 +222,12 @@ def train_loop_per_worker(loop_config: dict) -> dict:
         with checkpoint.as_directory() as directory:
             state |= load_checkpoint(engine, directory)
         if context.get_world_rank() == 0:
-            print(f"[hdpo-ray] restoring the checkpoint at step {state['step']}: epoch {state['epoch']}'s first {state['micro_batches_in_epoch']} micro-batches "
-                  "per worker are read again and skipped, the steps after the checkpoint are trained again", flush=True)  # fmt: skip
+            print(
+                f"[hdpo-ray] restoring the checkpoint at step {state['step']}: epoch {state['epoch']}'s first "
+                f"{state['micro_batches_in_epoch']} micro-batches per worker are read again and skipped, the steps "
+                "after the checkpoint are trained again",
+                flush=True,
+            )
     restored_from = state["step"] if checkpoint else None
     guard = NonFiniteGuard(state, train.max_consecutive_nonfinite)
 
@@ -219,7 +281,15 @@ def train_loop_per_worker(loop_config: dict) -> dict:
         metrics = {}
         if step % train.logging_steps == 0 or final:
             grad_norm = stage0_grad_norm if train.zero_stage == 0 else engine.get_global_grad_norm()
-            metrics = window.averages() | guard.metrics() | {"lr": engine.get_lr()[0], "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"), "peak_memory_mb": _peak_memory_mb(device)}
+            metrics = (
+                window.averages()
+                | guard.metrics()
+                | {
+                    "lr": engine.get_lr()[0],
+                    "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+                    "peak_memory_mb": _peak_memory_mb(device),
+                }
+            )
             window = Window(device)
         if num_eval_pairs and (final or (train.eval_steps and step % train.eval_steps == 0)):
             metrics |= evaluate(engine, config, device, num_eval_pairs, packed)

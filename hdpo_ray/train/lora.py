@@ -19,9 +19,13 @@ def peft_config(lora: LoraConfig):
     from peft import LoraConfig as PeftLoraConfig
 
     return PeftLoraConfig(
-        r=lora.rank, lora_alpha=lora.alpha or 2 * lora.rank, lora_dropout=lora.dropout,
-        target_modules=lora.target_modules, bias="none", task_type="CAUSAL_LM",
-    )  # fmt: skip
+        r=lora.rank,
+        lora_alpha=lora.alpha or 2 * lora.rank,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
 
 
 def add_adapters(model: torch.nn.Module, lora: LoraConfig) -> torch.nn.Module:
@@ -40,7 +44,9 @@ def adapter_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: p.detach().to("cpu", copy=True) for name, p in model.named_parameters() if p.requires_grad}
 
 
-def save_merged(base: torch.nn.Module, lora: LoraConfig, adapters: dict[str, torch.Tensor], model_dir: Path, adapter_dir: Path) -> None:
+def save_merged(
+    base: torch.nn.Module, lora: LoraConfig, adapters: dict[str, torch.Tensor], model_dir: Path, adapter_dir: Path
+) -> None:
     """Load trained adapters onto a fresh copy of the base; save them (peft layout) and the merged model.
 
     `adapters`: parameter name -> tensor, as `adapter_state` (or DeepSpeed's consolidated ZeRO-3 dict
@@ -52,7 +58,10 @@ def save_merged(base: torch.nn.Module, lora: LoraConfig, adapters: dict[str, tor
     missing, unexpected = wrapped.get_base_model().load_state_dict(adapters, strict=False)
     trainable = {name for name, p in wrapped.get_base_model().named_parameters() if p.requires_grad}
     if unexpected or trainable - set(adapters) or set(missing) & trainable:
-        raise RuntimeError(f"trained adapters do not match the LoRA layout (unexpected {sorted(unexpected)[:3]}, missing {sorted(trainable - set(adapters))[:3]})")
+        raise RuntimeError(
+            f"trained adapters do not match the LoRA layout (unexpected {sorted(unexpected)[:3]}, missing "
+            f"{sorted(trainable - set(adapters))[:3]})"
+        )
     wrapped.save_pretrained(adapter_dir, safe_serialization=True)
     merged = wrapped.merge_and_unload()
     merged.save_pretrained(model_dir, safe_serialization=True)

@@ -55,14 +55,17 @@ class NonFiniteGuard:
         return self.in_a_row >= self.limit
 
     def metrics(self) -> dict[str, float]:
-        return {"nonfinite/skipped_batches": float(self.state["skipped_batches"]), "nonfinite/skipped_steps": float(self.state["skipped_steps"])}
+        return {
+            "nonfinite/skipped_batches": float(self.state["skipped_batches"]),
+            "nonfinite/skipped_steps": float(self.state["skipped_steps"]),
+        }
 
     def stop_message(self) -> str:
         return (
-            f"training stopped after step {self.state['step']}: {self.in_a_row} non-finite losses or gradients in a row "
-            f"({self.state['skipped_batches']} micro-batches and {self.state['skipped_steps']} optimizer steps skipped in all); "
-            "the latest checkpoint is kept: lower train.lr, check the data and the model, or raise train.max_consecutive_nonfinite, "
-            "then continue with `hdpo-ray train --resume OUTPUT_DIR key=value ...`"
+            f"training stopped after step {self.state['step']}: {self.in_a_row} non-finite losses or gradients in a "
+            f"row ({self.state['skipped_batches']} micro-batches and {self.state['skipped_steps']} optimizer steps "
+            "skipped in all); the latest checkpoint is kept: lower train.lr, check the data and the model, or raise "
+            "train.max_consecutive_nonfinite, then continue with `hdpo-ray train --resume OUTPUT_DIR key=value ...`"
         )
 
 

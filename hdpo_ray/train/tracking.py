@@ -30,7 +30,9 @@ def last_logged_step(path: Path) -> int:
 def drop_rows_from(path: Path, step: int) -> None:
     """Rewrite metrics.jsonl without rows at `step` or later; those steps are being trained again."""
     if path.exists():
-        kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) < step]
+        kept = [
+            line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) < step
+        ]
         temporary = path.with_suffix(".tmp")
         temporary.write_text("".join(line + "\n" for line in kept))
         os.replace(temporary, path)
@@ -46,12 +48,20 @@ def _clock(seconds: float) -> str:
 def progress_line(row: dict[str, Any], total_steps: int, elapsed: float, eta: float) -> str:
     parts = [f"step {row['step']}/{total_steps}"]
     if "loss" in row:
-        parts += [f"loss {row['loss']:.4f}", f"acc {row['rewards/accuracies']:.2f}", f"margin {row['rewards/margins']:+.4f}", f"{row['tokens_per_s']:,.0f} tok/s"]
+        parts += [
+            f"loss {row['loss']:.4f}",
+            f"acc {row['rewards/accuracies']:.2f}",
+            f"margin {row['rewards/margins']:+.4f}",
+            f"{row['tokens_per_s']:,.0f} tok/s",
+        ]
     if "eval/loss" in row:
         parts.append(f"eval loss {row['eval/loss']:.4f} acc {row['eval/rewards/accuracies']:.2f}")
     skipped = row.get("nonfinite/skipped_batches", 0) + row.get("nonfinite/skipped_steps", 0)
     if skipped:
-        parts.append(f"non-finite skipped {row['nonfinite/skipped_batches']:.0f} batches {row['nonfinite/skipped_steps']:.0f} steps")
+        parts.append(
+            f"non-finite skipped {row['nonfinite/skipped_batches']:.0f} batches "
+            f"{row['nonfinite/skipped_steps']:.0f} steps"
+        )
     parts.append(f"elapsed {_clock(elapsed)} ETA {_clock(eta)}")
     return "[hdpo-ray] " + " | ".join(parts)
 
@@ -65,7 +75,9 @@ def start_mlflow_run(config: Config, output_dir: str, run_name: str, run_id: str
         client.update_run(run_id, status="RUNNING")
         return run_id
     experiment = client.get_experiment_by_name(config.logging.mlflow_experiment)
-    experiment_id = experiment.experiment_id if experiment else client.create_experiment(config.logging.mlflow_experiment)
+    experiment_id = (
+        experiment.experiment_id if experiment else client.create_experiment(config.logging.mlflow_experiment)
+    )
     run = client.create_run(experiment_id, run_name=run_name, tags={"hdpo_ray.output_dir": output_dir})
     from mlflow.entities import Param
 
@@ -109,9 +121,18 @@ def make_tracker(config: Config, output_dir: str, total_steps: int, mlflow_run_i
         def after_exception(self, run_context, worker_exceptions):
             self.failed_at = time.time()
             ranks = sorted(worker_exceptions)
-            errors = {str(rank): (f"{type(e).__name__}: " + (str(e).strip().splitlines() or [""])[0])[:300] for rank, e in sorted(worker_exceptions.items())}
+            errors = {
+                str(rank): (f"{type(e).__name__}: " + (str(e).strip().splitlines() or [""])[0])[:300]
+                for rank, e in sorted(worker_exceptions.items())
+            }
             self._event({"event": "worker_failure", "ranks": ranks, "last_step": self.last_step, "errors": errors})
-            print(f"[hdpo-ray] worker failure on rank {', '.join(map(str, ranks))} after step {self.last_step}; Ray Train restores the latest checkpoint if train.max_failures allows", flush=True)
+            print(
+                (
+                    f"[hdpo-ray] worker failure on rank {', '.join(map(str, ranks))} after step {self.last_step}; Ray "
+                    "Train restores the latest checkpoint if train.max_failures allows"
+                ),
+                flush=True,
+            )
 
         def after_report(self, run_context, metrics, checkpoint):
             row = dict(metrics[0]) if metrics else {}
@@ -135,16 +156,35 @@ def make_tracker(config: Config, output_dir: str, total_steps: int, mlflow_run_i
             now = time.time()
             self.first_step = self.first_step or (step, now)
             done, since = step - self.first_step[0], now - self.first_step[1]
-            print(progress_line(row, total_steps, now - self.started, since / done * (total_steps - step) if done > 0 else float("nan")), flush=True)
+            print(
+                progress_line(
+                    row,
+                    total_steps,
+                    now - self.started,
+                    since / done * (total_steps - step) if done > 0 else float("nan"),
+                ),
+                flush=True,
+            )
 
         def _restored(self, from_step: int) -> None:
-            event = {"event": "restored", "from_step": from_step, "steps_recomputed": max(0, self.last_step - from_step)}
+            event = {
+                "event": "restored",
+                "from_step": from_step,
+                "steps_recomputed": max(0, self.last_step - from_step),
+            }
             if self.failed_at is not None:
-                event["recovery_s"] = round(time.time() - self.failed_at, 2)  # failure noticed -> first step after the restore
+                # failure noticed -> first step after the restore
+                event["recovery_s"] = round(time.time() - self.failed_at, 2)
             self._event(event)
             self.first_step, self.failed_at = None, None  # the ETA restarts from here
             recovery = f" {event['recovery_s']:.1f} s after the failure" if "recovery_s" in event else ""
-            print(f"[hdpo-ray] restored from the checkpoint at step {from_step}{recovery}; steps {from_step + 1}-{self.last_step} are trained again", flush=True)
+            print(
+                (
+                    f"[hdpo-ray] restored from the checkpoint at step {from_step}{recovery}; steps "
+                    f"{from_step + 1}-{self.last_step} are trained again"
+                ),
+                flush=True,
+            )
 
         def _event(self, event: dict) -> None:
             with open(Path(output_dir, "events.jsonl"), "a") as f:
@@ -159,11 +199,21 @@ def make_tracker(config: Config, output_dir: str, total_steps: int, mlflow_run_i
                 if sink not in self.sink_errors:
                     self.sink_errors.add(sink)
                     self._event({"event": f"{sink}_error", "step": step, "error": f"{type(err).__name__}: {err}"[:300]})
-                    print(f"[hdpo-ray] warning: {sink} logging failed at step {step} ({type(err).__name__}: {err}); training goes on, metrics.jsonl has every row", flush=True)
+                    print(
+                        (
+                            f"[hdpo-ray] warning: {sink} logging failed at step {step} ({type(err).__name__}: {err}); "
+                            "training goes on, metrics.jsonl has every row"
+                        ),
+                        flush=True,
+                    )
 
         @staticmethod
         def _scalars(row: dict) -> dict[str, float]:
-            return {k: v for k, v in row.items() if k not in ("step", "epoch", "time") and isinstance(v, (int, float)) and math.isfinite(v)}
+            return {
+                k: v
+                for k, v in row.items()
+                if k not in ("step", "epoch", "time") and isinstance(v, (int, float)) and math.isfinite(v)
+            }
 
         def _tensorboard_scalars(self, row: dict, step: int) -> None:
             if not config.logging.tensorboard:
@@ -177,7 +227,9 @@ def make_tracker(config: Config, output_dir: str, total_steps: int, mlflow_run_i
                 # two writers opened in the same second (files are named by the second) from overwriting each other.
                 self.writers += 1
                 suffix = f".{os.getpid()}.{self.writers}"
-                self.tensorboard = SummaryWriter(logdir=str(Path(output_dir, "tensorboard")), purge_step=self.purge_from, filename_suffix=suffix)
+                self.tensorboard = SummaryWriter(
+                    logdir=str(Path(output_dir, "tensorboard")), purge_step=self.purge_from, filename_suffix=suffix
+                )
                 self.purge_from = None
             for key, value in self._scalars(row).items():
                 self.tensorboard.add_scalar(key, value, step)
@@ -188,6 +240,9 @@ def make_tracker(config: Config, output_dir: str, total_steps: int, mlflow_run_i
 
             self.mlflow = self.mlflow or mlflow_client(config.logging.mlflow_uri)
             stamp = int(time.time() * 1000)
-            self.mlflow.log_batch(mlflow_run_id, metrics=[Metric(key, float(value), stamp, step) for key, value in self._scalars(row).items()])
+            self.mlflow.log_batch(
+                mlflow_run_id,
+                metrics=[Metric(key, float(value), stamp, step) for key, value in self._scalars(row).items()],
+            )
 
     return RunTracker()

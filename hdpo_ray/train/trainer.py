@@ -52,7 +52,10 @@ def total_optimizer_steps(config: Config, num_pairs: int) -> int:
     micro_batches = math.ceil((num_pairs // train.num_workers) / train.per_device_batch_size)
     steps = math.floor(train.epochs * micro_batches / train.gradient_accumulation_steps)
     if steps < 1:
-        raise ResourceError(f"{num_pairs} pairs over {train.num_workers} workers make no optimizer step; use fewer workers, a smaller batch or more data")
+        raise ResourceError(
+            f"{num_pairs} pairs over {train.num_workers} workers make no optimizer step; use fewer workers, a "
+            "smaller batch or more data"
+        )
     return steps
 
 
@@ -66,7 +69,13 @@ def worker_group(config: Config) -> Group:
 def reference_group(config: Config) -> Group:
     ref = config.reference
     bundle = {"CPU": ref.num_cpus_per_actor, "GPU": ref.num_gpus_per_actor, **ref.resources}
-    return Group("reference pool", ref.num_actors, bundle, ref.label_selector, "lower reference.num_actors or its per-actor resources")
+    return Group(
+        "reference pool",
+        ref.num_actors,
+        bundle,
+        ref.label_selector,
+        "lower reference.num_actors or its per-actor resources",
+    )
 
 
 def training_phases(config: Config, *, stream: bool = True) -> list[Phase]:
@@ -84,7 +93,8 @@ def training_phases(config: Config, *, stream: bool = True) -> list[Phase]:
 
 
 def check_resources(config: Config, cluster: dict[str, float], *, stream: bool = True) -> None:
-    """Fail fast where Ray would wait forever: the workers and the reference pool must fit, with CPU left for Ray Data."""
+    """Fail fast where Ray would wait forever: the workers and the reference pool must
+    fit, with CPU left for Ray Data."""
     check_fits(training_phases(config, stream=stream), cluster)
 
 
@@ -129,11 +139,15 @@ def _refuse_if_driven(state: dict[str, Any], output_dir: str) -> None:
     except OSError:
         return  # gone
     if "hdpo" in command:
-        raise ResourceError(f"run {state['name']} in {output_dir} is still being trained by process {pid} on this host; stop it first (ray job stop, or kill {pid}) or use another output_dir")
+        raise ResourceError(
+            f"run {state['name']} in {output_dir} is still being trained by process {pid} on this host; stop it "
+            f"first (ray job stop, or kill {pid}) or use another output_dir"
+        )
 
 
 def fit(config: Config, train_split, eval_split, callbacks: tuple = ()) -> tuple[Any, int, dict[str, Any]]:
-    """Build and fit the TorchTrainer; returns (Result, total steps, run state). `callbacks`: more Ray Train UserCallbacks."""
+    """Build and fit the TorchTrainer; returns (Result, total steps, run state).
+    `callbacks`: more Ray Train UserCallbacks."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -152,10 +166,17 @@ def fit(config: Config, train_split, eval_split, callbacks: tuple = ()) -> tuple
     datasets = {"train": rank_blocks(train_split.dataset, train)} | ({"eval": eval_split.dataset} if eval_split else {})
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": config.to_dict(), "total_steps": total_steps, "num_eval_pairs": eval_split.num_pairs if eval_split else 0},
+        train_loop_config={
+            "config": config.to_dict(),
+            "total_steps": total_steps,
+            "num_eval_pairs": eval_split.num_pairs if eval_split else 0,
+        },
         scaling_config=ray.train.ScalingConfig(
-            num_workers=train.num_workers, use_gpu=train.use_gpu, resources_per_worker={"CPU": train.cpus_per_worker, **train.resources_per_worker},
-            placement_strategy=train.placement_strategy, label_selector=train.label_selector or None,
+            num_workers=train.num_workers,
+            use_gpu=train.use_gpu,
+            resources_per_worker={"CPU": train.cpus_per_worker, **train.resources_per_worker},
+            placement_strategy=train.placement_strategy,
+            label_selector=train.label_selector or None,
         ),
         run_config=ray.train.RunConfig(
             name=name,
@@ -169,7 +190,15 @@ def fit(config: Config, train_split, eval_split, callbacks: tuple = ()) -> tuple
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"], execution_options=_ordered_ingest()),
     )
     workers = f"{train.num_workers} worker{'s' if train.num_workers > 1 else ''}"
-    log.info("training: %d steps on %s (ZeRO-%d), %d train pairs, run %s, checkpoints in %s", total_steps, workers, train.zero_stage, train_split.num_pairs, name, storage)
+    log.info(
+        "training: %d steps on %s (ZeRO-%d), %d train pairs, run %s, checkpoints in %s",
+        total_steps,
+        workers,
+        train.zero_stage,
+        train_split.num_pairs,
+        name,
+        storage,
+    )
     try:
         return trainer.fit(), total_steps, state
     except BaseException as err:  # the MLflow run says so; run.json stays "running": the same command resumes
@@ -199,7 +228,11 @@ def remove_unregistered_checkpoints(storage: str, name: str) -> list[str]:
             registered.add(result["checkpoint_dir_name"])
     removed = []
     for info in fs.get_file_info(pafs.FileSelector(run_dir)):
-        if info.type == pafs.FileType.Directory and info.base_name.startswith("checkpoint_") and info.base_name not in registered:
+        if (
+            info.type == pafs.FileType.Directory
+            and info.base_name.startswith("checkpoint_")
+            and info.base_name not in registered
+        ):
             fs.delete_dir(info.path)
             removed.append(info.base_name)
             log.info("removed %s: an interrupted checkpoint save (not registered by Ray Train)", info.base_name)
@@ -229,7 +262,9 @@ def rank_blocks(dataset, train):
     fixed size make the deal a pure function of the config: round robin, so optimizer step s trains on
     pairs [s*W*K, (s+1)*W*K) of the file order (W workers, K pairs per rank per step) on any cluster.
     """
-    return dataset.repartition(target_num_rows_per_block=train.per_device_batch_size * train.gradient_accumulation_steps, strict=True)
+    return dataset.repartition(
+        target_num_rows_per_block=train.per_device_batch_size * train.gradient_accumulation_steps, strict=True
+    )
 
 
 def _ordered_ingest():
@@ -267,7 +302,10 @@ def export_final(result, output_dir: str) -> str:
 
 def _copy_into_place(source: Path, target: Path) -> None:
     """Copy beside `target`, then rename into place: a reader sees the old copy or the new one."""
-    partial, previous = target.with_name(f".{target.name}.partial-{os.getpid()}"), target.with_name(f".{target.name}.old-{os.getpid()}")
+    partial, previous = (
+        target.with_name(f".{target.name}.partial-{os.getpid()}"),
+        target.with_name(f".{target.name}.old-{os.getpid()}"),
+    )
     shutil.copytree(source, partial)
     if target.exists():
         os.replace(target, previous)

@@ -1,4 +1,5 @@
-"""What a finished `hdpo-ray train` run directory must hold, and helpers that submit and watch runs; shared by the CLI, job and multi-node tests."""
+"""What a finished `hdpo-ray train` run directory must hold, and helpers that submit and
+watch runs; shared by the CLI, job and multi-node tests."""
 
 from __future__ import annotations
 
@@ -18,7 +19,19 @@ from tests.conftest import REPO, _ray_cli, tensorboard_scalars
 FAST = ["data.max_length=64", "data.max_prompt_length=32", "train.per_device_batch_size=2", "reference.batch_size=8"]
 """Overrides for tiny end-to-end runs: short pairs, small batches."""
 
-TRAIN_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected", "entropy", "lr", "grad_norm", "tokens_per_s")
+TRAIN_KEYS = (
+    "loss",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/margins",
+    "rewards/accuracies",
+    "logps/chosen",
+    "logps/rejected",
+    "entropy",
+    "lr",
+    "grad_norm",
+    "tokens_per_s",
+)
 
 
 def metric_rows(out: Path) -> list[dict]:
@@ -40,7 +53,8 @@ def checkpoint_step(out: Path) -> int:
 
 
 def checkpoint_step_so_far(out: Path) -> int:
-    """checkpoint_step while the run is going: 0 before the first registered checkpoint (or mid-write of Ray's snapshot)."""
+    """checkpoint_step while the run is going: 0 before the first registered checkpoint
+    (or mid-write of Ray's snapshot)."""
     try:
         return checkpoint_step(out)
     except (OSError, ValueError, IndexError):
@@ -69,12 +83,16 @@ def assert_finished_run(out: Path, *, steps_per_epoch: int, epochs: int, checkpo
     steps = [r["step"] for r in train_rows]
     assert steps == list(range(1, steps_per_epoch * epochs + 1)), steps  # 24 pairs / 2 workers / 2 per batch per epoch
     # Step 1's loss is taken before any update, with policy == reference and alpha = 1: exactly ln 2.
-    assert train_rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)  # (float rounding of differently padded batches)
+    # (float rounding of differently padded batches)
+    assert train_rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)
     losses = [r["loss"] for r in train_rows]
     first, last = losses[:steps_per_epoch], losses[-steps_per_epoch:]
-    assert sum(last) / len(last) < sum(first) / len(first) - 0.1, losses  # the last epoch's loss is well below the first's
+    # the last epoch's loss is well below the first's
+    assert sum(last) / len(last) < sum(first) / len(first) - 0.1, losses
     scalars = tensorboard_scalars(out / "tensorboard")
-    assert [step for step, _ in scalars["loss"]] == steps and [v for _, v in scalars["loss"]] == pytest.approx(losses, rel=1e-6)
+    assert [step for step, _ in scalars["loss"]] == steps and [v for _, v in scalars["loss"]] == pytest.approx(
+        losses, rel=1e-6
+    )
     assert "eval/loss" in scalars and "rewards/accuracies" in scalars
 
     checkpoints = registered_checkpoints(out)
@@ -93,7 +111,8 @@ def assert_finished_run(out: Path, *, steps_per_epoch: int, epochs: int, checkpo
             assert torch.equal(exported[name], trained[name]), name
     from hdpo_ray.models import build_tiny_llama
 
-    assert not torch.equal(exported["model.norm.weight"], build_tiny_llama().state_dict()["model.norm.weight"])  # it did train
+    # it did train
+    assert not torch.equal(exported["model.norm.weight"], build_tiny_llama().state_dict()["model.norm.weight"])
 
 
 def mlflow_history(uri: str):
@@ -103,7 +122,10 @@ def mlflow_history(uri: str):
 
     client = MlflowClient(tracking_uri=uri)
     (run,) = client.search_runs([client.get_experiment_by_name("hdpo-ray").experiment_id])
-    history = {key: [(m.step, m.value) for m in sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: m.step)] for key in run.data.metrics}
+    history = {
+        key: [(m.step, m.value) for m in sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: m.step)]
+        for key in run.data.metrics
+    }
     return run, history
 
 
@@ -111,14 +133,38 @@ def ray_job(dashboard_url: str, command: str, *args: str, timeout: int = 180) ->
     """`ray job COMMAND --address URL ARGS...` (options before any `--` entrypoint)."""
     env = os.environ | {"RAY_AUTH_MODE": "disabled"}
     env.pop("RAY_ADDRESS", None)
-    return subprocess.run([_ray_cli(), "job", command, "--address", dashboard_url, *args], capture_output=True, text=True, env=env, cwd=REPO, timeout=timeout)
+    return subprocess.run(
+        [_ray_cli(), "job", command, "--address", dashboard_url, *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=timeout,
+    )
 
 
-def submit(dashboard_url: str, submission_id: str, hdpo_args: list[str], runtime_env: tuple[str, ...] = ("--runtime-env", "jobs/runtime_env.yaml")) -> None:
+def submit(
+    dashboard_url: str,
+    submission_id: str,
+    hdpo_args: list[str],
+    runtime_env: tuple[str, ...] = ("--runtime-env", "jobs/runtime_env.yaml"),
+) -> None:
     """`ray job submit --no-wait` of `python -m hdpo_ray ...`, with jobs/runtime_env.yaml as jobs/README.md says
     (or other runtime-env options). The head's PATH may not lead to this interpreter, so its absolute path is the
     entrypoint's python."""
-    result = ray_job(dashboard_url, "submit", "--submission-id", submission_id, *runtime_env, "--no-wait", "--", sys.executable, "-m", "hdpo_ray", *hdpo_args)
+    result = ray_job(
+        dashboard_url,
+        "submit",
+        "--submission-id",
+        submission_id,
+        *runtime_env,
+        "--no-wait",
+        "--",
+        sys.executable,
+        "-m",
+        "hdpo_ray",
+        *hdpo_args,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -139,7 +185,11 @@ def wait_for(predicate, what: str, timeout: float = 300, every: float = 0.5):
 
 
 def wait_for_job(dashboard_url: str, submission_id: str, timeout: float = 400) -> str:
-    status = wait_for(lambda: (s := job_status(dashboard_url, submission_id)) in ("SUCCEEDED", "FAILED", "STOPPED") and s, f"job {submission_id} to end", timeout)
+    status = wait_for(
+        lambda: (s := job_status(dashboard_url, submission_id)) in ("SUCCEEDED", "FAILED", "STOPPED") and s,
+        f"job {submission_id} to end",
+        timeout,
+    )
     return status
 
 

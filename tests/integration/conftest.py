@@ -31,9 +31,28 @@ def comparison_args(out: Path, cache: Path, pairs: tuple[Path, Path], *extra: st
     Ray Train to notice before the run ends), a checkpoint every 2 steps, eval every 6. A constant learning
     rate, so that a run cut short (a sweep's trials, max_steps) matches the first steps of the full run."""
     train, test = pairs
-    return ["train", f"output_dir={out}", f"reference.cache_dir={cache}", f"data.train_files=[{train}]", f"data.eval_files=[{test}]",
-            "train.num_workers=2", "train.cpus_per_worker=0.5", "train.torch_threads=1", "train.zero_stage=2", "train.epochs=3", "train.lr=2e-3", "train.lr_scheduler=constant", "train.warmup_ratio=0",
-            "train.logging_steps=1", "train.save_steps=2", "train.eval_steps=6", "train.keep_checkpoints=2", "train.max_failures=1", *FAST, *extra]  # fmt: skip
+    return [
+        "train",
+        f"output_dir={out}",
+        f"reference.cache_dir={cache}",
+        f"data.train_files=[{train}]",
+        f"data.eval_files=[{test}]",
+        "train.num_workers=2",
+        "train.cpus_per_worker=0.5",
+        "train.torch_threads=1",
+        "train.zero_stage=2",
+        "train.epochs=3",
+        "train.lr=2e-3",
+        "train.lr_scheduler=constant",
+        "train.warmup_ratio=0",
+        "train.logging_steps=1",
+        "train.save_steps=2",
+        "train.eval_steps=6",
+        "train.keep_checkpoints=2",
+        "train.max_failures=1",
+        *FAST,
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="session")
@@ -43,6 +62,12 @@ def one_node_run(dashboard_url, pairs, tmp_path_factory) -> tuple[Path, str]:
     output_dir/../cache."""
     work = tmp_path_factory.mktemp("one-node")
     out = work / "run"
-    submit(dashboard_url, "hdpo-one-node", comparison_args(out, work / "cache", pairs, f"logging.mlflow_uri=file://{work}/mlruns"))
-    assert wait_for_job(dashboard_url, "hdpo-one-node") == "SUCCEEDED", ray_job(dashboard_url, "logs", "hdpo-one-node").stdout[-4000:]
+    submit(
+        dashboard_url,
+        "hdpo-one-node",
+        comparison_args(out, work / "cache", pairs, f"logging.mlflow_uri=file://{work}/mlruns"),
+    )
+    assert wait_for_job(dashboard_url, "hdpo-one-node") == "SUCCEEDED", ray_job(
+        dashboard_url, "logs", "hdpo-one-node"
+    ).stdout[-4000:]
     return out, "hdpo-one-node"

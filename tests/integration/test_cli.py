@@ -16,7 +16,6 @@ from tests.conftest import flat_pair_lines, run_cli
 from tests.integration.checks import FAST, metric_rows
 
 
-
 @pytest.mark.parametrize(
     ("override", "expected"),
     [
@@ -43,11 +42,17 @@ def test_missing_config_file_exits_2(tmp_path):
 
 def test_resume_needs_an_unfinished_run(tmp_path):
     result = run_cli(["train", "--resume", str(tmp_path / "nothing")], ray_address=None, timeout=120)
-    assert result.returncode == 2 and result.stderr.startswith(f"hdpo-ray: error: --resume {tmp_path / 'nothing'}: no run there"), result.stderr
+    assert result.returncode == 2 and result.stderr.startswith(
+        f"hdpo-ray: error: --resume {tmp_path / 'nothing'}: no run there"
+    ), result.stderr
     (tmp_path / "config.json").write_text("{}")
     (tmp_path / "run.json").write_text(json.dumps({"name": "hdpo-x", "status": "finished"}))
     result = run_cli(["train", "--resume", str(tmp_path)], ray_address=None, timeout=120)
-    assert result.returncode == 2 and "run hdpo-x is finished, nothing to continue" in result.stderr and "Traceback" not in result.stderr
+    assert (
+        result.returncode == 2
+        and "run hdpo-x is finished, nothing to continue" in result.stderr
+        and "Traceback" not in result.stderr
+    )
 
 
 def test_help_config_lists_keys():
@@ -60,14 +65,24 @@ def test_version_and_suggestions():
 
     assert run_cli(["--version"], ray_address=None, timeout=120).stdout.strip() == f"hdpo-ray {__version__}"
     typo = run_cli(["train", "loss.alhpa=0.9"], ray_address=None, timeout=120)
-    assert typo.returncode == 2 and typo.stderr.strip().splitlines() == ["hdpo-ray: error: unknown key 'loss.alhpa' (did you mean 'loss.alpha'? see `hdpo-ray train --help-config` for the keys)"]
+    assert typo.returncode == 2 and typo.stderr.strip().splitlines() == [
+        (
+            "hdpo-ray: error: unknown key 'loss.alhpa' (did you mean 'loss.alpha'? see `hdpo-ray train --help-config` "
+            "for the keys)"
+        )
+    ]
 
 
 def test_python_dash_m_is_the_same_cli(tmp_path):
     import subprocess
     import sys
 
-    result = subprocess.run([sys.executable, "-m", "hdpo_ray", "train", f"output_dir={tmp_path}", "loss.beta=-1"], capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "hdpo_ray", "train", f"output_dir={tmp_path}", "loss.beta=-1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 2 and result.stderr.startswith("hdpo-ray: error: loss.beta")
 
 
@@ -75,19 +90,47 @@ def test_invalid_row_stops_the_run_with_one_line(ray_address, tmp_path, small_pa
     lines = small_pairs.read_text().splitlines()
     lines.insert(5, json.dumps({"prompt": "p", "chosen": "same", "rejected": "same"}))
     small_pairs.write_text("\n".join(lines) + "\n")
-    result = run_cli(["train", f"output_dir={tmp_path}/out", f"reference.cache_dir={tmp_path}/cache", f"data.train_files=[{small_pairs}]", "data.eval_files=[]", "data.on_invalid=error", *FAST], ray_address)
+    result = run_cli(
+        [
+            "train",
+            f"output_dir={tmp_path}/out",
+            f"reference.cache_dir={tmp_path}/cache",
+            f"data.train_files=[{small_pairs}]",
+            "data.eval_files=[]",
+            "data.on_invalid=error",
+            *FAST,
+        ],
+        ray_address,
+    )
     assert result.returncode == 2, result.stderr[-3000:]
     assert f"hdpo-ray: error: {small_pairs}, line 6: identical_completions" in result.stderr
     assert "Traceback" not in result.stderr
     report = json.loads(Path(tmp_path, "out", "data_report.json").read_text())
-    assert report["stopped"] and report["train"]["skipped_by_reason"] == {"identical_completions": 1} and report["train"]["valid"] == 24
+    assert (
+        report["stopped"]
+        and report["train"]["skipped_by_reason"] == {"identical_completions": 1}
+        and report["train"]["valid"] == 24
+    )
     assert not Path(tmp_path, "out", "checkpoints").exists()  # stopped before training
 
 
 def test_chat_template_failure_stops_the_run_with_one_line(ray_address, tmp_path, small_pairs):
-    bad_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
-    result = run_cli(["train", f"output_dir={tmp_path}/out", f"reference.cache_dir={tmp_path}/cache", f"data.train_files=[{small_pairs}]", "data.eval_files=[]",
-                      "data.on_invalid=error", f"data.chat_template={json.dumps(bad_template)}", *FAST], ray_address)  # fmt: skip
+    bad_template = (
+        "{% for m in messages %}{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+    )
+    result = run_cli(
+        [
+            "train",
+            f"output_dir={tmp_path}/out",
+            f"reference.cache_dir={tmp_path}/cache",
+            f"data.train_files=[{small_pairs}]",
+            "data.eval_files=[]",
+            "data.on_invalid=error",
+            f"data.chat_template={json.dumps(bad_template)}",
+            *FAST,
+        ],
+        ray_address,
+    )
     assert result.returncode == 2, result.stderr[-3000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("hdpo-ray: error:")]
     assert len(errors) == 1 and f"{small_pairs}, line 1: template_error" in errors[0] and "prefix" in errors[0]
@@ -130,14 +173,31 @@ def test_non_finite_losses_are_skipped_then_stop_the_run(ray_address, tmp_path):
             row["chosen"] = "A quokka. " + row["chosen"]
     (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "out"
-    result = run_cli(["train", f"output_dir={out}", f"reference.cache_dir={tmp_path}/cache", f"data.train_files=[{tmp_path}/pairs.jsonl]", "data.eval_files=[]",
-                      f"model.name_or_path={tmp_path}/policy", f"model.ref_name_or_path={EMBEDDED_SFT_MODEL}", "train.num_workers=1", "train.cpus_per_worker=1",
-                      "train.logging_steps=1", "train.max_consecutive_nonfinite=3", *FAST], ray_address)  # fmt: skip
+    result = run_cli(
+        [
+            "train",
+            f"output_dir={out}",
+            f"reference.cache_dir={tmp_path}/cache",
+            f"data.train_files=[{tmp_path}/pairs.jsonl]",
+            "data.eval_files=[]",
+            f"model.name_or_path={tmp_path}/policy",
+            f"model.ref_name_or_path={EMBEDDED_SFT_MODEL}",
+            "train.num_workers=1",
+            "train.cpus_per_worker=1",
+            "train.logging_steps=1",
+            "train.max_consecutive_nonfinite=3",
+            *FAST,
+        ],
+        ray_address,
+    )
     assert result.returncode == 1, result.stderr[-3000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("hdpo-ray: error:")]
-    assert errors == ["hdpo-ray: error: training stopped after step 3: 3 non-finite losses or gradients in a row (4 micro-batches and 0 optimizer steps "
-                      "skipped in all); the latest checkpoint is kept: lower train.lr, check the data and the model, or raise train.max_consecutive_nonfinite, "
-                      "then continue with `hdpo-ray train --resume OUTPUT_DIR key=value ...`"], errors  # fmt: skip
+    assert errors == [
+        "hdpo-ray: error: training stopped after step 3: 3 non-finite losses or gradients in a row (4 micro-batches "
+        "and 0 optimizer steps skipped in all); the latest checkpoint is kept: lower train.lr, check the data and the "
+        "model, or raise train.max_consecutive_nonfinite, then continue with `hdpo-ray train --resume OUTPUT_DIR "
+        "key=value ...`"
+    ], errors
     assert "Traceback" not in result.stderr
     rows = metric_rows(out)
     assert [(r["step"], r["nonfinite/skipped_batches"]) for r in rows] == [(1, 0), (2, 0), (3, 1)]
@@ -152,7 +212,8 @@ from hdpo_ray.pipeline import init_ray
 init_ray(load_config())
 url = ray._private.worker.get_dashboard_url()  # host:port
 port = int(url.rsplit(":", 1)[1])
-listening = sorted({c.laddr.ip for c in psutil.net_connections("inet") if c.status == psutil.CONN_LISTEN and c.laddr.port == port})
+listening = sorted({c.laddr.ip for c in psutil.net_connections("inet") \
+if c.status == psutil.CONN_LISTEN and c.laddr.port == port})
 print(json.dumps({"dashboard": url, "listening": listening}))
 ray.shutdown()
 """
@@ -167,8 +228,13 @@ def test_local_mode_binds_the_dashboard_to_loopback_only(ray_address):
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix="ray", dir="/tmp") as temp:  # short: Ray's socket paths live under it
-        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_TMPDIR": temp, "RAY_AUTH_MODE": "disabled"}
-        result = subprocess.run([sys.executable, "-c", LOCAL_MODE], capture_output=True, text=True, env=env, timeout=240)
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {
+            "RAY_TMPDIR": temp,
+            "RAY_AUTH_MODE": "disabled",
+        }
+        result = subprocess.run(
+            [sys.executable, "-c", LOCAL_MODE], capture_output=True, text=True, env=env, timeout=240
+        )
     assert result.returncode == 0, result.stderr[-3000:]
     seen = json.loads(result.stdout.strip().splitlines()[-1])
     assert seen["dashboard"].startswith("127.0.0.1:") and seen["listening"] == ["127.0.0.1"], seen

@@ -17,28 +17,53 @@ LIMIT, SAMPLES, TEMPERATURES = 3, 2, ("0.3", "1")
 def test_eval_runs_all_four_tasks_on_the_embedded_default(ray_address, tmp_path):
     out = tmp_path / "eval"
     result = run_cli(
-        ["eval", f"eval.output_dir={out}", f"eval.limit={LIMIT}", f"eval.num_samples={SAMPLES}", "eval.k=[1,2]",
-         f"eval.temperatures=[{','.join(TEMPERATURES)}]", "eval.max_new_tokens=24"],
+        [
+            "eval",
+            f"eval.output_dir={out}",
+            f"eval.limit={LIMIT}",
+            f"eval.num_samples={SAMPLES}",
+            "eval.k=[1,2]",
+            f"eval.temperatures=[{','.join(TEMPERATURES)}]",
+            "eval.max_new_tokens=24",
+        ],
         ray_address,
-    )  # fmt: skip
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "eval done" in result.stdout and "gsm8k pass@1" in result.stdout
 
     results = json.loads((out / "results.json").read_text())
-    assert results["backend"] == "hf" and results["model"] == "hdpo-ray/tiny-llama-sft" and list(results["tasks"]) == list(TASKS)
+    assert (
+        results["backend"] == "hf"
+        and results["model"] == "hdpo-ray/tiny-llama-sft"
+        and list(results["tasks"]) == list(TASKS)
+    )
     for task in TASKS:
         by_t = results["tasks"][task]
         assert list(by_t) == list(TEMPERATURES)
-        assert all(row["problems"] == LIMIT and row["samples"] == LIMIT * SAMPLES and 0 <= row["pass@1"] <= row["pass@2"] <= 1 for row in by_t.values())
+        assert all(
+            row["problems"] == LIMIT and row["samples"] == LIMIT * SAMPLES and 0 <= row["pass@1"] <= row["pass@2"] <= 1
+            for row in by_t.values()
+        )
         # Colder sampling draws from sharper distributions, on every task.
         assert by_t["0.3"]["entropy"] < by_t["1"]["entropy"], (task, by_t)
-    assert {"prompt_strict", "instruction_loose"} <= set(results["tasks"]["ifeval"]["1"]) and "accuracy" in results["tasks"]["mmlu_pro"]["1"]
+    assert {"prompt_strict", "instruction_loose"} <= set(results["tasks"]["ifeval"]["1"]) and "accuracy" in results[
+        "tasks"
+    ]["mmlu_pro"]["1"]
     assert results["metrics"]["gsm8k/pass@1/t=0.3"] == results["tasks"]["gsm8k"]["0.3"]["pass@1"]
 
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert len(samples) == len(TASKS) * LIMIT * len(TEMPERATURES) * SAMPLES
-    assert all({"problem_id", "completion", "correct", "num_tokens", "entropy"} <= set(s) and s["num_tokens"] <= 24 for s in samples)
-    assert {s["details"]["status"] for s in samples if s["task"] == "humaneval"} <= {"passed", "failed", "timeout", "killed", "error"}
+    assert all(
+        {"problem_id", "completion", "correct", "num_tokens", "entropy"} <= set(s) and s["num_tokens"] <= 24
+        for s in samples
+    )
+    assert {s["details"]["status"] for s in samples if s["task"] == "humaneval"} <= {
+        "passed",
+        "failed",
+        "timeout",
+        "killed",
+        "error",
+    }
     assert "## humaneval (3 problems)" in (out / "results.md").read_text()
     assert all((out / name).stat().st_size > 10_000 for name in ("passk.png", "temperature.png"))
 
@@ -54,11 +79,17 @@ def test_eval_runs_all_four_tasks_on_the_embedded_default(ray_address, tmp_path)
 def test_bad_eval_input_exits_2_with_one_line(args, expected, tmp_path):
     result = run_cli(["eval", f"eval.output_dir={tmp_path}", *args], None, timeout=120)
     assert result.returncode == 2, result.stderr[-2000:]
-    assert result.stderr.startswith("hdpo-ray: error: ") and expected in result.stderr and result.stderr.count("\n") == 1
+    assert (
+        result.stderr.startswith("hdpo-ray: error: ") and expected in result.stderr and result.stderr.count("\n") == 1
+    )
 
 
 def test_task_data_without_the_official_fields_exits_2_naming_the_line(tmp_path):
     bad = tmp_path / "gsm8k.jsonl"
     bad.write_text('{"question": "1+1?", "answer": "#### 2"}\n{"question": "2+2?"}\n')
-    result = run_cli(["eval", f"eval.output_dir={tmp_path}", "eval.tasks=[gsm8k]", f"eval.data.gsm8k={bad}"], None, timeout=120)
-    assert result.returncode == 2 and result.stderr.startswith("hdpo-ray: error: ") and f"{bad}, line 2" in result.stderr, result.stderr[-2000:]
+    result = run_cli(
+        ["eval", f"eval.output_dir={tmp_path}", "eval.tasks=[gsm8k]", f"eval.data.gsm8k={bad}"], None, timeout=120
+    )
+    assert (
+        result.returncode == 2 and result.stderr.startswith("hdpo-ray: error: ") and f"{bad}, line 2" in result.stderr
+    ), result.stderr[-2000:]

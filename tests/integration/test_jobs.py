@@ -57,13 +57,19 @@ def test_job_submit_trains_the_embedded_default(dashboard_url, one_node_run):
     """SUCCEEDED, `ray job logs` (progress lines), the run's files, MLflow, and the dashboard's names."""
     out, submission_id = one_node_run
     logs = ray_job(dashboard_url, "logs", submission_id)
-    assert logs.returncode == 0 and f"[hdpo-ray] step 2/{STEPS} | loss" in logs.stdout and f"[hdpo-ray] step {STEPS}/{STEPS} | loss" in logs.stdout and "[hdpo-ray] done in" in logs.stdout, logs.stdout[-3000:]
+    assert (
+        logs.returncode == 0
+        and f"[hdpo-ray] step 2/{STEPS} | loss" in logs.stdout
+        and f"[hdpo-ray] step {STEPS}/{STEPS} | loss" in logs.stdout
+        and "[hdpo-ray] done in" in logs.stdout
+    ), logs.stdout[-3000:]
     assert "Traceback" not in logs.stdout
     listed = ray_job(dashboard_url, "list")
     assert submission_id in listed.stdout and "SUCCEEDED" in listed.stdout
     assert_finished_run(out, steps_per_epoch=6, epochs=3, checkpoints_kept=2)
 
-    # MLflow (a local file store): one finished run named as the Ray Train run, the config as params, every logged value.
+    # MLflow (a local file store): one finished run named as the
+    # Ray Train run, the config as params, every logged value.
     from tests.integration.checks import mlflow_history
 
     run, history = mlflow_history(f"file://{out.parent}/mlruns")
@@ -78,8 +84,12 @@ def test_job_submit_trains_the_embedded_default(dashboard_url, one_node_run):
     from ray.util.state import list_actors
 
     job_id = JobSubmissionClient(dashboard_url).get_job_info(submission_id).job_id
-    actor_classes = {a.class_name for a in list_actors(address=dashboard_url, filters=[("job_id", "=", job_id)], limit=10_000)}
-    assert {"TrainController", "RayTrainWorker", "MapWorker(MapBatches(ReferenceScorer))"} <= actor_classes, actor_classes
+    actor_classes = {
+        a.class_name for a in list_actors(address=dashboard_url, filters=[("job_id", "=", job_id)], limit=10_000)
+    }
+    assert {"TrainController", "RayTrainWorker", "MapWorker(MapBatches(ReferenceScorer))"} <= actor_classes, (
+        actor_classes
+    )
     with urllib.request.urlopen(f"{dashboard_url}/api/data/datasets/{job_id}", timeout=30) as response:
         datasets = {d["dataset"].split("_")[0] for d in json.loads(response.read())["datasets"]}
     assert {"encode-train", "encode-eval", "reference-train", "reference-eval", "train", "eval"} <= datasets, datasets
@@ -87,7 +97,9 @@ def test_job_submit_trains_the_embedded_default(dashboard_url, one_node_run):
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_killed_worker_stopped_job_and_resume_end_like_the_uninterrupted_run(dashboard_url, one_node_run, pairs, tmp_path):
+def test_killed_worker_stopped_job_and_resume_end_like_the_uninterrupted_run(
+    dashboard_url, one_node_run, pairs, tmp_path
+):
     """A training worker SIGKILLed (Ray Train restores it), then `ray job stop` (the driver ends at once: it has
     no SIGTERM handler, as under SIGKILL), then `ray job submit ... hdpo-ray train --resume RUN_DIR`:
     18 steps in all, each logged once, the same numbers as the run without failures (whose reference cache it reads)."""
@@ -95,14 +107,21 @@ def test_killed_worker_stopped_job_and_resume_end_like_the_uninterrupted_run(das
 
     # 1. One training worker is SIGKILLed once checkpoint 4 is registered; Ray Train restores the group from it
     # (the next save, step 6, is two steps away when the kill comes).
-    submit(dashboard_url, "hdpo-interrupted", comparison_args(out, one_node_run[0].parent / "cache", pairs, *ZERO3, *PACED))
+    submit(
+        dashboard_url, "hdpo-interrupted", comparison_args(out, one_node_run[0].parent / "cache", pairs, *ZERO3, *PACED)
+    )
     wait_for(lambda: checkpoint_step_so_far(out) >= 4, "checkpoint 4")
     (worker, *_) = processes("RayTrainWorker")
     first_restore = checkpoint_step(out)
     killed_at = time.time()
     os.kill(worker.pid, signal.SIGKILL)
-    restored = wait_for(lambda: [e for e in events(out) if e["event"] == "restored"], "Ray Train to restore after the worker kill")
-    print(f"worker killed -> training again in {restored[0]['time'] - killed_at:.1f} s (Ray Train's count from the failure: {restored[0]['recovery_s']} s)")
+    restored = wait_for(
+        lambda: [e for e in events(out) if e["event"] == "restored"], "Ray Train to restore after the worker kill"
+    )
+    print(
+        f"worker killed -> training again in {restored[0]['time'] - killed_at:.1f} s (Ray Train's count from the "
+        f"failure: {restored[0]['recovery_s']} s)"
+    )
 
     # 2. `ray job stop` after step 9 (checkpoint 8): the driver and its workers go, the checkpoints stay.
     wait_for(lambda: last_step(out) >= 9, "step 9")
@@ -119,7 +138,9 @@ def test_killed_worker_stopped_job_and_resume_end_like_the_uninterrupted_run(das
 
     # 3. The next submission, `hdpo-ray train --resume RUN_DIR`, finishes the run from the latest checkpoint.
     submit(dashboard_url, "hdpo-resumed", ["train", "--resume", str(out)])
-    assert wait_for_job(dashboard_url, "hdpo-resumed") == "SUCCEEDED", ray_job(dashboard_url, "logs", "hdpo-resumed").stdout[-4000:]
+    assert wait_for_job(dashboard_url, "hdpo-resumed") == "SUCCEEDED", ray_job(
+        dashboard_url, "logs", "hdpo-resumed"
+    ).stdout[-4000:]
     assert not partial.exists()
     logs = ray_job(dashboard_url, "logs", "hdpo-resumed").stdout
     assert "resuming run" in logs and f"restoring the checkpoint at step {second_restore}" in logs, logs[-3000:]

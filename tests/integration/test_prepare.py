@@ -19,9 +19,29 @@ BAD_LINES = {  # line content -> reason counted in the report
     json.dumps({"prompt": "p", "chosen": None, "rejected": "r"}): "null_field",
     json.dumps({"prompt": "p", "chosen": "   ", "rejected": "r"}): "empty_content",
     json.dumps({"prompt": "p", "chosen": "same", "rejected": "same"}): "identical_completions",
-    json.dumps({"chosen": [{"role": "user", "content": "p"}, {"role": "robot", "content": "c"}], "rejected": [{"role": "user", "content": "p"}, {"role": "assistant", "content": "r"}]}): "unknown_role",
-    json.dumps({"chosen": [{"role": "user", "content": "p"}, {"role": "assistant", "content": "c"}], "rejected": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "r"}]}): "prompt_mismatch",
-    json.dumps({"prompt": "p", "chosen": [{"role": "user", "content": "p"}, {"role": "assistant", "content": "c"}, {"role": "user", "content": "c"}], "rejected": [{"role": "user", "content": "p"}, {"role": "assistant", "content": "r"}]}): "not_ending_on_assistant",
+    json.dumps(
+        {
+            "chosen": [{"role": "user", "content": "p"}, {"role": "robot", "content": "c"}],
+            "rejected": [{"role": "user", "content": "p"}, {"role": "assistant", "content": "r"}],
+        }
+    ): "unknown_role",
+    json.dumps(
+        {
+            "chosen": [{"role": "user", "content": "p"}, {"role": "assistant", "content": "c"}],
+            "rejected": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "r"}],
+        }
+    ): "prompt_mismatch",
+    json.dumps(
+        {
+            "prompt": "p",
+            "chosen": [
+                {"role": "user", "content": "p"},
+                {"role": "assistant", "content": "c"},
+                {"role": "user", "content": "c"},
+            ],
+            "rejected": [{"role": "user", "content": "p"}, {"role": "assistant", "content": "r"}],
+        }
+    ): "not_ending_on_assistant",
     json.dumps({"prompt": "p", "chosen": [], "rejected": [{"role": "assistant", "content": "r"}]}): "no_assistant_turn",
     json.dumps({"prompt": 3, "chosen": "c", "rejected": "r"}): "bad_type",
 }
@@ -37,8 +57,18 @@ def mixed_file(tmp_path):
 
 
 def _config(tmp_path, files, *extra):
-    return load_config(None, [f"output_dir={tmp_path}/out", f"reference.cache_dir={tmp_path}/cache", f"data.train_files={json.dumps([str(f) for f in files])}",
-                              "data.max_length=64", "data.max_prompt_length=32", "reference.batch_size=4", *extra])  # fmt: skip
+    return load_config(
+        None,
+        [
+            f"output_dir={tmp_path}/out",
+            f"reference.cache_dir={tmp_path}/cache",
+            f"data.train_files={json.dumps([str(f) for f in files])}",
+            "data.max_length=64",
+            "data.max_prompt_length=32",
+            "reference.batch_size=4",
+            *extra,
+        ],
+    )
 
 
 def test_error_mode_names_file_line_and_problem(ray_session, tmp_path, mixed_file):
@@ -84,7 +114,9 @@ def test_reference_logprobs_match_the_model_and_cache_hits(ray_session, tmp_path
 
     again = prepare_split(config, config.data.train_files, "train")
     assert again.reference_forward_pairs == 0 and again.cache_entry == first.cache_entry
-    assert sorted(r["ref_chosen_logps"] for r in again.dataset.take_all()) == sorted(r["ref_chosen_logps"] for r in rows)
+    assert sorted(r["ref_chosen_logps"] for r in again.dataset.take_all()) == sorted(
+        r["ref_chosen_logps"] for r in rows
+    )
 
 
 def test_any_changed_input_misses_the_cache(ray_session, tmp_path, small_pairs):
@@ -114,7 +146,9 @@ def test_any_changed_input_misses_the_cache(ray_session, tmp_path, small_pairs):
 def test_streaming_mode_feeds_reference_logprobs_without_a_cache(ray_session, tmp_path, small_pairs):
     cached = _config(tmp_path, [small_pairs], "data.on_invalid=skip")
     streamed = _config(tmp_path, [small_pairs], "data.on_invalid=skip", "reference.cache_dir=null")
-    a = sorted(r["ref_rejected_logps"] for r in prepare_split(cached, cached.data.train_files, "train").dataset.take_all())
+    a = sorted(
+        r["ref_rejected_logps"] for r in prepare_split(cached, cached.data.train_files, "train").dataset.take_all()
+    )
     split = prepare_split(streamed, streamed.data.train_files, "train")
     assert split.cache_entry is None
     b = sorted(r["ref_rejected_logps"] for r in split.dataset.take_all())

@@ -1,4 +1,5 @@
-"""The embedded SFT model (hdpo-ray/tiny-llama-sft): shipped, built by hdpo_ray.sft from SFT_RECIPE, and sharper than random init."""
+"""The embedded SFT model (hdpo-ray/tiny-llama-sft): shipped, built by hdpo_ray.sft from
+SFT_RECIPE, and sharper than random init."""
 
 from __future__ import annotations
 
@@ -8,7 +9,14 @@ import math
 import pytest
 
 from hdpo_ray.config import EMBEDDED_MODEL, EMBEDDED_SFT_MODEL
-from hdpo_ray.models import EMBEDDED_SFT_DIR, build_tiny_llama, load_causal_lm, load_tokenizer, model_fingerprint, resolve_model
+from hdpo_ray.models import (
+    EMBEDDED_SFT_DIR,
+    build_tiny_llama,
+    load_causal_lm,
+    load_tokenizer,
+    model_fingerprint,
+    resolve_model,
+)
 from hdpo_ray.sft import SFT_RECIPE, SUMMARY, build_tiny_sft, chosen_sequences, train_sft
 from hdpo_ray.sweep.entropy import teacher_forced_entropy
 
@@ -29,10 +37,14 @@ def test_shipped_model_is_the_recipe_and_sharper_than_random_init(sequences):
     assert summary["recipe"] == SFT_RECIPE and summary["steps"] == 3 * math.ceil(896 / 16)
     assert summary["first_loss"] == pytest.approx(math.log(50257), abs=0.1) and summary["last_loss"] < 7.0
     assert resolve_model(EMBEDDED_SFT_MODEL) == str(EMBEDDED_SFT_DIR)
-    assert model_fingerprint(EMBEDDED_SFT_MODEL) == model_fingerprint(str(EMBEDDED_SFT_DIR)) != model_fingerprint(EMBEDDED_MODEL)
+    assert (
+        model_fingerprint(EMBEDDED_SFT_MODEL)
+        == model_fingerprint(str(EMBEDDED_SFT_DIR))
+        != model_fingerprint(EMBEDDED_MODEL)
+    )
 
     pad = load_tokenizer(EMBEDDED_SFT_MODEL).pad_token_id
-    prompts, chosen = map(list, zip(*sequences[:16]))
+    prompts, chosen = map(list, zip(*sequences[:16], strict=True))
     sft = teacher_forced_entropy(load_causal_lm(EMBEDDED_SFT_MODEL).eval(), prompts, chosen, pad)
     random_init = teacher_forced_entropy(build_tiny_llama().eval(), prompts, chosen, pad)
     assert random_init > 10.7 and sft < 8.0

@@ -25,17 +25,38 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def sixteen_pairs(tmp_path_factory) -> Path:
     """The first 16 usable shipped UltraFeedback test pairs, conversational layout, as jsonl."""
-    rows = [r for r in pq.read_table(ASSETS / "ultrafeedback" / "test_prefs-100.parquet").to_pylist() if r["chosen"] != r["rejected"]][:16]
+    rows = [
+        r
+        for r in pq.read_table(ASSETS / "ultrafeedback" / "test_prefs-100.parquet").to_pylist()
+        if r["chosen"] != r["rejected"]
+    ][:16]
     path = tmp_path_factory.mktemp("smollm2") / "pairs.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
 
 
 def _train(out: Path, pairs: Path, ray_address: str, *extra: str):
-    """Two steps; the reference cache beside the pairs, so the second run (same pairs, same reference) reuses the first's."""
-    args = ["train", f"model.name_or_path={SMOLLM2_MODEL}", f"output_dir={out}", f"data.train_files=[{pairs}]", "data.eval_files=[]",
-            "data.max_length=48", "data.max_prompt_length=24", "train.per_device_batch_size=2", "train.max_steps=2", "train.logging_steps=1",
-            "train.lr=1e-3", "train.num_workers=2", "train.cpus_per_worker=0.5", "train.torch_threads=1", "train.zero_stage=2", f"reference.cache_dir={pairs.parent / 'cache'}", *extra]  # fmt: skip
+    """Two steps; the reference cache beside the pairs, so the second run (same pairs,
+    same reference) reuses the first's."""
+    args = [
+        "train",
+        f"model.name_or_path={SMOLLM2_MODEL}",
+        f"output_dir={out}",
+        f"data.train_files=[{pairs}]",
+        "data.eval_files=[]",
+        "data.max_length=48",
+        "data.max_prompt_length=24",
+        "train.per_device_batch_size=2",
+        "train.max_steps=2",
+        "train.logging_steps=1",
+        "train.lr=1e-3",
+        "train.num_workers=2",
+        "train.cpus_per_worker=0.5",
+        "train.torch_threads=1",
+        "train.zero_stage=2",
+        f"reference.cache_dir={pairs.parent / 'cache'}",
+        *extra,
+    ]
     result = run_cli(args, ray_address)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [r for r in metric_rows(out) if "loss" in r]
@@ -56,17 +77,29 @@ def test_full_fine_tuning_two_steps_and_export(ray_address, tmp_path, smollm2_di
     for name, tensor in exported.items():
         assert torch.equal(tensor, trained[name]), name
     base = load_causal_lm(SMOLLM2_MODEL).state_dict()
-    assert not torch.equal(exported["model.layers.0.self_attn.q_proj.weight"], base["model.layers.0.self_attn.q_proj.weight"])
+    assert not torch.equal(
+        exported["model.layers.0.self_attn.q_proj.weight"], base["model.layers.0.self_attn.q_proj.weight"]
+    )
 
 
-def test_lora_two_steps_checkpoints_adapters_and_exports_the_merged_model(ray_address, tmp_path, smollm2_dir, sixteen_pairs):
+def test_lora_two_steps_checkpoints_adapters_and_exports_the_merged_model(
+    ray_address, tmp_path, smollm2_dir, sixteen_pairs
+):
     from peft import PeftModel
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "lora"
-    checkpoint = _train(out, sixteen_pairs, ray_address, "model.lora.rank=4", "model.lora.alpha=8", "model.lora.target_modules=[q_proj,v_proj]")
-    adapters = trained_state(checkpoint)  # the checkpoint holds the adapters only: the frozen base comes from the source
+    checkpoint = _train(
+        out,
+        sixteen_pairs,
+        ray_address,
+        "model.lora.rank=4",
+        "model.lora.alpha=8",
+        "model.lora.target_modules=[q_proj,v_proj]",
+    )
+    # the checkpoint holds the adapters only: the frozen base comes from the source
+    adapters = trained_state(checkpoint)
     assert adapters and all(".lora_A." in k or ".lora_B." in k for k in adapters)
     assert len(adapters) == 2 * 2 * 30  # A and B for q_proj and v_proj in each of the 30 layers
 
@@ -84,7 +117,9 @@ def test_lora_two_steps_checkpoints_adapters_and_exports_the_merged_model(ray_ad
     # the adapters saved beside final/ load with peft onto the base and give the merged model's logits
     ids = torch.tensor([[1, 9690, 198, 1848, 314, 253, 1789, 30, 2]])
     with torch.no_grad():
-        from_adapter = PeftModel.from_pretrained(load_causal_lm(SMOLLM2_MODEL), out / "adapter").eval()(input_ids=ids).logits
+        from_adapter = (
+            PeftModel.from_pretrained(load_causal_lm(SMOLLM2_MODEL), out / "adapter").eval()(input_ids=ids).logits
+        )
         from_final = AutoModelForCausalLM.from_pretrained(out / "final").eval()(input_ids=ids).logits
     torch.testing.assert_close(from_adapter, from_final, rtol=1e-4, atol=1e-4)
 
@@ -93,7 +128,19 @@ def test_eval_takes_a_gguf_file(ray_address, tmp_path, smollm2_dir):
     model = tmp_path / "any.gguf"
     os.symlink(smollm2_gguf(), model)
     out = tmp_path / "eval"
-    result = run_cli(["eval", "--model", str(model), "eval.tasks=[gsm8k]", "eval.limit=2", "eval.max_new_tokens=8", "eval.temperatures=[0.5]", f"eval.output_dir={out}"], ray_address)
+    result = run_cli(
+        [
+            "eval",
+            "--model",
+            str(model),
+            "eval.tasks=[gsm8k]",
+            "eval.limit=2",
+            "eval.max_new_tokens=8",
+            "eval.temperatures=[0.5]",
+            f"eval.output_dir={out}",
+        ],
+        ray_address,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
     assert results["model"] == str(model) and results["model_fingerprint"].startswith("gguf:")

@@ -7,7 +7,16 @@ import os
 import pytest
 
 from hdpo_ray.capacity import (
-    DATA_GROUP, AutoscalerReport, Group, Phase, ResourceError, check_fits, labels_match, parse_autoscaler_status, placement_options, shortfall,
+    DATA_GROUP,
+    AutoscalerReport,
+    Group,
+    Phase,
+    ResourceError,
+    check_fits,
+    labels_match,
+    parse_autoscaler_status,
+    placement_options,
+    shortfall,
 )
 from hdpo_ray.config import ConfigError, load_config
 from hdpo_ray.shared_storage import local_paths, run_paths
@@ -24,7 +33,8 @@ def test_a_phase_sums_its_groups_per_resource():
     assert shortfall(Phase((workers, DATA_GROUP)), {"CPU": 2.0, "trainer": 2.0}) is None  # 2 x 0.5 + 1 = 2 CPU
     assert shortfall(Phase((workers, DATA_GROUP)), {"CPU": 2.0, "trainer": 1.0}) == (
         "training workers (2 x 0.5 CPU, 1 trainer) need 2 trainer, but the cluster has 1; "
-        "only nodes started with the custom resource trainer offer it (ray start --resources, a KubeRay group's rayStartParams)"
+        "only nodes started with the custom resource trainer offer it (ray start --resources, a KubeRay group's "
+        "rayStartParams)"
     )
     assert shortfall(Phase((workers, DATA_GROUP)), {"CPU": 1.5, "trainer": 2.0}).startswith(
         "training workers (2 x 0.5 CPU, 1 trainer) + Ray Data (1 x 1 CPU) need 2 CPU, but the cluster has 1.5"
@@ -35,7 +45,8 @@ def test_label_selectors_need_a_node_with_those_labels():
     pool = Group("reference pool", 1, {"CPU": 1.0}, {"role": "reference"}, "set reference.label_selector")
     nodes = [{"role": "train"}, {"role": "train", "zone": "a"}]
     assert shortfall(Phase((pool,)), {"CPU": 4.0}, nodes) == (
-        "reference pool ask for a node labelled role=reference, but no node of the cluster has those labels; set reference.label_selector"
+        "reference pool ask for a node labelled role=reference, but no node of the cluster has those labels; set "
+        "reference.label_selector"
     )
     assert shortfall(Phase((pool,)), {"CPU": 4.0}, [*nodes, {"role": "reference"}]) is None
     assert shortfall(Phase((pool,)), {"CPU": 4.0}) is None  # no node list: totals only
@@ -44,28 +55,59 @@ def test_label_selectors_need_a_node_with_those_labels():
 
 
 def test_training_phases_follow_the_reference_mode():
-    cached = training_phases(_config("train.num_workers=2", "train.cpus_per_worker=1", "reference.num_cpus_per_actor=1"))
-    assert [[g.name for g in p.groups] for p in cached] == [["training workers", "Ray Data"], ["reference pool", "Ray Data"]]
+    cached = training_phases(
+        _config("train.num_workers=2", "train.cpus_per_worker=1", "reference.num_cpus_per_actor=1")
+    )
+    assert [[g.name for g in p.groups] for p in cached] == [
+        ["training workers", "Ray Data"],
+        ["reference pool", "Ray Data"],
+    ]
     check_fits(cached, {"CPU": 3.0})  # the reference pass and training take turns
-    streaming = training_phases(_config("train.num_workers=2", "train.cpus_per_worker=1", "reference.num_cpus_per_actor=1", "reference.cache_dir=null"))
-    with pytest.raises(ResourceError, match=r"^reference.cache_dir is null, so the reference pool streams beside the training workers: .* need 4 CPU, but the cluster has 3"):
+    streaming = training_phases(
+        _config(
+            "train.num_workers=2",
+            "train.cpus_per_worker=1",
+            "reference.num_cpus_per_actor=1",
+            "reference.cache_dir=null",
+        )
+    )
+    with pytest.raises(
+        ResourceError,
+        match=(
+            r"^reference.cache_dir is null, so the reference pool streams beside the training workers: .* need 4 CPU, "
+            r"but the cluster has 3"
+        ),
+    ):
         check_fits(streaming, {"CPU": 3.0})
 
 
 def test_placement_keys_reach_the_groups_and_the_actor_options():
-    config = _config("train.resources_per_worker={trainer: 1}", "train.label_selector.role=train", "reference.resources={reference: 0.5}", "reference.label_selector.role=ref")
-    assert worker_group(config).bundle == {"CPU": 0.5, "GPU": 0.0, "trainer": 1.0} and worker_group(config).labels == {"role": "train"}
+    config = _config(
+        "train.resources_per_worker={trainer: 1}",
+        "train.label_selector.role=train",
+        "reference.resources={reference: 0.5}",
+        "reference.label_selector.role=ref",
+    )
+    assert worker_group(config).bundle == {"CPU": 0.5, "GPU": 0.0, "trainer": 1.0} and worker_group(config).labels == {
+        "role": "train"
+    }
     with pytest.raises(ResourceError, match="need 2 trainer, but the cluster has 0"):
         check_resources(config, {"CPU": 8.0})
     check_resources(config, {"CPU": 8.0, "trainer": 2.0, "reference": 0.5})
-    assert placement_options({"reference": 0.5}, {"role": "ref"}) == {"resources": {"reference": 0.5}, "label_selector": {"role": "ref"}}
+    assert placement_options({"reference": 0.5}, {"role": "ref"}) == {
+        "resources": {"reference": 0.5},
+        "label_selector": {"role": "ref"},
+    }
     assert placement_options({}, {}) == {}
 
 
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("train.resources_per_worker={CPU: 1}", "train.resources_per_worker: CPU is not a custom resource: CPUs, GPUs and memory have keys of their own"),
+        (
+            "train.resources_per_worker={CPU: 1}",
+            "train.resources_per_worker: CPU is not a custom resource: CPUs, GPUs and memory have keys of their own",
+        ),
         ("reference.resources={GPU: 1}", "reference.resources: GPU is not a custom resource"),
         ("eval.resources={eval: 0}", "eval.resources: eval must be a positive amount"),
         ("train.placement_strategy=RANDOM", "train.placement_strategy"),
@@ -85,7 +127,8 @@ def test_concurrent_trials_count_custom_resources():
 
 
 def test_starting_nodes_are_launches_and_known_nodes_without_heartbeats():
-    """The v1 autoscaler's status as `ray status` reads it: two cpu2 nodes known, one heartbeating, one launch queued."""
+    """The v1 autoscaler's status as `ray status` reads it: two cpu2 nodes known, one
+    heartbeating, one launch queued."""
     status = {
         "time": 1796173240.5,
         "autoscaler_report": {
@@ -97,7 +140,14 @@ def test_starting_nodes_are_launches_and_known_nodes_without_heartbeats():
         },
     }
     assert parse_autoscaler_status(status) == AutoscalerReport(1796173240.5, {"gpu8": 1, "cpu2": 1}, 0)
-    idle = {"time": 2.0, "autoscaler_report": {"active_nodes": {"ray.head.default": 1}, "pending_launches": {}, "node_type_mapping": {"10.0.0.1": "ray.head.default"}}}
+    idle = {
+        "time": 2.0,
+        "autoscaler_report": {
+            "active_nodes": {"ray.head.default": 1},
+            "pending_launches": {},
+            "node_type_mapping": {"10.0.0.1": "ray.head.default"},
+        },
+    }
     assert parse_autoscaler_status(idle) == AutoscalerReport(2.0, {}, 0)
 
 
@@ -108,7 +158,17 @@ def test_autoscaler_report_says_what_is_starting():
 
 def test_shared_paths_are_the_local_ones_made_absolute(tmp_path):
     config = _config(f"output_dir={tmp_path}/run", "reference.cache_dir=s3://bucket/cache")
-    assert run_paths(config) == {"train.storage_path": f"{tmp_path}/run/checkpoints", "reference.cache_dir": "s3://bucket/cache"}
-    assert run_paths(config, sweep=True) == {"train.storage_path": None, "reference.cache_dir": "s3://bucket/cache", "output_dir": f"{tmp_path}/run"}
-    assert local_paths(run_paths(config)) == {"train.storage_path": f"{tmp_path}/run/checkpoints"}  # a URI is shared storage
-    assert local_paths({"reference.cache_dir": "~/cache", "x": None}) == {"reference.cache_dir": os.path.expanduser("~/cache")}
+    assert run_paths(config) == {
+        "train.storage_path": f"{tmp_path}/run/checkpoints",
+        "reference.cache_dir": "s3://bucket/cache",
+    }
+    assert run_paths(config, sweep=True) == {
+        "train.storage_path": None,
+        "reference.cache_dir": "s3://bucket/cache",
+        "output_dir": f"{tmp_path}/run",
+    }
+    # a URI is shared storage
+    assert local_paths(run_paths(config)) == {"train.storage_path": f"{tmp_path}/run/checkpoints"}
+    assert local_paths({"reference.cache_dir": "~/cache", "x": None}) == {
+        "reference.cache_dir": os.path.expanduser("~/cache")
+    }

@@ -36,7 +36,9 @@ def _manifest(name: str) -> dict:
 
 @lru_cache(maxsize=2)
 def _schema(kind: str) -> dict:
-    crd = yaml.load((CRDS / f"ray.io_{kind.lower()}s.yaml").read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    crd = yaml.load(
+        (CRDS / f"ray.io_{kind.lower()}s.yaml").read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    )
     assert crd["spec"]["names"]["kind"] == kind
     return next(v for v in crd["spec"]["versions"] if v["name"] == "v1")["schema"]["openAPIV3Schema"]
 
@@ -52,13 +54,17 @@ def _pod_specs(manifest: dict) -> list[dict]:
 
 
 def _containers(manifest: dict) -> list[dict]:
-    return [c for pod in _pod_specs(manifest) for c in pod["containers"]] + [_cluster_spec(manifest)["autoscalerOptions"]]
+    return [c for pod in _pod_specs(manifest) for c in pod["containers"]] + [
+        _cluster_spec(manifest)["autoscalerOptions"]
+    ]
 
 
 def test_committed_manifests_are_what_render_writes():
     render = _render_module()
     for name, manifest in render.manifests().items():
-        assert (CLUSTER / name).read_text() == render.render(name, manifest), f"cluster/{name} is stale: run python cluster/render.py"
+        assert (CLUSTER / name).read_text() == render.render(name, manifest), (
+            f"cluster/{name} is stale: run python cluster/render.py"
+        )
 
 
 @pytest.mark.parametrize("name", RAY_MANIFESTS)
@@ -88,12 +94,16 @@ def test_every_container_is_locked_down_and_sized(name):
         assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] != 0
     for container in _containers(manifest):
         security = container["securityContext"]
-        assert security["runAsNonRoot"] is True and security["allowPrivilegeEscalation"] is False, container.get("name", "autoscaler")
+        assert security["runAsNonRoot"] is True and security["allowPrivilegeEscalation"] is False, container.get(
+            "name", "autoscaler"
+        )
         assert security["readOnlyRootFilesystem"] is True and security["capabilities"]["drop"] == ["ALL"]
         requests, limits = container["resources"]["requests"], container["resources"]["limits"]
         assert {"cpu", "memory"} <= set(requests) and {"cpu", "memory"} <= set(limits)
         if "image" in container:  # the autoscaler's image defaults to the head's
-            assert re.search(r":\d+\.\d+\.\d+-ray2\.60\.0", container["image"]) and not container["image"].endswith(":latest")
+            assert re.search(r":\d+\.\d+\.\d+-ray2\.60\.0", container["image"]) and not container["image"].endswith(
+                ":latest"
+            )
 
 
 @pytest.mark.parametrize("name", RAY_MANIFESTS)
@@ -113,7 +123,8 @@ def test_cluster_shape_storage_and_secrets(name):
         assert {"name": "shared", "persistentVolumeClaim": {"claimName": "hdpo-shared"}} in pod["volumes"]
         token = next(e for e in main["env"] if e["name"] == "HF_TOKEN")
         assert token["valueFrom"]["secretKeyRef"]["name"] == "hf-token"  # never a literal value
-        assert any(m["mountPath"] == "/tmp" for m in main["volumeMounts"])  # Ray's only writable place besides the volumes
+        # Ray's only writable place besides the volumes
+        assert any(m["mountPath"] == "/tmp" for m in main["volumeMounts"])
     assert _manifest("storage.yaml")["spec"]["accessModes"] == ["ReadWriteMany"]
 
 
@@ -129,9 +140,14 @@ def test_rayjobs_run_the_jobs_configs_and_clean_up(name, command):
 
 
 def test_the_image_leaves_out_git_runs_and_checkpoints():
-    ignored = {line.strip() for line in (REPO / ".dockerignore").read_text().splitlines() if line.strip() and not line.startswith("#")}
+    ignored = {
+        line.strip()
+        for line in (REPO / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    }
     assert {".git", "outputs/", "checkpoints/", "tests/"} <= ignored
-    assert "COPY --chown=1000:100 . ." in (REPO / "cluster" / "Dockerfile").read_text()  # the build context is the repository root
+    # the build context is the repository root
+    assert "COPY --chown=1000:100 . ." in (REPO / "cluster" / "Dockerfile").read_text()
 
 
 @pytest.mark.parametrize("name", ["rayjob-train.yaml", "rayjob-sweep.yaml"])
@@ -151,7 +167,9 @@ def test_the_job_waits_for_the_autoscaler_and_fits_the_groups_at_full_size(name)
         total: dict[str, float] = {}
         for group in _cluster_spec(manifest)["workerGroupSpecs"]:
             limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
-            node = {"CPU": float(limits["cpu"]), "GPU": float(limits["nvidia.com/gpu"])} | json.loads(json.loads(group["rayStartParams"]["resources"]))
+            node = {"CPU": float(limits["cpu"]), "GPU": float(limits["nvidia.com/gpu"])} | json.loads(
+                json.loads(group["rayStartParams"]["resources"])
+            )
             for resource, amount in node.items():
                 total[resource] = total.get(resource, 0.0) + amount * group[replicas]
         return total
@@ -160,4 +178,6 @@ def test_the_job_waits_for_the_autoscaler_and_fits_the_groups_at_full_size(name)
     check_fits(phases, cluster_at("maxReplicas"))
     with pytest.raises(ResourceError, match="need 33 CPU, but the cluster has 0"):
         check_fits(phases, cluster_at("minReplicas"))
-    assert set(config.train.resources_per_worker) == {"train-gpu"} and set(config.reference.resources) == set(config.eval.resources) == {"reference-gpu"}
+    assert set(config.train.resources_per_worker) == {"train-gpu"} and set(config.reference.resources) == set(
+        config.eval.resources
+    ) == {"reference-gpu"}

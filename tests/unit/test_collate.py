@@ -20,7 +20,9 @@ def batch():
 
 
 def _rows():
-    return [(p, c) for p, c in zip(PROMPTS, CHOSEN)] + [(p, r) for p, r in zip(PROMPTS, REJECTED)]
+    return [(p, c) for p, c in zip(PROMPTS, CHOSEN, strict=True)] + [
+        (p, r) for p, r in zip(PROMPTS, REJECTED, strict=True)
+    ]
 
 
 def test_shapes_and_dtypes(batch):
@@ -39,7 +41,9 @@ def test_chosen_rows_first_then_rejected(batch):
         assert batch["input_ids"][row, : len(seq)].tolist() == seq, row
     # Row i and row B+i share the prompt.
     for i, prompt in enumerate(PROMPTS):
-        assert batch["input_ids"][i, : len(prompt)].tolist() == batch["input_ids"][3 + i, : len(prompt)].tolist() == prompt
+        assert (
+            batch["input_ids"][i, : len(prompt)].tolist() == batch["input_ids"][3 + i, : len(prompt)].tolist() == prompt
+        )
 
 
 def test_attention_mask(batch):
@@ -103,7 +107,8 @@ def test_pack_rows_refuses_a_sequence_longer_than_a_row():
 
 
 def test_packed_layout_by_hand():
-    # Sequences (chosen first): 0 = 1 2 3|10 11, 1 = 4|12 13 14 15 16, 2 = 5 6|17, 3 = 1 2 3|20, 4 = 4|21 22, 5 = 5 6|23 24 25 26
+    # Sequences (chosen first): 0 = 1 2 3|10 11, 1 = 4|12 13 14 15 16, 2 = 5 6|17,
+    # 3 = 1 2 3|20, 4 = 4|21 22, 5 = 5 6|23 24 25 26
     # ('|' ends the prompt). Rows of 6 (the longest): [1], [5], [0], [3], [2, 4], as pack_rows gives above.
     out = collate_pairs(PROMPTS, CHOSEN, REJECTED, PAD, packed=True)
     assert set(out) == {"input_ids", "position_ids", "completion_mask", "sequence_index"}
@@ -114,10 +119,22 @@ def test_packed_layout_by_hand():
         [1, 2, 3, 20, PAD, PAD],
         [5, 6, 17, 4, 21, 22],
     ]
-    assert out["position_ids"].tolist() == [[0, 1, 2, 3, 4, 5], [0, 1, 2, 3, 4, 5], [0, 1, 2, 3, 4, 0], [0, 1, 2, 3, 0, 1], [0, 1, 2, 0, 1, 2]]
+    assert out["position_ids"].tolist() == [
+        [0, 1, 2, 3, 4, 5],
+        [0, 1, 2, 3, 4, 5],
+        [0, 1, 2, 3, 4, 0],
+        [0, 1, 2, 3, 0, 1],
+        [0, 1, 2, 0, 1, 2],
+    ]
     assert out["sequence_index"].tolist() == [[1] * 6, [5] * 6, [0] * 5 + [-1], [3] * 4 + [-1] * 2, [2, 2, 2, 4, 4, 4]]
     F, T = False, True
-    assert out["completion_mask"].tolist() == [[F, T, T, T, T, T], [F, F, T, T, T, T], [F, F, F, T, T, F], [F, F, F, T, F, F], [F, F, T, F, T, T]]
+    assert out["completion_mask"].tolist() == [
+        [F, T, T, T, T, T],
+        [F, F, T, T, T, T],
+        [F, F, F, T, T, F],
+        [F, F, F, T, F, F],
+        [F, F, T, F, T, T],
+    ]
     assert out["completion_mask"].sum().item() == sum(len(c) for c in CHOSEN + REJECTED)
 
 

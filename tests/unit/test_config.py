@@ -42,7 +42,15 @@ def _lookup(config: Config, dotted: str):
 
 
 def test_parse_overrides_yaml_values():
-    tree = parse_overrides(["loss.alpha=0.9", "data.eval_files=[a.parquet]", "train.zero_stage=3", "output_dir=out/x", "model.ref_name_or_path="])
+    tree = parse_overrides(
+        [
+            "loss.alpha=0.9",
+            "data.eval_files=[a.parquet]",
+            "train.zero_stage=3",
+            "output_dir=out/x",
+            "model.ref_name_or_path=",
+        ]
+    )
     assert tree == {
         "loss": {"alpha": 0.9},
         "data": {"eval_files": ["a.parquet"]},
@@ -60,7 +68,13 @@ def test_parse_overrides_value_with_equals_sign():
 
 
 def test_overrides_reach_the_config():
-    config = load_config(overrides=["loss.alpha=0.9", "data.eval_files=[embedded:ultrafeedback/test_prefs-100.parquet]", "train.zero_stage=3"])
+    config = load_config(
+        overrides=[
+            "loss.alpha=0.9",
+            "data.eval_files=[embedded:ultrafeedback/test_prefs-100.parquet]",
+            "train.zero_stage=3",
+        ]
+    )
     assert config.loss.alpha == 0.9 and isinstance(config.loss.alpha, float)
     assert config.data.eval_files == ["embedded:ultrafeedback/test_prefs-100.parquet"]
     assert config.train.zero_stage == 3
@@ -184,9 +198,20 @@ def test_yaml_file_with_unknown_key(tmp_path):
 
 
 def test_a_bare_value_for_a_list_key_is_a_one_element_list():
-    config = load_config(overrides=["data.train_files=embedded:ultrafeedback/test_prefs-100.parquet", "eval.temperatures=0.5", "sweep.alphas=0.9", "model.lora.target_modules=q_proj"])
+    config = load_config(
+        overrides=[
+            "data.train_files=embedded:ultrafeedback/test_prefs-100.parquet",
+            "eval.temperatures=0.5",
+            "sweep.alphas=0.9",
+            "model.lora.target_modules=q_proj",
+        ]
+    )
     assert config.data.train_files == ["embedded:ultrafeedback/test_prefs-100.parquet"]
-    assert config.eval.temperatures == [0.5] and config.sweep.alphas == [0.9] and config.model.lora.target_modules == ["q_proj"]
+    assert (
+        config.eval.temperatures == [0.5]
+        and config.sweep.alphas == [0.9]
+        and config.model.lora.target_modules == ["q_proj"]
+    )
     assert load_config(overrides=["model.lora.target_modules=all-linear"]).model.lora.target_modules == "all-linear"
 
 
@@ -206,7 +231,10 @@ def test_a_section_given_a_value_says_so_without_internal_names():
 
 
 def test_a_missing_local_gguf_model_is_refused_before_ray_starts(tmp_path):
-    assert _error([f"model.ref_name_or_path={tmp_path}/ref.gguf"]) == f"model.ref_name_or_path: GGUF file {tmp_path}/ref.gguf does not exist"
+    assert (
+        _error([f"model.ref_name_or_path={tmp_path}/ref.gguf"])
+        == f"model.ref_name_or_path: GGUF file {tmp_path}/ref.gguf does not exist"
+    )
 
 
 def test_hub_id_train_file_is_allowed():
@@ -258,4 +286,5 @@ def test_local_mlflow_stores_become_absolute(tmp_path, monkeypatch):
     }
     for given, expected in cases.items():
         uri = LoggingConfig(mlflow_uri=given).mlflow_uri
-        assert uri == expected and LoggingConfig(mlflow_uri=uri).mlflow_uri == uri, given  # and stays so when validated again
+        # and stays so when validated again
+        assert uri == expected and LoggingConfig(mlflow_uri=uri).mlflow_uri == uri, given

@@ -43,7 +43,13 @@ def test_overlap_comm_off_on_cpu():
 
 @pytest.mark.parametrize(
     ("use_gpu", "precision", "bf16"),
-    [(True, "auto", True), (False, "auto", False), (False, "bf16", True), (True, "fp32", False), (False, "fp32", False)],
+    [
+        (True, "auto", True),
+        (False, "auto", False),
+        (False, "bf16", True),
+        (True, "fp32", False),
+        (False, "fp32", False),
+    ],
 )
 def test_precision_auto_is_bf16_on_gpu_and_fp32_on_cpu(use_gpu, precision, bf16):
     ds = build_deepspeed_config(TrainConfig(use_gpu=use_gpu, precision=precision), world_size=1)
@@ -75,7 +81,14 @@ def test_user_json_auto_filled_explicit_kept(tmp_path):
     }
     path = tmp_path / "ds.json"
     path.write_text(json.dumps(user))
-    train = TrainConfig(per_device_batch_size=3, gradient_accumulation_steps=2, zero_stage=3, max_grad_norm=1.0, deepspeed_config=str(path), use_gpu=True)
+    train = TrainConfig(
+        per_device_batch_size=3,
+        gradient_accumulation_steps=2,
+        zero_stage=3,
+        max_grad_norm=1.0,
+        deepspeed_config=str(path),
+        use_gpu=True,
+    )
     ds = build_deepspeed_config(train, world_size=4)
     assert ds["train_micro_batch_size_per_gpu"] == 3
     assert ds["gradient_accumulation_steps"] == 2
@@ -119,7 +132,7 @@ def test_warmup_is_linear(kind):
         assert lr_factor(s, total_steps=total, warmup_steps=warmup, kind=kind) == pytest.approx((s + 1) / (warmup + 1))
     # Strictly increasing and never zero, so the first step already learns.
     factors = [lr_factor(s, total_steps=total, warmup_steps=warmup, kind=kind) for s in range(warmup)]
-    assert all(b > a for a, b in zip(factors, factors[1:]))
+    assert all(b > a for a, b in zip(factors, factors[1:], strict=False))
     assert factors[0] > 0
 
 
@@ -132,7 +145,7 @@ def test_cosine():
     assert f(total + 20) == pytest.approx(0.0, abs=1e-12)  # clamped past the end
     assert f(warmup + 25) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.25)))
     decay = [f(s) for s in range(warmup, total + 1)]
-    assert all(b <= a for a, b in zip(decay, decay[1:]))
+    assert all(b <= a for a, b in zip(decay, decay[1:], strict=False))
 
 
 def test_linear():

@@ -19,7 +19,7 @@ def gold() -> list[tuple[dict, object]]:
     records = [json.loads(line) for line in shipped_eval_bytes("gsm8k/test.jsonl").decode().split("\n") if line.strip()]
     problems = GSM8K().load()
     assert len(records) == len(problems) == 1319
-    return list(zip(records, problems))
+    return list(zip(records, problems, strict=True))
 
 
 def _final_number(answer: str) -> int:
@@ -30,15 +30,18 @@ def test_registry_and_first_problem():
     task = get_task("gsm8k")
     first = task.load(limit=1)[0]
     assert isinstance(task, GSM8K) and task.name == "gsm8k"
-    assert first.id == "gsm8k/0" and first.target == "18" and first.category == ""  # Janet's ducks: 16 - 3 - 4 = 9 eggs at $2
-    assert first.prompt.startswith("Janet’s ducks lay 16 eggs per day.") and first.prompt.endswith('in the form "#### <number>".')
+    # Janet's ducks: 16 - 3 - 4 = 9 eggs at $2
+    assert first.id == "gsm8k/0" and first.target == "18" and first.category == ""
+    assert first.prompt.startswith("Janet’s ducks lay 16 eggs per day.") and first.prompt.endswith(
+        'in the form "#### <number>".'
+    )
 
 
 def test_every_official_solution_scores(gold):
     task = GSM8K()
     scores = [task.score(problem, record["answer"]) for record, problem in gold]
     assert sum(score.correct for score in scores) == 1319
-    assert all(score.extracted == problem.target for score, (_, problem) in zip(scores, gold))
+    assert all(score.extracted == problem.target for score, (_, problem) in zip(scores, gold, strict=True))
     # Spot checks of the canonical targets: commas dropped, negatives kept.
     targets = {problem.target for _, problem in gold}
     assert {"1450000", "-10", "-3", "1600"} <= targets
@@ -59,7 +62,8 @@ def test_perturbed_solutions_never_score(gold):
         body, _, _ = record["answer"].rpartition("####")
         number = _final_number(record["answer"])
         assert not task.score(problem, f"{body}#### {number + 1}").correct, problem.id
-        assert not task.score(problem, f"{body}#### {number}5").correct, problem.id  # 10 * N + 5 (or 10 * N - 5) is never N
+        # 10 * N + 5 (or 10 * N - 5) is never N
+        assert not task.score(problem, f"{body}#### {number}5").correct, problem.id
 
 
 @pytest.mark.parametrize(
@@ -78,7 +82,10 @@ def test_perturbed_solutions_never_score(gold):
         ("The answer is\n\n**42**", "42"),
         ("Final Answer: The final answer is $\\boxed{18}$. I hope it is correct.", "18"),
         ("The answer is 5. Wait, 3 + 3 = 6, so the answer is 6 apples.", "6"),  # the last "answer is"
-        ("The answer is the number of eggs left: 16 - 7 = 9", "9"),  # "answer is" without a number falls back to the last number
+        (
+            "The answer is the number of eggs left: 16 - 7 = 9",
+            "9",
+        ),  # "answer is" without a number falls back to the last number
         ("She pays $1,250 in total.", "1250"),
         ("It costs €3.50 per kilo.", "3.5"),
         ("He makes 18 dollars.", "18"),
@@ -122,8 +129,14 @@ def test_canonical_forms():
     from fractions import Fraction
 
     assert [canonical(Fraction(v)) for v in ("18", "18.00", "-3.50", "1/80", "1/3", "-0", "123456.789")] == [
-        "18", "18", "-3.5", "0.0125", "1/3", "0", "123456.789",
-    ]  # fmt: skip
+        "18",
+        "18",
+        "-3.5",
+        "0.0125",
+        "1/3",
+        "0",
+        "123456.789",
+    ]
 
 
 def test_shipped_copy_is_the_official_file():

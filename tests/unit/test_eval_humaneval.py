@@ -9,7 +9,6 @@ tests check is the OS-level isolation; `ExecResult.isolation` says which protect
 from __future__ import annotations
 
 import contextlib
-import gzip
 import hashlib
 import json
 import os
@@ -30,7 +29,9 @@ from hdpo_ray.eval.tasks.humaneval import HumanEval, build_program, solution_cod
 from tests.conftest import OFFICIAL_SHA256, shipped_eval_bytes
 
 GOOD = "assert sum(range(4)) == 6"
-ZERO_FUNCTION = "def has_close_elements(numbers, threshold):\n    return False\n"  # wrong: half of HumanEval/0's asserts want True
+ZERO_FUNCTION = (
+    "def has_close_elements(numbers, threshold):\n    return False\n"  # wrong: half of HumanEval/0's asserts want True
+)
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +53,9 @@ def isolation() -> tuple[str, ...]:
 
 def _needs(isolation: tuple[str, ...], *any_of: str) -> None:
     if not set(any_of) & set(isolation):
-        pytest.skip(f"the sandbox has none of {any_of} here, so this program would harm the host (see sandbox's docstring)")
+        pytest.skip(
+            f"the sandbox has none of {any_of} here, so this program would harm the host (see sandbox's docstring)"
+        )
 
 
 def _survivors(marker: str, wait_s: float = 5.0) -> list[int]:
@@ -78,56 +81,87 @@ def test_registry_layout_and_prompt(problems):
     task = get_task("humaneval")
     assert isinstance(task, HumanEval) and task.name == "humaneval" and len(problems) == 164
     first = problems["HumanEval/0"]
-    assert set(first.target) == {"prompt", "test", "entry_point"} and first.target["entry_point"] == "has_close_elements"
-    assert first.prompt.startswith("Complete the following Python function.") and "```python\nfrom typing import List" in first.prompt
+    assert (
+        set(first.target) == {"prompt", "test", "entry_point"} and first.target["entry_point"] == "has_close_elements"
+    )
+    assert (
+        first.prompt.startswith("Complete the following Python function.")
+        and "```python\nfrom typing import List" in first.prompt
+    )
     assert first.prompt.endswith('"""\n```')
     with pytest.raises(TaskDataError, match="line 3: field 'entry_point' is missing"):
-        task.problem({"task_id": "x", "prompt": "def f():\n", "test": "def check(c): pass"}, "HumanEval.jsonl, line 3", 2)
+        task.problem(
+            {"task_id": "x", "prompt": "def f():\n", "test": "def check(c): pass"}, "HumanEval.jsonl, line 3", 2
+        )
 
 
 def test_shipped_copy_is_the_official_file():
     shipped = shipped_eval_bytes("humaneval/HumanEval.jsonl")
     assert hashlib.sha256(shipped).hexdigest() == OFFICIAL_SHA256["humaneval/HumanEval.jsonl"]
-    assert [json.loads(line) for line in shipped.decode().splitlines() if line.strip()] == [record for _, record in read_records(HumanEval.default_source)]
+    assert [json.loads(line) for line in shipped.decode().splitlines() if line.strip()] == [
+        record for _, record in read_records(HumanEval.default_source)
+    ]
 
 
 def test_all_164_canonical_solutions_pass(problems, records):
     started = time.monotonic()
-    scores = HumanEval().score_many([(problems[task_id], record["canonical_solution"]) for task_id, record in records.items()])
+    scores = HumanEval().score_many(
+        [(problems[task_id], record["canonical_solution"]) for task_id, record in records.items()]
+    )
     seconds = time.monotonic() - started
     print(f"\n164 canonical solutions in {seconds:.1f} s on {os.cpu_count()} CPUs")
-    assert [task_id for task_id, score in zip(records, scores) if not score.correct] == []
+    assert [task_id for task_id, score in zip(records, scores, strict=True) if not score.correct] == []
     assert seconds < 120  # some 10 s on 2 idle cores; generous for a shared machine
 
 
 def test_completion_forms(problems, records):
     task, zero = HumanEval(), problems["HumanEval/0"]
     body = records["HumanEval/0"]["canonical_solution"]
-    full = "from typing import List\n\n\ndef has_close_elements(numbers: List[float], threshold: float) -> bool:\n" + body
-    fenced = f"Here is the function:\n\n```python\n{full}```\n\nIt compares every pair.\n```python\nraise SystemExit(1)\n```"
-    uses_helper = "```py\ndef make_palindrome(string: str) -> str:\n    i = 0\n    while not is_palindrome(string[i:]):\n        i += 1\n    return string + string[:i][::-1]\n```"
-    main_block = f"```python\n{full}\n\nif __name__ == '__main__':\n    print(has_close_elements([float(input())], 1.0))\n```"
+    full = (
+        "from typing import List\n\n\ndef has_close_elements(numbers: List[float], threshold: float) -> bool:\n" + body
+    )
+    fenced = (
+        f"Here is the function:\n\n```python\n{full}```\n\nIt compares every pair.\n```python\nraise SystemExit(1)\n```"
+    )
+    uses_helper = (
+        "```py\ndef make_palindrome(string: str) -> str:\n    i = 0\n"
+        "    while not is_palindrome(string[i:]):\n        i += 1\n    return string + string[:i][::-1]\n```"
+    )
+    main_block = (
+        f"```python\n{full}\n\nif __name__ == '__main__':\n    print(has_close_elements([float(input())], 1.0))\n```"
+    )
     cut_off = f"```python\n{full}"  # no closing fence: the answer was cut off after the function
-    scores = task.score_many([(zero, fenced), (zero, body), (zero, main_block), (zero, cut_off), (problems["HumanEval/10"], uses_helper)])
+    scores = task.score_many(
+        [(zero, fenced), (zero, body), (zero, main_block), (zero, cut_off), (problems["HumanEval/10"], uses_helper)]
+    )
     assert [score.details for score in scores] == [{"status": "passed", "detail": ""}] * 5
     assert scores[0].extracted == full and scores[1].extracted == body
 
 
 def test_wrong_answers_fail(problems):
     task, zero = HumanEval(), problems["HumanEval/0"]
-    wrong, early_exit, syntax = (task.score(zero, answer) for answer in (f"```python\n{ZERO_FUNCTION}```", "    import sys; sys.exit(0)\n", "    return (\n"))
+    wrong, early_exit, syntax = (
+        task.score(zero, answer)
+        for answer in (f"```python\n{ZERO_FUNCTION}```", "    import sys; sys.exit(0)\n", "    return (\n")
+    )
     assert not wrong.correct and wrong.details == {"status": "failed", "detail": "AssertionError"}
-    assert not early_exit.correct and early_exit.details["detail"] == "exited with status 0 before its last line"  # no pass by leaving early
+    # no pass by leaving early
+    assert not early_exit.correct and early_exit.details["detail"] == "exited with status 0 before its last line"
     assert not syntax.correct and "SyntaxError" in syntax.details["detail"]
 
 
 def test_build_program_follows_the_official_layout():
-    target = {"prompt": 'def f(x):\n    """Double."""\n', "test": "def check(c):\n    assert c(2) == 4\n", "entry_point": "f"}
+    target = {
+        "prompt": 'def f(x):\n    """Double."""\n',
+        "test": "def check(c):\n    assert c(2) == 4\n",
+        "entry_point": "f",
+    }
     assert build_program(target, "    return 2 * x\n").endswith(
         'def f(x):\n    """Double."""\n    return 2 * x\n\n\ndef check(c):\n    assert c(2) == 4\n\n\ncheck(f)\n'
     )
     full = build_program(target, "```\ndef f(x):\n    return x + x\n```")
-    assert full.count("def f(") == 2 and full.index('"""Double."""') < full.index("return x + x")  # the stub first, replaced
+    # the stub first, replaced
+    assert full.count("def f(") == 2 and full.index('"""Double."""') < full.index("return x + x")
 
 
 def test_infinite_loop_times_out_and_the_run_goes_on():
@@ -139,13 +173,20 @@ def test_infinite_loop_times_out_and_the_run_goes_on():
 
 @pytest.mark.parametrize("how", ["reloaded subprocess, then returns", "posix.fork + setsid, then loops"])
 def test_no_child_outlives_its_program(how, isolation):
-    _needs(isolation, "pid-namespace")  # without one, a child in a session of its own outlives the program (see the docstring)
+    # without one, a child in a session of its own outlives the program (see the docstring)
+    _needs(isolation, "pid-namespace")
     marker = f"hdpo-sandbox-test-{uuid.uuid4().hex}"
     sleeper = f"[sys.executable, '-c', 'import time; time.sleep(600)', '{marker}']"
     if how.startswith("reloaded"):  # the guard set subprocess.Popen to None; a reload brings it back
-        code = f"import importlib, subprocess, sys\nimportlib.reload(subprocess)\nsubprocess.Popen({sleeper}, start_new_session=True)\n"
+        code = (
+            "import importlib, subprocess, sys\nimportlib.reload(subprocess)\n"
+            f"subprocess.Popen({sleeper}, start_new_session=True)\n"
+        )
     else:  # os.fork is None, posix.fork is not; setsid leaves the process group the host kills
-        code = f"import posix, sys\nif posix.fork() == 0:\n    posix.setsid()\n    posix.execv(sys.executable, {sleeper})\nwhile True:\n    pass\n"
+        code = (
+            "import posix, sys\nif posix.fork() == 0:\n    posix.setsid()\n"
+            f"    posix.execv(sys.executable, {sleeper})\nwhile True:\n    pass\n"
+        )
     result = run_program(code, timeout_s=3, memory_mb=512)
     assert result.status == ("passed" if how.startswith("reloaded") else "timeout"), result
     assert _survivors(marker) == [], result.isolation
@@ -155,8 +196,12 @@ def test_no_child_outlives_its_program(how, isolation):
 def test_fork_bomb_is_contained(isolation):
     _needs(isolation, "pid-namespace", "nobody")  # a process limit, or a namespace whose end kills them all
     marker = f"hdpo-sandbox-test-{uuid.uuid4().hex}"
-    # Each process forks until the process limit refuses, then naps and tries again (spinning would only load the machine).
-    bomb = "import posix, time\\nwhile True:\\n    try:\\n        posix.fork()\\n    except OSError:\\n        time.sleep(0.05)"
+    # Each process forks until the process limit refuses, then
+    # naps and tries again (spinning would only load the machine).
+    bomb = (
+        "import posix, time\\nwhile True:\\n    try:\\n        posix.fork()\\n"
+        "    except OSError:\\n        time.sleep(0.05)"
+    )
     code = f"import posix, sys\nposix.execv(sys.executable, [sys.executable, '-c', '{bomb}', '{marker}'])\n"
     result = run_program(code, timeout_s=1, memory_mb=256)
     assert result.status in ("timeout", "killed")
@@ -225,11 +270,18 @@ def test_hostile_programs_do_not_spoil_a_batch(problems, records, isolation):
     task, ids = HumanEval(timeout_s=3, memory_mb=512), ["HumanEval/2", "HumanEval/13", "HumanEval/53", "HumanEval/101"]
     hostile = [
         "    while True:\n        pass\n",
-        "    import posix, time\n    while True:\n        try:\n            posix.fork()\n        except OSError:\n            time.sleep(0.05)\n",
+        (
+            "    import posix, time\n    while True:\n        try:\n            posix.fork()\n"
+            "        except OSError:\n            time.sleep(0.05)\n"
+        ),
         "    block = bytearray(8 << 30)\n",
         "    import posix\n    posix.kill(-1, 9)\n",  # inside its PID namespace there is no one else to kill
     ]
-    items = [item for task_id, bad in zip(ids, hostile) for item in ((problems[task_id], bad), (problems[task_id], records[task_id]["canonical_solution"]))]
+    items = [
+        item
+        for task_id, bad in zip(ids, hostile, strict=True)
+        for item in ((problems[task_id], bad), (problems[task_id], records[task_id]["canonical_solution"]))
+    ]
     scores = task.score_many(items)
     assert [score.correct for score in scores] == [False, True] * 4, [score.details for score in scores]
 
@@ -240,7 +292,10 @@ def test_the_sandbox_as_root_drops_to_nobody(isolation):
     assert "nobody" in isolation, isolation
     print(f"\nsandbox protections in effect: {', '.join(isolation)}")
     # getcwd comes from posix: the guard took os.getcwd away.
-    code = "import os, posix\nassert os.getuid() == 65534 and os.getgroups() == []\nassert os.environ['HOME'] == os.environ['TMPDIR'] == posix.getcwd()\n"
+    code = (
+        "import os, posix\nassert os.getuid() == 65534 and os.getgroups() == []\n"
+        "assert os.environ['HOME'] == os.environ['TMPDIR'] == posix.getcwd()\n"
+    )
     assert run_program(code, timeout_s=5, memory_mb=256).status == "passed"
 
 
@@ -263,8 +318,18 @@ def test_unprivileged_users_get_the_namespaces_too():
             "print(repr([(r.status, r.detail, r.isolation) for r in results]))\n"
         )
         python = sandbox._python_for_nobody()
-        ran = subprocess.run([python, "-I", "-c", script], check=False, user=NOBODY, group=NOBODY, extra_groups=[], cwd="/", env={"PATH": "/usr/bin:/bin"},
-                             capture_output=True, text=True, timeout=120)  # fmt: skip
+        ran = subprocess.run(
+            [python, "-I", "-c", script],
+            check=False,
+            user=NOBODY,
+            group=NOBODY,
+            extra_groups=[],
+            cwd="/",
+            env={"PATH": "/usr/bin:/bin"},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert ran.returncode == 0, ran.stderr
         (attack_status, attack_detail, isolation), (good_status, _, _) = eval(ran.stdout)
         if "user-namespace" not in isolation:

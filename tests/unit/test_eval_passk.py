@@ -22,7 +22,12 @@ from hdpo_ray.eval.passk import mean_pass_at_k, pass_at_k
         (5, 3, 3, 1.0),  # n - c = 2 < k = 3: every triple holds a correct sample
         (10, 3, 1, 3 / 10),  # k = 1 is the plain fraction correct
         (10, 3, 5, 11 / 12),  # 1 - C(7,5)/C(10,5) = 1 - 21/252 = 1 - 1/12
-        (200, 1, 100, 1 / 2),  # 1 - C(199,100)/C(200,100) = 1 - 100/200; C(200,100) ~ 9e58, the product form stays exact
+        (
+            200,
+            1,
+            100,
+            1 / 2,
+        ),  # 1 - C(199,100)/C(200,100) = 1 - 100/200; C(200,100) ~ 9e58, the product form stays exact
     ],
 )
 def test_hand_derived_values(n, c, k, expected):

@@ -15,16 +15,27 @@ def _record(problem: str, correct: bool, entropy: float = 1.0, tokens: int = 10,
 
 def test_aggregate_by_hand():
     # problem a: 1 of 2 correct -> pass@1 1/2, pass@2 1; problem b: 0 of 2 -> 0, 0. Means: pass@1 1/4, pass@2 1/2.
-    records = [_record("a", True, 2.0, 4), _record("a", False, 4.0, 8, False), _record("b", False, 1.0, 6), _record("b", False, 3.0, 2)]
+    records = [
+        _record("a", True, 2.0, 4),
+        _record("a", False, 4.0, 8, False),
+        _record("b", False, 1.0, 6),
+        _record("b", False, 3.0, 2),
+    ]
     row = aggregate(records, [1, 2], summarize=lambda recs: {"extra": len(recs)})
     assert row["pass@1"] == pytest.approx(0.25) and row["pass@2"] == pytest.approx(0.5)
     assert (row["problems"], row["samples"], row["correct"]) == (2, 4, 1)
-    assert row["entropy"] == pytest.approx(2.5) and row["tokens"] == pytest.approx(5.0) and row["finished"] == pytest.approx(0.75)
+    assert (
+        row["entropy"] == pytest.approx(2.5)
+        and row["tokens"] == pytest.approx(5.0)
+        and row["finished"] == pytest.approx(0.75)
+    )
     assert row["extra"] == 4
 
 
 def test_pass_at_1_is_the_mean_of_correct_samples():
-    records = [_record(p, c) for p, c in [("a", True), ("a", True), ("a", False), ("b", True), ("b", False), ("b", False)]]
+    records = [
+        _record(p, c) for p, c in [("a", True), ("a", True), ("a", False), ("b", True), ("b", False), ("b", False)]
+    ]
     assert aggregate(records, [1])["pass@1"] == pytest.approx(3 / 6)
 
 
@@ -35,11 +46,31 @@ def test_flat_metrics_names_and_skips_counts():
 
 
 def _results(tmp_path) -> dict:
-    row = {"pass@1": 0.25, "pass@2": 0.5, "problems": 2, "samples": 4, "correct": 1, "entropy": 2.5, "tokens": 5.0, "finished": 0.75}
+    row = {
+        "pass@1": 0.25,
+        "pass@2": 0.5,
+        "problems": 2,
+        "samples": 4,
+        "correct": 1,
+        "entropy": 2.5,
+        "tokens": 5.0,
+        "finished": 0.75,
+    }
     return {
-        "model": "m", "backend": "hf", "num_samples": 2, "k": [1, 2], "temperatures": [0.5, 1.0], "top_p": 1.0, "max_new_tokens": 8, "seed": 0,
-        "limit": 2, "wall_s": 3.0, "sampling_s": 2.0, "scoring_s": 1.0, "tasks": {"gsm8k": {"0.5": dict(row), "1": dict(row, entropy=4.0)}},
-    }  # fmt: skip
+        "model": "m",
+        "backend": "hf",
+        "num_samples": 2,
+        "k": [1, 2],
+        "temperatures": [0.5, 1.0],
+        "top_p": 1.0,
+        "max_new_tokens": 8,
+        "seed": 0,
+        "limit": 2,
+        "wall_s": 3.0,
+        "sampling_s": 2.0,
+        "scoring_s": 1.0,
+        "tasks": {"gsm8k": {"0.5": dict(row), "1": dict(row, entropy=4.0)}},
+    }
 
 
 def test_markdown_has_a_row_per_temperature():

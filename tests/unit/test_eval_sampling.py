@@ -18,7 +18,9 @@ from hdpo_ray.models import build_tiny_llama, load_tokenizer
 
 def test_row_seed_is_stable_and_distinct():
     assert row_seed(0, "gsm8k", "gsm8k/1", 0.5) == row_seed(0, "gsm8k", "gsm8k/1", 0.5)
-    seeds = {row_seed(s, t, p, temp) for s in (0, 1) for t in ("gsm8k", "ifeval") for p in ("a", "b") for temp in (0.5, 1.0)}
+    seeds = {
+        row_seed(s, t, p, temp) for s in (0, 1) for t in ("gsm8k", "ifeval") for p in ("a", "b") for temp in (0.5, 1.0)
+    }
     assert len(seeds) == 16 and all(0 <= s < 2**31 for s in seeds)
 
 
@@ -29,12 +31,19 @@ def test_fit_prompt_keeps_the_end_and_bos():
 
 
 def _plan(**changes) -> dict:
-    config = load_config(None, ["eval.num_samples=3", "eval.max_new_tokens=12", "eval.top_p=0.9", "eval.torch_threads=1"])
+    config = load_config(
+        None, ["eval.num_samples=3", "eval.max_new_tokens=12", "eval.top_p=0.9", "eval.torch_threads=1"]
+    )
     return asdict(SamplingPlan.from_config(config, EMBEDDED_SFT_MODEL)) | changes
 
 
 def _rows(*problems: str, temperature: float = 0.8) -> dict:
-    return {"task": ["gsm8k"] * len(problems), "problem_id": list(problems), "prompt": [f"What is {p}?" for p in problems], "temperature": [temperature] * len(problems)}
+    return {
+        "task": ["gsm8k"] * len(problems),
+        "problem_id": list(problems),
+        "prompt": [f"What is {p}?" for p in problems],
+        "temperature": [temperature] * len(problems),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -56,8 +65,17 @@ def test_sampler_encodes_the_chat_template_and_reports_the_sampling_entropy(samp
     _, prompt = encode_prompt(tokenizer, [{"role": "user", "content": "What is 3+3?"}])
     assert out["prompt_tokens"] == [len(prompt)] * 3 and out["prompt_truncated"] == [False] * 3
     # Redraw the first sample with generate directly: same seed scheme, same tokens, same entropy.
-    drawn = sample(sampler.model, [prompt] * 3, eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id, max_new_tokens=12,
-                   temperature=0.7, top_p=0.9, seed=row_seed(0, "gsm8k", "3+3", 0.7), batch_size=3)  # fmt: skip
+    drawn = sample(
+        sampler.model,
+        [prompt] * 3,
+        eos_id=tokenizer.eos_token_id,
+        pad_id=tokenizer.pad_token_id,
+        max_new_tokens=12,
+        temperature=0.7,
+        top_p=0.9,
+        seed=row_seed(0, "gsm8k", "3+3", 0.7),
+        batch_size=3,
+    )
     assert out["completion"][0] == tokenizer.decode(drawn[0].completion_ids, skip_special_tokens=True)
     assert out["entropy"][0] == pytest.approx(drawn[0].entropy_sum / drawn[0].num_tokens)
     assert all(1 <= n <= 12 for n in out["num_tokens"])
@@ -68,8 +86,20 @@ def test_completion_entropy_equals_what_generate_recorded():
     model = build_tiny_llama().eval()
     prompt = [40, 588, 257, 3290, 13]
     for temperature, top_p in ((1.0, 1.0), (0.7, 0.9), (1.3, 0.5)):
-        drawn = sample(model, [prompt] * 2, eos_id=50256, pad_id=50256, max_new_tokens=6, temperature=temperature, top_p=top_p, seed=1, batch_size=2)
-        sums = completion_entropy(model, prompt, [d.completion_ids for d in drawn], temperature=temperature, top_p=top_p)
+        drawn = sample(
+            model,
+            [prompt] * 2,
+            eos_id=50256,
+            pad_id=50256,
+            max_new_tokens=6,
+            temperature=temperature,
+            top_p=top_p,
+            seed=1,
+            batch_size=2,
+        )
+        sums = completion_entropy(
+            model, prompt, [d.completion_ids for d in drawn], temperature=temperature, top_p=top_p
+        )
         assert sums == pytest.approx([d.entropy_sum for d in drawn], rel=1e-4)
     assert completion_entropy(model, prompt, [[]], temperature=1.0, top_p=1.0) == [0.0]
 
@@ -87,9 +117,15 @@ def test_backend_choice():
 
 @pytest.mark.parametrize(
     "override, message",
-    [("eval.k=[1,8]", "between 1 and eval.num_samples"), ("eval.temperatures=[0]", "positive"), ("eval.data.bogus=x", "eval.data.bogus: not a task"),
-     ("eval.top_p=0", "eval.top_p"), ("eval.tasks=[squad]", "eval.tasks.0"), ("eval.temperatures=[0.5,0.50]", "must not repeat")],
-)  # fmt: skip
+    [
+        ("eval.k=[1,8]", "between 1 and eval.num_samples"),
+        ("eval.temperatures=[0]", "positive"),
+        ("eval.data.bogus=x", "eval.data.bogus: not a task"),
+        ("eval.top_p=0", "eval.top_p"),
+        ("eval.tasks=[squad]", "eval.tasks.0"),
+        ("eval.temperatures=[0.5,0.50]", "must not repeat"),
+    ],
+)
 def test_eval_config_refuses_impossible_plans(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, [override])

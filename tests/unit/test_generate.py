@@ -16,7 +16,9 @@ EOS = PAD = 50256
 
 
 def test_entropy_of_scores_by_hand():
-    scores = torch.tensor([[0.0, 0.0, 0.0, 0.0], [0.0, 0.0, -math.inf, -math.inf], [math.log(3.0), 0.0, -math.inf, -math.inf]])
+    scores = torch.tensor(
+        [[0.0, 0.0, 0.0, 0.0], [0.0, 0.0, -math.inf, -math.inf], [math.log(3.0), 0.0, -math.inf, -math.inf]]
+    )
     expected = [math.log(4), math.log(2), -(0.75 * math.log(0.75) + 0.25 * math.log(0.25))]
     assert entropy_of_scores(scores).tolist() == pytest.approx(expected, abs=1e-6)
 

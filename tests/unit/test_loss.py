@@ -19,7 +19,9 @@ def _t(*values: float, grad: bool = False) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.float64, requires_grad=grad)
 
 
-def _expected_pair(pc: float, pr: float, rc: float, rr: float, alpha: float, beta: float, eps: float = 0.0) -> tuple[float, float, float]:
+def _expected_pair(
+    pc: float, pr: float, rc: float, rr: float, alpha: float, beta: float, eps: float = 0.0
+) -> tuple[float, float, float]:
     chosen_reward = beta * (alpha * pc - rc)
     rejected_reward = beta * (alpha * pr - rr)
     z = chosen_reward - rejected_reward
@@ -54,7 +56,7 @@ def test_alpha_one_is_standard_dpo():
     out = hdpo_loss(pc, pr, rc, rr, alpha=1.0, beta=beta)
     expected = [
         _neg_log_sigmoid(beta * ((a - c) - (b - d)))
-        for a, b, c, d in zip(pc.tolist(), pr.tolist(), rc.tolist(), rr.tolist())
+        for a, b, c, d in zip(pc.tolist(), pr.tolist(), rc.tolist(), rr.tolist(), strict=True)
     ]
     assert out.losses.tolist() == pytest.approx(expected, abs=1e-10)
     assert out.loss.item() == pytest.approx(sum(expected) / len(expected), abs=1e-10)
@@ -62,7 +64,10 @@ def test_alpha_one_is_standard_dpo():
 
 def test_step_zero_alpha_one_is_ln2():
     g = torch.Generator().manual_seed(1)
-    pc, pr = -30 * torch.rand(8, generator=g, dtype=torch.float64), -30 * torch.rand(8, generator=g, dtype=torch.float64)
+    pc, pr = (
+        -30 * torch.rand(8, generator=g, dtype=torch.float64),
+        -30 * torch.rand(8, generator=g, dtype=torch.float64),
+    )
     out = hdpo_loss(pc, pr, pc.clone(), pr.clone(), alpha=1.0, beta=0.1)
     assert out.losses.tolist() == pytest.approx([math.log(2.0)] * 8, abs=1e-12)
     assert out.loss.item() == pytest.approx(math.log(2.0), abs=1e-12)
@@ -73,7 +78,7 @@ def test_step_zero_other_alpha(alpha):
     beta = 0.1
     pc, pr = _t(-10.0, -40.0, -7.5), _t(-25.0, -12.0, -7.5)
     out = hdpo_loss(pc, pr, pc.clone(), pr.clone(), alpha=alpha, beta=beta)
-    expected = [_neg_log_sigmoid(beta * (alpha - 1.0) * (a - b)) for a, b in zip(pc.tolist(), pr.tolist())]
+    expected = [_neg_log_sigmoid(beta * (alpha - 1.0) * (a - b)) for a, b in zip(pc.tolist(), pr.tolist(), strict=True)]
     assert out.losses.tolist() == pytest.approx(expected, abs=1e-12)
     # Not ln 2 unless the two completions have the same log-prob (the last pair).
     assert out.losses[0].item() != pytest.approx(math.log(2.0), abs=1e-6)
@@ -123,9 +128,17 @@ def test_gradient_scales_with_alpha_at_same_z():
 def test_label_smoothing(eps):
     alpha, beta = 0.8, 0.2
     values = dict(pc=(-10.0, -20.0, -5.0), pr=(-12.0, -15.0, -9.0), rc=(-11.0, -18.0, -6.0), rr=(-11.0, -16.0, -8.0))
-    out = hdpo_loss(_t(*values["pc"]), _t(*values["pr"]), _t(*values["rc"]), _t(*values["rr"]), alpha=alpha, beta=beta, label_smoothing=eps)
+    out = hdpo_loss(
+        _t(*values["pc"]),
+        _t(*values["pr"]),
+        _t(*values["rc"]),
+        _t(*values["rr"]),
+        alpha=alpha,
+        beta=beta,
+        label_smoothing=eps,
+    )
     expected = []
-    for pc, pr, rc, rr in zip(*values.values()):
+    for pc, pr, rc, rr in zip(*values.values(), strict=True):
         z = beta * ((alpha * pc - rc) - (alpha * pr - rr))
         # -(1-e) log sigmoid(z) - e log sigmoid(-z)
         expected.append(-(1 - eps) * math.log(1 / (1 + math.exp(-z))) - eps * math.log(1 / (1 + math.exp(z))))
@@ -181,6 +194,13 @@ def test_rewards_are_detached():
 def test_ref_logps_get_no_gradient_needed():
     # The reference log-probs come from another process without grad; the loss must still backprop.
     pc, pr = _t(-3.0, grad=True), _t(-4.0, grad=True)
-    out = hdpo_loss(pc, pr, torch.tensor([-3.5], dtype=torch.float32), torch.tensor([-3.5], dtype=torch.float32), alpha=1.0, beta=0.1)
+    out = hdpo_loss(
+        pc,
+        pr,
+        torch.tensor([-3.5], dtype=torch.float32),
+        torch.tensor([-3.5], dtype=torch.float32),
+        alpha=1.0,
+        beta=0.1,
+    )
     out.loss.backward()
     assert pc.grad is not None and pr.grad is not None

@@ -23,7 +23,10 @@ def test_guard_counts_skips_and_stops_after_the_limit_in_a_row():
     guard.skipped_step()
     assert guard.exhausted and state["skipped_batches"] == 3 and state["skipped_steps"] == 2
     message = guard.stop_message()
-    assert message.startswith("training stopped after step 7: 3 non-finite") and "3 micro-batches and 2 optimizer steps" in message
+    assert (
+        message.startswith("training stopped after step 7: 3 non-finite")
+        and "3 micro-batches and 2 optimizer steps" in message
+    )
 
 
 def test_guard_keeps_totals_restored_from_a_checkpoint():
@@ -42,7 +45,16 @@ def _batch():
 def test_a_nan_gradient_is_not_applied(one_rank_group, zero_stage):
     from hdpo_ray.train.engine import build_engine
 
-    config = load_config(None, [f"train.zero_stage={zero_stage}", "train.per_device_batch_size=2", "train.num_workers=1", "train.warmup_ratio=0", "train.lr=1e-2"])
+    config = load_config(
+        None,
+        [
+            f"train.zero_stage={zero_stage}",
+            "train.per_device_batch_size=2",
+            "train.num_workers=1",
+            "train.warmup_ratio=0",
+            "train.lr=1e-2",
+        ],
+    )
     engine = build_engine(config, total_steps=10, world_size=1)
     weight = engine.module.model.model.norm.weight
     before, lr_before = weight.detach().clone(), engine.get_lr()[0]

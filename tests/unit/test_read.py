@@ -14,7 +14,10 @@ from tests.conftest import data_file
 
 def test_jsonl_bad_line_keeps_the_rest_readable(tmp_path):
     path = tmp_path / "mixed.jsonl"
-    path.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{not json\n\n[1, 2]\n{"prompt": "d", "chosen": "e", "rejected": "f"}\n')
+    path.write_text(
+        '{"prompt": "a", "chosen": "b", "rejected": "c"}\n{not json\n\n[1, 2]\n{"prompt": "d", "chosen": "e", '
+        '"rejected": "f"}\n'
+    )
     records = list(_records(str(path)))
     assert [r[0] for r in records] == [1, 2, 4, 5]  # line numbers; the blank line 3 is no row
     assert records[1][1] is None and "not JSON" in records[1][2]

@@ -1,4 +1,5 @@
-"""The sweep's pure parts: grid, names, per-trial configs, packing, output-dir identity, best-trial selection, result files."""
+"""The sweep's pure parts: grid, names, per-trial configs, packing, output-dir identity,
+best-trial selection, result files."""
 
 from __future__ import annotations
 
@@ -10,7 +11,16 @@ import pytest
 
 from hdpo_ray.config import PAPER_ALPHAS, ConfigError, load_config
 from hdpo_ray.sweep.results import select_best, trial_row, write_results
-from hdpo_ray.sweep.tuner import _check_sweep, _claim_output_dir, concurrent_trials, early_stopping_scheduler, trial_config, trial_grid, trial_name, without_final_eval
+from hdpo_ray.sweep.tuner import (
+    _check_sweep,
+    _claim_output_dir,
+    concurrent_trials,
+    early_stopping_scheduler,
+    trial_config,
+    trial_grid,
+    trial_name,
+    without_final_eval,
+)
 
 
 def test_default_grid_is_the_papers_alphas_at_the_configured_beta_and_lr():
@@ -39,7 +49,9 @@ def test_trial_config_sets_the_point_and_its_own_output_dir_and_storage(tmp_path
     assert config.output_dir == str(tmp_path / "trials" / "alpha=0.9_beta=0.2_lr=0.0003")
     assert config.train.storage_path == "s3://bucket/runs/trials/alpha=0.9_beta=0.2_lr=0.0003"
     assert base.loss.alpha == 1.0 and base.train.storage_path == "s3://bucket/runs/"  # the base is not modified
-    assert trial_config(load_config(), {"alpha": 1.0, "beta": 0.1, "lr": 1e-3}, str(tmp_path)).train.storage_path is None  # under the trial's output_dir
+    assert (
+        trial_config(load_config(), {"alpha": 1.0, "beta": 0.1, "lr": 1e-3}, str(tmp_path)).train.storage_path is None
+    )  # under the trial's output_dir
 
 
 @pytest.mark.parametrize(
@@ -60,24 +72,42 @@ def test_sweep_checks_metric_and_eval_data():
     with pytest.raises(ConfigError, match="data.eval_files"):
         _check_sweep(load_config(overrides=["data.eval_files=[]"]))
     with pytest.raises(ConfigError, match="sweep.metric 'eval/loss'"):  # the H-DPO loss does not compare across alpha
-        _check_sweep(load_config(overrides=["data.eval_files=[embedded:ultrafeedback/test_prefs-100.parquet]", "sweep.metric=eval/loss"]))
+        _check_sweep(
+            load_config(
+                overrides=["data.eval_files=[embedded:ultrafeedback/test_prefs-100.parquet]", "sweep.metric=eval/loss"]
+            )
+        )
     with pytest.raises(ConfigError, match="early_stopping"):
-        _check_sweep(load_config(overrides=["data.eval_files=[embedded:ultrafeedback/test_prefs-100.parquet]", "sweep.early_stopping=true", "sweep.metric=entropy/sampled"]))
+        _check_sweep(
+            load_config(
+                overrides=[
+                    "data.eval_files=[embedded:ultrafeedback/test_prefs-100.parquet]",
+                    "sweep.early_stopping=true",
+                    "sweep.metric=entropy/sampled",
+                ]
+            )
+        )
 
 
 def test_sweep_checks_the_task_metric_and_the_eval_plan_before_training(tmp_path):
     from hdpo_ray.eval.tasks import TaskDataError
 
     eval_data = "data.eval_files=[embedded:ultrafeedback/test_prefs-100.parquet]"
-    _check_sweep(load_config(overrides=[eval_data, "eval.tasks=[gsm8k]", "eval.temperatures=[0.6]", "sweep.metric=gsm8k/pass@1/t=0.6"]))
-    _check_sweep(load_config(overrides=[eval_data, "eval.tasks=[ifeval]", "sweep.metric=ifeval/prompt_loose/t=1"]))  # a task's own metric
+    _check_sweep(
+        load_config(
+            overrides=[eval_data, "eval.tasks=[gsm8k]", "eval.temperatures=[0.6]", "sweep.metric=gsm8k/pass@1/t=0.6"]
+        )
+    )
+    # a task's own metric
+    _check_sweep(load_config(overrides=[eval_data, "eval.tasks=[ifeval]", "sweep.metric=ifeval/prompt_loose/t=1"]))
     with pytest.raises(ConfigError, match="nor a metric of eval.tasks"):  # a temperature that is not sampled
         _check_sweep(load_config(overrides=[eval_data, "eval.tasks=[gsm8k]", "sweep.metric=gsm8k/pass@1/t=0.6"]))
     with pytest.raises(ConfigError, match="nor a metric of eval.tasks"):  # a task that is not evaluated
         _check_sweep(load_config(overrides=[eval_data, "sweep.metric=gsm8k/pass@1/t=1"]))
     bad = tmp_path / "gsm8k.jsonl"
     bad.write_text('{"question": "1+1?"}\n')
-    with pytest.raises(TaskDataError, match="field 'answer' is missing"):  # the task data is read before any trial trains
+    # the task data is read before any trial trains
+    with pytest.raises(TaskDataError, match="field 'answer' is missing"):
         _check_sweep(load_config(overrides=[eval_data, "eval.tasks=[gsm8k]", f"eval.data.gsm8k={bad}"]))
 
 
@@ -85,7 +115,12 @@ def test_output_dir_resumes_the_same_sweep_and_refuses_another(tmp_path):
     config = load_config(overrides=["sweep.alphas=[0.8,1.0]"])
     state = _claim_output_dir(config, tmp_path)
     (tmp_path / "sweep.json").write_text(json.dumps(state))
-    assert _claim_output_dir(load_config(overrides=["sweep.alphas=[0.8,1.0]", f"output_dir={tmp_path}"]), tmp_path)["config"] == state["config"]
+    assert (
+        _claim_output_dir(load_config(overrides=["sweep.alphas=[0.8,1.0]", f"output_dir={tmp_path}"]), tmp_path)[
+            "config"
+        ]
+        == state["config"]
+    )
     with pytest.raises(ConfigError, match=r"sweep.alphas: \[0.8, 1.0\] there, \[0.8, 1.2\] now"):
         _claim_output_dir(load_config(overrides=["sweep.alphas=[0.8,1.2]"]), tmp_path)
     with pytest.raises(ConfigError, match="sweep.max_concurrent_trials"):  # Tuner.restore keeps the first TuneConfig
@@ -94,12 +129,25 @@ def test_output_dir_resumes_the_same_sweep_and_refuses_another(tmp_path):
 
 def _row(alpha, status="finished", metric=0.5, **extra):
     params = {"alpha": alpha, "beta": 0.1, "lr": 1e-3}
-    row = trial_row(params, {"loss": 0.7, "eval/policy_accuracy": metric, "step": 10}, {"entropy/teacher_forced": 5 * alpha, "entropy/sampled": 4 * alpha}, steps=10, wall_s=12.34, final_model=f"/m/{alpha}", status=status)
+    row = trial_row(
+        params,
+        {"loss": 0.7, "eval/policy_accuracy": metric, "step": 10},
+        {"entropy/teacher_forced": 5 * alpha, "entropy/sampled": 4 * alpha},
+        steps=10,
+        wall_s=12.34,
+        final_model=f"/m/{alpha}",
+        status=status,
+    )
     return row | extra
 
 
 def test_select_best_uses_finished_trials_with_finite_metric():
-    rows = [_row(0.8, metric=0.6), _row(1.0, metric=0.7, status="stopped early"), _row(1.1, metric=math.nan), _row(1.2, metric=0.6)]
+    rows = [
+        _row(0.8, metric=0.6),
+        _row(1.0, metric=0.7, status="stopped early"),
+        _row(1.1, metric=math.nan),
+        _row(1.2, metric=0.6),
+    ]
     assert select_best(rows, "eval/policy_accuracy", "max")["alpha"] == 0.8  # tie: first in grid order
     assert select_best(rows, "entropy/sampled", "min")["alpha"] == 0.8
     assert select_best([_row(1.0, status="error: x")], "eval/policy_accuracy", "max") is None
@@ -108,10 +156,16 @@ def test_select_best_uses_finished_trials_with_finite_metric():
 def test_write_results_files(tmp_path):
     config = load_config(overrides=["sweep.alphas=[0.8,1.2]"])
     rows = [_row(0.8, metric=0.55), _row(1.2, metric=0.65)]
-    best = write_results(config, tmp_path, rows, reference={"pairs": 994, "forward_pairs": 994, "this_run": 0, "invocations": 2})
+    best = write_results(
+        config, tmp_path, rows, reference={"pairs": 994, "forward_pairs": 994, "this_run": 0, "invocations": 2}
+    )
     assert best["alpha"] == 1.2
     table = list(csv.DictReader(open(tmp_path / "results.csv")))
-    assert [float(r["alpha"]) for r in table] == [0.8, 1.2] and table[1]["final_model"] == "/m/1.2" and float(table[0]["entropy/teacher_forced"]) == 4.0
+    assert (
+        [float(r["alpha"]) for r in table] == [0.8, 1.2]
+        and table[1]["final_model"] == "/m/1.2"
+        and float(table[0]["entropy/teacher_forced"]) == 4.0
+    )
     md = (tmp_path / "results.md").read_text()
     assert "reference forward passes over the whole sweep: 994 pairs in 2 invocation(s), 0 in the latest" in md
     assert "best trial: **alpha=1.2_beta=0.1_lr=0.001**" in md and md.count("\n| alpha=") == 2
@@ -121,10 +175,20 @@ def test_write_results_files(tmp_path):
 
 def test_early_stopping_is_asha_on_the_metric_over_steps_and_never_stops_a_last_report():
     assert early_stopping_scheduler(load_config(), 100) is None
-    asha = early_stopping_scheduler(load_config(overrides=["sweep.early_stopping=true", "train.eval_steps=20", "sweep.mode=max"]), 100)
-    assert (asha._time_attr, asha.metric, asha._max_t, asha._reduction_factor, asha._stop_last_trials) == ("step", "eval/policy_accuracy", 100, 2, False)
+    asha = early_stopping_scheduler(
+        load_config(overrides=["sweep.early_stopping=true", "train.eval_steps=20", "sweep.mode=max"]), 100
+    )
+    assert (asha._time_attr, asha.metric, asha._max_t, asha._reduction_factor, asha._stop_last_trials) == (
+        "step",
+        "eval/policy_accuracy",
+        100,
+        2,
+        False,
+    )
     assert [milestone for milestone, _ in asha._brackets[0]._rungs] == [80, 40, 20]  # grace = eval_steps, then x2
-    asha = early_stopping_scheduler(load_config(overrides=["sweep.early_stopping=true", "train.eval_steps=20", "sweep.grace_steps=50"]), 30)
+    asha = early_stopping_scheduler(
+        load_config(overrides=["sweep.early_stopping=true", "train.eval_steps=20", "sweep.grace_steps=50"]), 30
+    )
     assert [milestone for milestone, _ in asha._brackets[0]._rungs] == [29]  # capped below the last step
     # The last step's report reaches Tune without eval metrics, so ASHA (which skips results without its
     # metric) cannot stop a trial between the end of training and its export; earlier reports keep them.

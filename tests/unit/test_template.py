@@ -21,7 +21,8 @@ def gpt2():
 
 @pytest.fixture
 def bos_tokenizer():
-    """GPT-2 turned into a tokenizer that adds a distinct BOS itself (like Llama's), plus a template that writes BOS too."""
+    """GPT-2 turned into a tokenizer that adds a distinct BOS itself (like Llama's), plus
+    a template that writes BOS too."""
     from transformers import AutoTokenizer
 
     from hdpo_ray.models import EMBEDDED_TOKENIZER
@@ -29,7 +30,9 @@ def bos_tokenizer():
     tok = AutoTokenizer.from_pretrained(str(EMBEDDED_TOKENIZER))
     tok.add_special_tokens({"bos_token": "<s>"})
     bos = tok.bos_token_id
-    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", bos)])
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", bos)]
+    )
     tok.chat_template = "{{ bos_token }}" + DEFAULT_CHAT_TEMPLATE
     assert tok("a").input_ids[0] == bos
     return tok
@@ -51,8 +54,13 @@ def test_completion_mask_covers_exactly_the_completion_and_one_eos(gpt2):
     masked = batch["input_ids"][0][batch["completion_mask"][0]].tolist()
     assert masked == enc.chosen_ids
     # prompt + completion tokenized apart equal the whole conversation tokenized at once
-    full = gpt2.apply_chat_template(PAIR.prompt_messages() + [{"role": "assistant", "content": "It is 4."}], tokenize=False)
-    assert enc.prompt_ids + enc.chosen_ids == gpt2(full, add_special_tokens=False).input_ids[: len(enc.prompt_ids) + len(enc.chosen_ids)]
+    full = gpt2.apply_chat_template(
+        PAIR.prompt_messages() + [{"role": "assistant", "content": "It is 4."}], tokenize=False
+    )
+    assert (
+        enc.prompt_ids + enc.chosen_ids
+        == gpt2(full, add_special_tokens=False).input_ids[: len(enc.prompt_ids) + len(enc.chosen_ids)]
+    )
 
 
 def test_no_doubled_bos_when_template_and_tokenizer_both_add_one(bos_tokenizer):
@@ -82,7 +90,11 @@ def test_truncation_cuts_prompt_from_left_then_completions_from_right(gpt2):
 def test_truncation_keeps_bos(bos_tokenizer):
     long_pair = normalize_pair({"prompt": "word " * 100, "chosen": "yes", "rejected": "no"})
     enc = encode_pair(long_pair, bos_tokenizer, max_length=30, max_prompt_length=12)
-    assert len(enc.prompt_ids) == 12 and enc.prompt_ids[0] == bos_tokenizer.bos_token_id and enc.prompt_ids.count(bos_tokenizer.bos_token_id) == 1
+    assert (
+        len(enc.prompt_ids) == 12
+        and enc.prompt_ids[0] == bos_tokenizer.bos_token_id
+        and enc.prompt_ids.count(bos_tokenizer.bos_token_id) == 1
+    )
 
 
 def test_short_pair_is_not_truncated(gpt2):
@@ -96,6 +108,8 @@ def test_template_that_breaks_the_prefix_rule_is_refused(gpt2):
     from hdpo_ray.models import EMBEDDED_TOKENIZER
 
     tok = AutoTokenizer.from_pretrained(str(EMBEDDED_TOKENIZER))
-    tok.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+    tok.chat_template = (
+        "{% for m in messages %}{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+    )
     with pytest.raises(TemplateError, match="prefix"):
         encode_pair(PAIR, tok, max_length=64, max_prompt_length=32)

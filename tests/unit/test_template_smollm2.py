@@ -21,9 +21,18 @@ def tokenizer(smollm2_dir):
 
 @pytest.fixture(scope="module")
 def pairs():
-    rows = [r for r in pq.read_table(ASSETS / "ultrafeedback" / "test_prefs-100.parquet").to_pylist()[:14] if r["chosen"] != r["rejected"]][:12]
+    rows = [
+        r
+        for r in pq.read_table(ASSETS / "ultrafeedback" / "test_prefs-100.parquet").to_pylist()[:14]
+        if r["chosen"] != r["rejected"]
+    ][:12]
     turns = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Name a prime."}]
-    with_system = normalize_pair({"chosen": [*turns, {"role": "assistant", "content": "2"}], "rejected": [*turns, {"role": "assistant", "content": "Nine."}]})
+    with_system = normalize_pair(
+        {
+            "chosen": [*turns, {"role": "assistant", "content": "2"}],
+            "rejected": [*turns, {"role": "assistant", "content": "Nine."}],
+        }
+    )
     assert len(rows) == 12
     return [normalize_pair(r) for r in rows] + [with_system]
 
@@ -39,7 +48,8 @@ def test_completion_mask_covers_exactly_the_answer_and_its_im_end(tokenizer, pai
         encoded = encode_pair(pair, tokenizer, max_length=10**6, max_prompt_length=10**6 - 1)
         for completion, ids in ((pair.chosen, encoded.chosen_ids), (pair.rejected, encoded.rejected_ids)):
             assert ids[-1] == im_end and ids.count(im_end) == 1
-            assert tokenizer.decode(ids) == completion + "<|im_end|>"  # the content and its end: no role header, no newline
+            # the content and its end: no role header, no newline
+            assert tokenizer.decode(ids) == completion + "<|im_end|>"
             assert "<|im_start|>" not in tokenizer.decode(ids) and SYSTEM_DEFAULT not in tokenizer.decode(ids)
 
 
@@ -48,13 +58,18 @@ def test_prompt_ids_are_the_prefix_of_the_whole_conversation(tokenizer, pairs):
         encoded = encode_pair(pair, tokenizer, max_length=10**6, max_prompt_length=10**6 - 1)
         messages = pair.prompt_messages()
         for completion, ids in ((pair.chosen, encoded.chosen_ids), (pair.rejected, encoded.rejected_ids)):
-            whole = tokenizer.apply_chat_template([*messages, {"role": "assistant", "content": completion}], tokenize=True, return_dict=True)["input_ids"]
-            assert whole[: len(encoded.prompt_ids) + len(ids)] == encoded.prompt_ids + ids  # no merge across the boundary
-            assert tokenizer.decode(whole[len(encoded.prompt_ids) + len(ids) :]) == "\n"  # only the template's newline is left out
+            whole = tokenizer.apply_chat_template(
+                [*messages, {"role": "assistant", "content": completion}], tokenize=True, return_dict=True
+            )["input_ids"]
+            # no merge across the boundary
+            assert whole[: len(encoded.prompt_ids) + len(ids)] == encoded.prompt_ids + ids
+            # only the template's newline is left out
+            assert tokenizer.decode(whole[len(encoded.prompt_ids) + len(ids) :]) == "\n"
         prompt_text = tokenizer.decode(encoded.prompt_ids)
         system_given = messages[0]["role"] == "system"
         assert (SYSTEM_DEFAULT in prompt_text) != system_given and prompt_text.endswith("<|im_start|>assistant\n")
-        assert prompt_text.count("<|im_start|>") == len(messages) + (not system_given) + 1  # one per turn: no doubled BOS
+        # one per turn: no doubled BOS
+        assert prompt_text.count("<|im_start|>") == len(messages) + (not system_given) + 1
         assert encoded.prompt_ids[:2] != [tokenizer.bos_token_id] * 2
 
 
@@ -62,4 +77,9 @@ def test_eval_prompt_is_what_apply_chat_template_gives(tokenizer, pairs):
     for pair in pairs:
         messages = pair.prompt_messages()
         _, prompt = encode_prompt(tokenizer, messages)
-        assert prompt == tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+        assert (
+            prompt
+            == tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)[
+                "input_ids"
+            ]
+        )

@@ -21,7 +21,10 @@ def grid() -> dict[float, dict[str, float]]:
 
 def test_mixture_logpdf_matches_hand_formula_numpy_and_torch():
     for x in (-3.0, 0.0, 0.5, 2.75, 9.0):
-        expected = math.log(0.5 * math.exp(-0.5 * (x + D) ** 2) / math.sqrt(2 * math.pi) + 0.5 * math.exp(-0.5 * (x - D) ** 2) / math.sqrt(2 * math.pi))
+        expected = math.log(
+            0.5 * math.exp(-0.5 * (x + D) ** 2) / math.sqrt(2 * math.pi)
+            + 0.5 * math.exp(-0.5 * (x - D) ** 2) / math.sqrt(2 * math.pi)
+        )
         assert float(mixture_logpdf(np.array(x), D)) == pytest.approx(expected, rel=1e-12)
         assert float(mixture_logpdf(torch.tensor(x, dtype=torch.float64), D)) == pytest.approx(expected, rel=1e-12)
 
@@ -44,7 +47,7 @@ def test_alpha_below_one_captures_single_mode(grid, alpha):
 
 def test_std_grows_strictly_with_alpha(grid):
     stds = [grid[a]["std"] for a in sorted(grid)]
-    assert all(b > a for a, b in zip(stds, stds[1:])), stds
+    assert all(b > a for a, b in zip(stds, stds[1:], strict=False)), stds
 
 
 @pytest.mark.parametrize("alpha", [0.8, 0.9, 1.0])
@@ -52,7 +55,11 @@ def test_global_choice_beats_other_regime(grid, alpha):
     r = grid[alpha]
     covering = abs(r["mean"]) < D / 2
     # Start in the other basin; the local fit must really land in the other regime for the check to mean anything.
-    other = fit_gaussian(alpha, D, init_mean=D, init_std=1.0) if covering else fit_gaussian(alpha, D, init_mean=0.0, init_std=D + 1.0)
+    other = (
+        fit_gaussian(alpha, D, init_mean=D, init_std=1.0)
+        if covering
+        else fit_gaussian(alpha, D, init_mean=0.0, init_std=D + 1.0)
+    )
     assert (abs(other[0]) < D / 2) != covering
     assert r["objective"] <= objective(alpha, D, *other)
     assert r["objective"] == pytest.approx(objective(alpha, D, r["mean"], r["std"]), abs=1e-12)
@@ -69,7 +76,11 @@ def test_run_toy_writes_png_md_json(tmp_path, capsys):
     results = run_toy(str(tmp_path), alphas=alphas, d=D)
     assert [r["alpha"] for r in results] == list(alphas)
     assert (tmp_path / "toy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    rows = [line for line in (tmp_path / "toy.md").read_text().splitlines() if line.startswith("| ") and not line.startswith("| α")]
+    rows = [
+        line
+        for line in (tmp_path / "toy.md").read_text().splitlines()
+        if line.startswith("| ") and not line.startswith("| α")
+    ]
     assert len(rows) == len(alphas)
     assert "single mode" in rows[0] and "covers both" in rows[1]
     data = json.loads((tmp_path / "toy.json").read_text())

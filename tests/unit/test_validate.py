@@ -6,6 +6,7 @@ import copy
 import dataclasses
 import json
 from collections import Counter
+
 import pyarrow.parquet as pq
 import pytest
 
@@ -75,9 +76,19 @@ def _without(row: dict, key: str) -> dict:
 def test_reasons_and_roles() -> None:
     assert ROLES == frozenset({"system", "user", "assistant"})
     assert set(REASONS) == {
-        "not_json", "not_object", "missing_field", "null_field", "bad_type", "empty_content", "unknown_role",
-        "no_assistant_turn", "not_ending_on_assistant", "prompt_mismatch", "identical_completions",
-        "unreadable_file", "template_error",
+        "not_json",
+        "not_object",
+        "missing_field",
+        "null_field",
+        "bad_type",
+        "empty_content",
+        "unknown_role",
+        "no_assistant_turn",
+        "not_ending_on_assistant",
+        "prompt_mismatch",
+        "identical_completions",
+        "unreadable_file",
+        "template_error",
     }
     assert len(REASONS) == len(set(REASONS))
 
@@ -149,7 +160,9 @@ def test_real_sample_exactly_four_identical(fixture: str, rows_in_file: int, req
     assert where["identical_completions"] == identical
     # The sample also holds two rows with an empty completion; everything else is valid.
     assert where["empty_content"] == empty
-    assert counts == Counter(ok=rows_in_file - len(identical) - len(empty), identical_completions=len(identical), empty_content=len(empty))
+    assert counts == Counter(
+        ok=rows_in_file - len(identical) - len(empty), identical_completions=len(identical), empty_content=len(empty)
+    )
 
 
 def test_real_sharegpt_all_valid(sharegpt_rows: list[dict]) -> None:
@@ -198,8 +211,12 @@ def test_completion_text_not_stripped() -> None:
 
 
 def test_sharegpt_roles_mapped() -> None:
-    conv = [{"from": "system", "value": "S"}, {"from": "human", "value": "u1"},
-            {"from": "gpt", "value": "a1"}, {"from": "human", "value": "u2"}]
+    conv = [
+        {"from": "system", "value": "S"},
+        {"from": "human", "value": "u1"},
+        {"from": "gpt", "value": "a1"},
+        {"from": "human", "value": "u2"},
+    ]
     pair = normalize_pair(_sg(conversations=conv))
     assert [m.role for m in pair.prompt] == ["system", "user", "assistant", "user"]
 
@@ -221,48 +238,80 @@ BAD = [
     ("missing_rejected_flat", _without(_flat(), "rejected"), "missing_field", "'rejected'"),
     ("missing_rejected_conv", _without(_conv(), "rejected"), "missing_field", "'rejected'"),
     ("missing_prompt_flat", _without(_flat(), "prompt"), "missing_field", "'prompt'"),
-    ("missing_prompt_conv", _without(_conv(chosen=[_asst("A")], rejected=[_asst("B")]), "prompt"),
-     "missing_field", "'prompt'"),
+    (
+        "missing_prompt_conv",
+        _without(_conv(chosen=[_asst("A")], rejected=[_asst("B")]), "prompt"),
+        "missing_field",
+        "'prompt'",
+    ),
     ("missing_role", _conv(chosen=[{"content": "Q"}, _asst("A")]), "missing_field", "chosen[0].role"),
     ("missing_content", _conv(rejected=[_user("Hi?"), {"role": "assistant"}]), "missing_field", "rejected[1].content"),
     ("missing_sg_value", _sg(chosen={"from": "gpt"}), "missing_field", "chosen.value"),
     ("null_chosen", _flat(chosen=None), "null_field", "'chosen'"),
     ("null_rejected", _conv(rejected=None), "null_field", "'rejected'"),
     ("null_prompt_conv", _conv(prompt=None, chosen=[_asst("A")], rejected=[_asst("B")]), "null_field", "'prompt'"),
-    ("null_content", _conv(chosen=[_user("Hi?"), {"role": "assistant", "content": None}]),
-     "null_field", "chosen[1].content"),
+    (
+        "null_content",
+        _conv(chosen=[_user("Hi?"), {"role": "assistant", "content": None}]),
+        "null_field",
+        "chosen[1].content",
+    ),
     ("null_conversations", _sg(conversations=None), "null_field", "conversations"),
     ("bad_chosen_type", _flat(chosen=3), "bad_type", "'chosen'"),
     ("bad_rejected_type_flat", _flat(rejected=["x"]), "bad_type", "'rejected'"),
     ("bad_rejected_not_list", _conv(rejected="Go away."), "bad_type", "'rejected'"),
     ("bad_message_type", _conv(chosen=["Hi?", _asst("A")]), "bad_type", "chosen[0]"),
-    ("bad_content_type", _conv(chosen=[_user("Hi?"), {"role": "assistant", "content": 5}]),
-     "bad_type", "chosen[1].content"),
+    (
+        "bad_content_type",
+        _conv(chosen=[_user("Hi?"), {"role": "assistant", "content": 5}]),
+        "bad_type",
+        "chosen[1].content",
+    ),
     ("bad_role_type", _conv(chosen=[{"role": 1, "content": "Q"}, _asst("A")]), "bad_type", "chosen[0].role"),
     ("bad_prompt_type", _flat(prompt=7), "bad_type", "'prompt'"),
-    ("prompt_not_ending_on_user", _conv(prompt=[_user("Q"), _asst("x")], chosen=[_asst("A")], rejected=[_asst("B")]),
-     "bad_type", "prompt"),
-    ("context_not_ending_on_user", _conv(chosen=[_user("Q"), _asst("x"), _asst("A")],
-                                         rejected=[_user("Q"), _asst("x"), _asst("B")]), "bad_type", "prompt"),
+    (
+        "prompt_not_ending_on_user",
+        _conv(prompt=[_user("Q"), _asst("x")], chosen=[_asst("A")], rejected=[_asst("B")]),
+        "bad_type",
+        "prompt",
+    ),
+    (
+        "context_not_ending_on_user",
+        _conv(chosen=[_user("Q"), _asst("x"), _asst("A")], rejected=[_user("Q"), _asst("x"), _asst("B")]),
+        "bad_type",
+        "prompt",
+    ),
     ("prompt_empty_list", _conv(prompt=[], chosen=[_asst("A")], rejected=[_asst("B")]), "bad_type", "prompt"),
     ("sg_conversations_not_list", _sg(conversations="Hi?"), "bad_type", "conversations"),
-    ("sg_ends_on_gpt", _sg(conversations=[{"from": "human", "value": "Q"}, {"from": "gpt", "value": "A"}]),
-     "bad_type", "conversations"),
+    (
+        "sg_ends_on_gpt",
+        _sg(conversations=[{"from": "human", "value": "Q"}, {"from": "gpt", "value": "A"}]),
+        "bad_type",
+        "conversations",
+    ),
     ("sg_empty", _sg(conversations=[]), "bad_type", "conversations"),
     ("sg_chosen_not_dict", _sg(chosen="Hello!"), "bad_type", "chosen"),
     ("empty_prompt", _flat(prompt="  \n"), "empty_content", "'prompt'"),
     ("empty_chosen", _flat(chosen=""), "empty_content", "'chosen'"),
     ("empty_rejected_msg", _conv(rejected=[_user("Hi?"), _asst(" \t")]), "empty_content", "rejected[1].content"),
     ("empty_sg_value", _sg(conversations=[{"from": "human", "value": ""}]), "empty_content", "conversations[0].value"),
-    ("unknown_role", _conv(chosen=[_user("Hi?"), {"role": "robot", "content": "A"}]), "unknown_role",
-     "chosen[1].role is 'robot'; expected one of assistant, system, user"),
+    (
+        "unknown_role",
+        _conv(chosen=[_user("Hi?"), {"role": "robot", "content": "A"}]),
+        "unknown_role",
+        "chosen[1].role is 'robot'; expected one of assistant, system, user",
+    ),
     ("unknown_sg_from", _sg(conversations=[{"from": "bot", "value": "Q"}]), "unknown_role", "conversations[0].from"),
     ("sg_chosen_from_human", _sg(chosen={"from": "human", "value": "A"}), "unknown_role", "chosen"),
     ("sg_rejected_from_system", _sg(rejected={"from": "system", "value": "B"}), "unknown_role", "rejected"),
     ("no_assistant", _conv(chosen=[_user("Hi?")]), "no_assistant_turn", "'chosen'"),
     ("no_assistant_empty_list", _conv(rejected=[]), "no_assistant_turn", "'rejected'"),
-    ("not_ending_on_assistant", _conv(rejected=[_user("Hi?"), _asst("x"), _user("more?")]),
-     "not_ending_on_assistant", "'rejected'"),
+    (
+        "not_ending_on_assistant",
+        _conv(rejected=[_user("Hi?"), _asst("x"), _user("more?")]),
+        "not_ending_on_assistant",
+        "'rejected'",
+    ),
     ("prompt_mismatch", _conv(rejected=[_user("Bye?"), _asst("B")]), "prompt_mismatch", "'chosen' and 'rejected'"),
     ("prompt_mismatch_len", _conv(rejected=[_asst("B")]), "prompt_mismatch", "'chosen' and 'rejected'"),
     ("identical_flat", _flat(rejected="Hello!"), "identical_completions", "'chosen' and 'rejected'"),
@@ -283,4 +332,9 @@ def test_bad_rows(row: object, reason: str, names: str) -> None:
 
 def test_every_reason_is_covered() -> None:
     covered = {c[2] for c in BAD}
-    assert covered == set(REASONS) - {"not_json", "unreadable_file", "template_error"}  # those three are set by the reader and the tokenizer stage
+    # those three are set by the reader and the tokenizer stage
+    assert covered == set(REASONS) - {
+        "not_json",
+        "unreadable_file",
+        "template_error",
+    }

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 from importlib import import_module
 
+from hdpo_ray.config import EVAL_TASKS
 from hdpo_ray.eval.tasks.base import Problem, Score, Task, TaskDataError
 
-from hdpo_ray.config import EVAL_TASKS
-
-_MODULES = {"gsm8k": "gsm8k:GSM8K", "humaneval": "humaneval:HumanEval", "ifeval": "ifeval:IFEval", "mmlu_pro": "mmlu_pro:MMLUPro"}
+_MODULES = {
+    "gsm8k": "gsm8k:GSM8K",
+    "humaneval": "humaneval:HumanEval",
+    "ifeval": "ifeval:IFEval",
+    "mmlu_pro": "mmlu_pro:MMLUPro",
+}
 assert tuple(_MODULES) == EVAL_TASKS, "a task in the config must have a module here"
 TASK_NAMES = EVAL_TASKS
 

@@ -57,7 +57,8 @@ class Task(ABC):
 
     @abstractmethod
     def problem(self, record: dict[str, Any], where: str, index: int) -> Problem:
-        """Record number `index` (0-based) of the official layout -> Problem; a missing field raises TaskDataError naming `where`."""
+        """Record number `index` (0-based) of the official layout -> Problem; a missing
+        field raises TaskDataError naming `where`."""
 
     @abstractmethod
     def score(self, problem: Problem, completion: str) -> Score:
@@ -78,16 +79,17 @@ def require(record: dict[str, Any], key: str, where: str, kind: type | tuple[typ
     if not isinstance(value, kind):
         names = "/".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
         found = "missing" if value is None else f"a {type(value).__name__}"
-        raise TaskDataError(f"{where}: field '{key}' is {found}, expected {names} (is this the task's official layout?)")
+        raise TaskDataError(
+            f"{where}: field '{key}' is {found}, expected {names} (is this the task's official layout?)"
+        )
     return value
 
 
 def read_records(source: str) -> Iterator[tuple[str, dict[str, Any]]]:
     """(where, record) for every record of a task source, where = "file, line N"; raises TaskDataError."""
+    from hdpo_ray.config import looks_like_hub_id
     from hdpo_ray.data.prepare import _row_name
     from hdpo_ray.data.read import SourceError, _records, expand_sources
-
-    from hdpo_ray.config import looks_like_hub_id
 
     try:
         files = expand_sources([source])
@@ -95,7 +97,9 @@ def read_records(source: str) -> Iterator[tuple[str, dict[str, Any]]]:
         raise TaskDataError(str(err)) from None
     folders = sorted({file.rsplit("/", 1)[0] for file in files})
     if looks_like_hub_id(source) and len(folders) > 1:  # e.g. openai/gsm8k:test holds main/ and socratic/
-        raise TaskDataError(f"{source} matches the split in {len(folders)} folders ({', '.join(folders)}): give one, e.g. {folders[0]}/")
+        raise TaskDataError(
+            f"{source} matches the split in {len(folders)} folders ({', '.join(folders)}): give one, e.g. {folders[0]}/"
+        )
     for file in files:
         try:
             for row, raw, error in _records(file):
@@ -108,5 +112,3 @@ def read_records(source: str) -> Iterator[tuple[str, dict[str, Any]]]:
                 yield where, record
         except (OSError, EOFError) as err:
             raise TaskDataError(f"{file} could not be read ({type(err).__name__}: {err})") from None
-
-

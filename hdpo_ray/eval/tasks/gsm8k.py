@@ -19,7 +19,10 @@ from typing import Any
 
 from hdpo_ray.eval.tasks.base import Problem, Score, Task, TaskDataError, require
 
-INSTRUCTION = 'Solve the problem step by step. At the end, write the final answer as a plain number on its own line, in the form "#### <number>".'
+INSTRUCTION = (
+    "Solve the problem step by step. At the end, write the final answer as a plain number on its own line, in the "
+    'form "#### <number>".'
+)
 
 # One number in free text. Written out so that each accepted spelling is visible:
 #   -5  −5  $18  -$5  $-5  €3.50  1,234  1,234.5  0.25  .5  7.  50%  5kg  18 dollars  **18**  1/2
@@ -51,7 +54,8 @@ def extract_answer(text: str) -> str | None:
     Order: the first "#### N" (the official GSM8K format), else the last "the answer is N" / "Answer: N"
     (case-insensitive), else the last number anywhere in the text.
     """
-    match = HASHES_RE.search(text)  # the first, as the official scorer: a model that runs on into a new "Question:" repeats it
+    # the first, as the official scorer: a model that runs on into a new "Question:" repeats it
+    match = HASHES_RE.search(text)
     if match is None:
         match = _last(ANSWER_IS_RE.finditer(text))  # the last: a model that corrects itself states the answer again
     if match is None:
@@ -98,13 +102,16 @@ class GSM8K(Task):
     default_source = "embedded:eval/gsm8k/test.jsonl.gz"
 
     def problem(self, record: dict[str, Any], where: str, index: int) -> Problem:
-        """{"question", "answer": "...#### N"} -> Problem(id "gsm8k/<index>", prompt=question + instruction, target=canonical N)."""
+        """{"question", "answer": "...#### N"} -> Problem(id "gsm8k/<index>",
+        prompt=question + instruction, target=canonical N)."""
         question = require(record, "question", where)
         answer = require(record, "answer", where)
         _, hashes, gold = answer.rpartition("####")
         match = NUMBER_RE.fullmatch(gold.strip())
         if not hashes or match is None:
-            raise TaskDataError(f"{where}: field 'answer' does not end in '#### <number>' (is this the task's official layout?)")
+            raise TaskDataError(
+                f"{where}: field 'answer' does not end in '#### <number>' (is this the task's official layout?)"
+            )
         return Problem(id=f"gsm8k/{index}", prompt=f"{question}\n\n{INSTRUCTION}", target=canonical(_value(match)))
 
     def score(self, problem: Problem, completion: str) -> Score:

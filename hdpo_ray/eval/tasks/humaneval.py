@@ -20,7 +20,9 @@ INSTRUCTION = (
 )
 # Fenced blocks, each from its opening fence at a line start to its closing fence (or the end: a cut-off answer),
 # so the closing fence of a ```bash block is never read as the opening of another.
-FENCED_BLOCK = re.compile(r"^[ \t]*```[ \t]*(?P<tag>[\w+-]*)[^\n]*\n(?P<code>.*?)(?:^[ \t]*```|\Z)", re.DOTALL | re.MULTILINE)
+FENCED_BLOCK = re.compile(
+    r"^[ \t]*```[ \t]*(?P<tag>[\w+-]*)[^\n]*\n(?P<code>.*?)(?:^[ \t]*```|\Z)", re.DOTALL | re.MULTILINE
+)
 PYTHON_TAGS = {"", "python", "python3", "py"}
 # As in the official harness, which exec()s the program: `if __name__ == "__main__":` blocks in answers do not run.
 NOT_MAIN = "__name__ = 'solution'\n__import__('sys').modules[__name__] = __import__('sys').modules['__main__']\n"
@@ -37,8 +39,16 @@ class HumanEval(Task):
 
     def problem(self, record: dict[str, Any], where: str, index: int) -> Problem:
         prompt = require(record, "prompt", where)
-        target = {"prompt": prompt, "test": require(record, "test", where), "entry_point": require(record, "entry_point", where)}
-        return Problem(id=require(record, "task_id", where), prompt=f"{INSTRUCTION}\n\n```python\n{prompt.rstrip()}\n```", target=target)
+        target = {
+            "prompt": prompt,
+            "test": require(record, "test", where),
+            "entry_point": require(record, "entry_point", where),
+        }
+        return Problem(
+            id=require(record, "task_id", where),
+            prompt=f"{INSTRUCTION}\n\n```python\n{prompt.rstrip()}\n```",
+            target=target,
+        )
 
     def score(self, problem: Problem, completion: str) -> Score:
         return self.score_many([(problem, completion)])[0]
@@ -47,8 +57,12 @@ class HumanEval(Task):
         programs = [build_program(problem.target, completion) for problem, completion in items]
         results = run_programs(programs, timeout_s=self.timeout_s, memory_mb=self.memory_mb, max_workers=self.workers)
         return [
-            Score(correct=result.status == "passed", extracted=solution_code(completion), details={"status": result.status, "detail": result.detail})
-            for (_, completion), result in zip(items, results)
+            Score(
+                correct=result.status == "passed",
+                extracted=solution_code(completion),
+                details={"status": result.status, "detail": result.detail},
+            )
+            for (_, completion), result in zip(items, results, strict=True)
         ]
 
 

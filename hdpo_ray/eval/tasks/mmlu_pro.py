@@ -33,8 +33,10 @@ HEADER = (
 # in the letter: "the answer is c" is not read by the first two, and the third then takes the last standalone
 # capital A-J anywhere, which may be the pronoun "I"; that is the official behaviour and we keep it.
 ANSWER_IS_RE = re.compile(r"answer is \(?([A-J])\)?")  # extract_answer: the first "answer is (X)" / "answer is X"
-ANSWER_COLON_RE = re.compile(r".*[aA]nswer:\s*([A-J])")  # extract_again: no DOTALL, so the last "Answer: X" of the first line that has one
-STANDALONE_LETTER_RE = re.compile(r"\b[A-J]\b")  # extract_final: r"\b[A-J]\b(?!.*\b[A-J]\b)" with DOTALL is the last of these
+# extract_again: no DOTALL, so the last "Answer: X" of the first line that has one
+ANSWER_COLON_RE = re.compile(r".*[aA]nswer:\s*([A-J])")
+# extract_final: r"\b[A-J]\b(?!.*\b[A-J]\b)" with DOTALL is the last of these
+STANDALONE_LETTER_RE = re.compile(r"\b[A-J]\b")
 
 
 def extract_answer(text: str) -> str | None:
@@ -44,7 +46,8 @@ def extract_answer(text: str) -> str | None:
         match = pattern.search(text)
         if match:
             return match.group(1)
-    # The official lookahead regex rescans the rest of the text for every letter (quadratic); the last findall hit is the same letter.
+    # The official lookahead regex rescans the rest of the text for
+    # every letter (quadratic); the last findall hit is the same letter.
     letters = STANDALONE_LETTER_RE.findall(text)
     return letters[-1] if letters else None
 
@@ -52,7 +55,7 @@ def extract_answer(text: str) -> str | None:
 def format_prompt(category: str, question: str, options: list[str]) -> str:
     """The user turn: official 0-shot header, then the question and lettered options, ending in the CoT cue."""
     lines = [HEADER.format(category=category) + "Question:", question, "Options:"]
-    lines += [f"{letter}. {option}" for letter, option in zip(LETTERS, options)]
+    lines += [f"{letter}. {option}" for letter, option in zip(LETTERS, options, strict=False)]
     lines.append("Answer: Let's think step by step.")
     return "\n".join(lines)
 
@@ -75,8 +78,16 @@ class MMLUPro(Task):
         if not 1 <= len(options) <= len(LETTERS):
             raise TaskDataError(f"{where}: field 'options' has {len(options)} options, expected 1 to {len(LETTERS)}")
         if len(answer) != 1 or answer not in LETTERS[: len(options)]:
-            raise TaskDataError(f"{where}: field 'answer' is {answer!r}, expected one letter A..{LETTERS[len(options) - 1]} for {len(options)} options")
-        return Problem(id=f"mmlu_pro/{question_id}", prompt=format_prompt(category, question, options), target=answer, category=category)
+            raise TaskDataError(
+                f"{where}: field 'answer' is {answer!r}, expected one letter A..{LETTERS[len(options) - 1]} for "
+                f"{len(options)} options"
+            )
+        return Problem(
+            id=f"mmlu_pro/{question_id}",
+            prompt=format_prompt(category, question, options),
+            target=answer,
+            category=category,
+        )
 
     def score(self, problem: Problem, completion: str) -> Score:
         """Correct when the extracted letter is the gold letter; no letter found is wrong."""

@@ -48,14 +48,21 @@ class IFEval(Task):
             raise TaskDataError(f"{problem.id}: {err}") from None
         strict = [follows(checker, completion) for checker in checkers]
         variants = loose_variants(completion)[1:]  # the first variant is the response itself: its verdict is `strict`
-        loose = [verdict or any(follows(checker, variant) for variant in variants) for checker, verdict in zip(checkers, strict)]
+        loose = [
+            verdict or any(follows(checker, variant) for variant in variants)
+            for checker, verdict in zip(checkers, strict, strict=True)
+        ]
         details = {"instruction_ids": list(problem.target["instruction_id_list"]), "strict": strict, "loose": loose}
         return Score(correct=all(strict), details=details)
 
     def summarize(self, records: list[dict[str, Any]]) -> dict[str, float]:
         """Prompt-level accuracy: the share of records that follow all their instructions; instruction-level:
         the share of all instructions of all records that are followed. Strict and loose each."""
-        verdicts = [record["details"] for record in records if isinstance(record.get("details"), dict) and "strict" in record["details"]]
+        verdicts = [
+            record["details"]
+            for record in records
+            if isinstance(record.get("details"), dict) and "strict" in record["details"]
+        ]
         if not verdicts:
             return {}
         metrics = {}
@@ -88,7 +95,7 @@ def _present(kwargs: Any) -> Any:
 
 def _checkers(target: dict[str, Any]) -> list[Checker]:
     checkers = []
-    for instruction_id, kwargs in zip(target["instruction_id_list"], target["kwargs"]):
+    for instruction_id, kwargs in zip(target["instruction_id_list"], target["kwargs"], strict=True):
         if not isinstance(kwargs, dict):
             raise InstructionError(f"{instruction_id}: kwargs must be an object, not {type(kwargs).__name__}")
         checkers.append(build_checker(instruction_id, kwargs))

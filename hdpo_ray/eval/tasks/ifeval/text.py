@@ -90,7 +90,8 @@ def count_words(text: str) -> int:
 
 
 def word_tokenize(text: str) -> list[str]:
-    """`nltk.word_tokenize`: punkt sentences, then the Treebank-style word tokenizer on each ("DON'T" -> "DO", "N'T")."""
+    """`nltk.word_tokenize`: punkt sentences, then the Treebank-style word tokenizer on
+    each ("DON'T" -> "DO", "N'T")."""
     tokenizer = _word_tokenizer()
     return [token for sentence in split_sentences(text) for token in tokenizer.tokenize(sentence)]
 

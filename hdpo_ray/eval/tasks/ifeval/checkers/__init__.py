@@ -12,7 +12,9 @@ from typing import Any
 from hdpo_ray.eval.tasks.ifeval.checkers import detectable, keywords, language, length, startend
 from hdpo_ray.eval.tasks.ifeval.checkers.base import Checker, InstructionError
 
-CHECKERS: dict[str, type[Checker]] = {cls.instruction_id: cls for module in (keywords, language, length, detectable, startend) for cls in module.CHECKERS}
+CHECKERS: dict[str, type[Checker]] = {
+    cls.instruction_id: cls for module in (keywords, language, length, detectable, startend) for cls in module.CHECKERS
+}
 
 
 def build_checker(instruction_id: str, kwargs: dict[str, Any]) -> Checker:
@@ -30,7 +32,9 @@ def build_checker(instruction_id: str, kwargs: dict[str, Any]) -> Checker:
     for name, value in given.items():
         expected = _KINDS.get(annotations.get(name, ""))
         if expected is not None and not isinstance(value, expected):
-            raise InstructionError(f"{instruction_id}: kwarg {name!r} is a {type(value).__name__}, expected {annotations[name]}")
+            raise InstructionError(
+                f"{instruction_id}: kwarg {name!r} is a {type(value).__name__}, expected {annotations[name]}"
+            )
     try:
         return cls(**given)
     except TypeError as err:  # a missing or unexpected kwarg

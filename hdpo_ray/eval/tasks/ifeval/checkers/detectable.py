@@ -79,7 +79,9 @@ class HighlightedSections(Checker):
 
     def follows(self, response: str) -> bool:
         singles = [h for h in re.findall(r"\*[^\n\*]*\*", response) if h.strip("*").strip()]
-        doubles = [h for h in re.findall(r"\*\*[^\n\*]*\*\*", response) if h.removeprefix("**").removesuffix("**").strip()]
+        doubles = [
+            h for h in re.findall(r"\*\*[^\n\*]*\*\*", response) if h.removeprefix("**").removesuffix("**").strip()
+        ]
         # The official counts both lists, and "*x*" never matches inside "**x**" (its "*" pairs are empty), so a
         # bold "**x**" counts once, through `doubles`.
         return len(singles) + len(doubles) >= self.num_highlights
@@ -95,7 +97,8 @@ class Title(Checker):
 
 
 class Placeholders(Checker):
-    """The response must contain at least {num_placeholders} placeholders represented by square brackets, such as [address]."""
+    """The response must contain at least {num_placeholders} placeholders represented by
+    square brackets, such as [address]."""
 
     instruction_id = "detectable_content:number_placeholders"
 
@@ -122,4 +125,13 @@ class Postscript(Checker):
         return bool(self.marker.findall(response.lower()))
 
 
-CHECKERS = (ConstrainedResponse, JsonFormat, MultipleSections, BulletLists, HighlightedSections, Title, Placeholders, Postscript)
+CHECKERS = (
+    ConstrainedResponse,
+    JsonFormat,
+    MultipleSections,
+    BulletLists,
+    HighlightedSections,
+    Title,
+    Placeholders,
+    Postscript,
+)

@@ -58,7 +58,8 @@ class NumberOfParagraphs(Checker):
 
 
 class NthParagraphFirstWord(Checker):
-    """There should be {num_paragraphs} paragraphs, separated by blank lines; paragraph {nth_paragraph} starts with {first_word}."""
+    """There should be {num_paragraphs} paragraphs, separated by blank lines; paragraph
+    {nth_paragraph} starts with {first_word}."""
 
     instruction_id = "length_constraints:nth_paragraph_first_word"
 
