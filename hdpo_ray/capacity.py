@@ -24,6 +24,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from hdpo_ray.config import RAY_BUILTIN_RESOURCES
+from hdpo_ray.errors import UserError
 
 log = logging.getLogger("hdpo_ray")
 
@@ -32,7 +33,7 @@ IDLE_LOOKS = 5
 PROGRESS_EVERY_S = 10.0
 
 
-class ResourceError(RuntimeError):
+class ResourceError(UserError, RuntimeError):
     """The cluster cannot hold what the run asks for; one line for the user."""
 
 

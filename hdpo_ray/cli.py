@@ -1,7 +1,8 @@
 """`hdpo-ray train|sweep|eval [--config FILE.yaml] [key=value ...]` and `hdpo-ray toy` (also `python -m hdpo_ray`).
 
 Bad input -- an unknown key, a value out of range, a missing file, an invalid data row -- prints one
-line `hdpo-ray: error: ...` and exits with status 2; no traceback.
+line `hdpo-ray: error: ...` and exits with status 2 (a hdpo_ray.errors.UserError); a run that stopped
+itself (non-finite losses) says why the same way and exits with 1 (errors.Stopped); no traceback.
 """
 
 from __future__ import annotations
@@ -12,9 +13,7 @@ import sys
 
 from hdpo_ray import __version__
 from hdpo_ray.config import EMBEDDED_DEFAULT, ConfigError, describe_keys, load_config
-
-EXIT_BAD_INPUT = 2
-EXIT_STOPPED = 1  # the run started and stopped itself (non-finite losses); the message says why
+from hdpo_ray.errors import user_facing
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -143,80 +142,44 @@ def _resume_config(args: argparse.Namespace):
     return config
 
 
-def _bad_input_message(err: BaseException) -> str | None:
-    """The one-line message of an input error, also when Ray wrapped it on the way up."""
-    from hdpo_ray.capacity import ResourceError
-    from hdpo_ray.data.prepare import DataError
-    from hdpo_ray.data.read import SourceError
-    from hdpo_ray.data.template import TemplateError
-    from hdpo_ray.eval.tasks.base import TaskDataError
-    from hdpo_ray.models import ModelSourceError
-    from hdpo_ray.train.trainer import TrainingStopped
-
-    seen = set()
-    while err is not None and id(err) not in seen:
-        seen.add(id(err))
-        if isinstance(
-            err,
-            (
-                ConfigError,
-                DataError,
-                SourceError,
-                TemplateError,
-                ResourceError,
-                ModelSourceError,
-                TaskDataError,
-                TrainingStopped,
-            ),
-        ):
-            return str(err)
-        err = getattr(err, "cause", None) or err.__cause__
-    return None
-
-
-def _stopped(err: BaseException) -> bool:
-    from hdpo_ray.train.trainer import TrainingStopped
-
-    for _ in range(20):  # down the chain of causes, as Ray wraps errors
-        if err is None or isinstance(err, TrainingStopped):
-            break
-        err = getattr(err, "cause", None) or err.__cause__
-    return isinstance(err, TrainingStopped)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if args.command == "toy":
-        try:
-            return _toy(args)
-        except ConfigError as err:
-            print(f"hdpo-ray: error: {err}", file=sys.stderr)
-            return EXIT_BAD_INPUT
     if getattr(args, "help_config", False):
         print("\n".join(describe_keys()))
         return 0
-    logging.basicConfig(level=logging.INFO, format="[hdpo-ray] %(message)s")
     try:
-        config = (
-            _resume_config(args)
-            if getattr(args, "resume", None)
-            else load_config(args.config or str(EMBEDDED_DEFAULT), args.overrides)
-        )
-        if args.command == "eval":
-            return _evaluate(config, args.model or config.model.name_or_path)
-        if args.command == "sweep":
-            from hdpo_ray.sweep.tuner import run_sweep
-
-            return _report_sweep(config, run_sweep(config))
-        from hdpo_ray.pipeline import run_training
-
-        result = run_training(config)
+        return _run(args)
     except Exception as err:  # noqa: BLE001 -- input errors become one line; anything else keeps its traceback
-        message = _bad_input_message(err)
-        if message is None:
+        known = user_facing(err)  # also when Ray wrapped it on the way up
+        if known is None:
             raise
-        print(f"hdpo-ray: error: {message}", file=sys.stderr)
-        return EXIT_BAD_INPUT if not _stopped(err) else EXIT_STOPPED
+        print(f"hdpo-ray: error: {known}", file=sys.stderr)
+        return known.exit_code
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.command == "toy":
+        return _toy(args)
+    logging.basicConfig(level=logging.INFO, format="[hdpo-ray] %(message)s")
+    if getattr(args, "resume", None):
+        config = _resume_config(args)
+    else:
+        config = load_config(args.config or str(EMBEDDED_DEFAULT), args.overrides)
+    if args.command == "eval":
+        return _evaluate(config, args.model or config.model.name_or_path)
+    from hdpo_ray.train.deepspeed_config import check_user_json
+
+    check_user_json(config)
+    if args.command == "sweep":
+        from hdpo_ray.sweep.tuner import run_sweep
+
+        return _report_sweep(config, run_sweep(config))
+    from hdpo_ray.pipeline import run_training
+
+    return _report_training(run_training(config))
+
+
+def _report_training(result) -> int:
     m = result.metrics
     shown = [
         ("loss", 4),

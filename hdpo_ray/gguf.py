@@ -24,12 +24,13 @@ from functools import lru_cache
 from pathlib import Path
 
 from hdpo_ray.config import is_uri
+from hdpo_ray.errors import UserError
 
 SOURCE_FILE = "gguf_source.json"
 """Written into every converted directory: the GGUF's name and content hash (its model fingerprint)."""
 
 
-class GGUFError(ValueError):
+class GGUFError(UserError, ValueError):
     """A GGUF file that cannot be used as a model; one line for the user."""
 
 
@@ -44,7 +45,7 @@ def cache_root() -> Path:
 
 def file_digest(path: Path) -> str:
     """blake2b-128 of the file's bytes."""
-    from hdpo_ray.data.read import update_with_file
+    from hdpo_ray.storage import update_with_file
 
     digest = hashlib.blake2b(digest_size=16)
     update_with_file(digest, path)

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from hdpo_ray.config import EMBEDDED_MODEL, EMBEDDED_SFT_MODEL, SMOLLM2_MODEL
+from hdpo_ray.errors import UserError
 from hdpo_ray.gguf import GGUFError, gguf_to_hf_dir, is_gguf, recorded_digest
 
 ASSETS = Path(str(resources.files("hdpo_ray") / "assets"))
@@ -50,7 +51,7 @@ TINY_LLAMA = dict(
 TINY_LLAMA_SEED = 1234
 
 
-class ModelSourceError(ValueError):
+class ModelSourceError(UserError, ValueError):
     """A model that cannot be found; one line for the user."""
 
 
@@ -138,7 +139,7 @@ def load_tokenizer(
 
 
 def _hash_files(paths: list[Path]) -> str:
-    from hdpo_ray.data.read import update_with_file
+    from hdpo_ray.storage import update_with_file
 
     digest = hashlib.blake2b(digest_size=16)
     for path in sorted(paths):

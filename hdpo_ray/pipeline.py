@@ -11,47 +11,12 @@ from pathlib import Path
 
 from hdpo_ray.capacity import held
 from hdpo_ray.config import Config
-from hdpo_ray.data.prepare import EncodedSplit, PreparedSplit, configure_ray_data
+from hdpo_ray.data.prepare import EncodedSplit, PreparedSplit
+from hdpo_ray.runtime import init_ray
 from hdpo_ray.shared_storage import check_shared, run_paths
 from hdpo_ray.train.trainer import TrainResult, finish, fit, training_phases
 
 log = logging.getLogger("hdpo_ray")
-
-
-def init_ray(config: Config) -> None:
-    """Join the cluster at RAY_ADDRESS if set (ray job submit, KubeRay), else start a local Ray
-    whose dashboard listens on loopback only."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    wanted = {
-        "DS_ACCELERATOR": "cuda" if config.train.use_gpu else "cpu",
-        "TOKENIZERS_PARALLELISM": "false",
-        # Read by every Ray Train controller this run starts (Tune trials' too), which inherit this runtime env.
-        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": str(config.train.report_poll_s),
-    }
-    # where converted GGUF models live: the driver's choice holds for its workers
-    if os.environ.get("HDPO_RAY_MODEL_CACHE"):
-        wanted["HDPO_RAY_MODEL_CACHE"] = os.environ["HDPO_RAY_MODEL_CACHE"]
-    if os.environ.get("RAY_ADDRESS"):
-        # Ray's State API, used inside the run's actors (Ray Train's placement-group cleaner), finds its cluster
-        # from RAY_ADDRESS, else by looking for a running GCS and failing when a machine runs more than one.
-        wanted["RAY_ADDRESS"] = os.environ["RAY_ADDRESS"]
-    env = {"env_vars": {k: v for k, v in wanted.items() if k not in _job_env_vars()}}
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(runtime_env=env, log_to_driver=True)
-    else:
-        # The dashboard process also serves the State API, which Ray Train's placement-group cleaner needs.
-        ray.init(runtime_env=env, include_dashboard=True, dashboard_host="127.0.0.1", logging_level=logging.WARNING)
-    configure_ray_data()
-
-
-def _job_env_vars() -> dict[str, str]:
-    """The env vars of the runtime env `ray job submit` gave this driver's job. Ray refuses to merge a driver's
-    runtime env that sets one of them again, so the job's values win."""
-    job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}"))
-    return (job.get("runtime_env") or {}).get("env_vars") or {}
 
 
 @dataclass

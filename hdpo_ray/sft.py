@@ -44,7 +44,7 @@ def chosen_sequences(recipe: dict) -> list[tuple[list[int], list[int]]]:
     """(prompt ids, chosen ids) of every valid pair in the recipe's embedded file,
     templated and truncated as for training."""
     from hdpo_ray.config import EMBEDDED_MODEL
-    from hdpo_ray.data.read import _records, expand_sources
+    from hdpo_ray.data.read import expand_sources, file_records
     from hdpo_ray.data.template import encode_pair
     from hdpo_ray.data.validate import InvalidRow, normalize_pair
     from hdpo_ray.models import load_tokenizer
@@ -52,7 +52,7 @@ def chosen_sequences(recipe: dict) -> list[tuple[list[int], list[int]]]:
     tokenizer = load_tokenizer(EMBEDDED_MODEL)
     (path,) = expand_sources([f"embedded:{recipe['data']}"])
     sequences = []
-    for _, raw, _ in _records(path):
+    for _, raw, _ in file_records(path):
         try:
             pair = normalize_pair(json.loads(raw))
         except InvalidRow:

@@ -174,7 +174,7 @@ def ray_session(ray_address):
     """This test process connected to the session's cluster as a Ray driver."""
     import ray
 
-    from hdpo_ray.data.prepare import configure_ray_data
+    from hdpo_ray.runtime import configure_ray_data
 
     ray.init(
         address=ray_address,

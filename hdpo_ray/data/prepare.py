@@ -13,11 +13,8 @@ its manifest is incomplete and is rebuilt, so an interrupted write is never read
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import math
-import os
 import time
 import uuid
 from collections import defaultdict
@@ -26,23 +23,21 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.fs as pafs
 
-from hdpo_ray.config import Config, is_uri
-from hdpo_ray.data.read import _filesystem, expand_sources, fingerprint_sources, read_raw_rows
+from hdpo_ray.config import Config
+from hdpo_ray.data.cache import READ_CPUS, build_or_read, cache_key, cache_root, count_rows, read_entry, read_table
+from hdpo_ray.data.read import expand_sources, fingerprint_sources, read_raw_rows, row_name
 from hdpo_ray.data.reference import add_reference_logprobs, reference_dtype
 from hdpo_ray.data.template import encode_rows_fn
+from hdpo_ray.errors import UserError
 
 log = logging.getLogger("hdpo_ray")
 PREP_VERSION = "2"  # bump when the encoded layout, the row order or tokenization rules change
 MAX_EXAMPLES = 20
 ROWS_PER_FILE = 4096  # cache entries are written in files of at least this many rows, not one per (small) block
-READ_CPUS = (
-    0.25  # parquet reads and writes are I/O: a small CPU claim lets them run beside the reference pool and the workers
-)
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """Input data the run cannot use; the message is one line for the user, `report` what was read."""
 
     def __init__(self, message: str, report: dict | None = None):
@@ -59,55 +54,13 @@ class PreparedSplit:
     cache_entry: str | None
 
 
-def _hash(*parts: Any) -> str:
-    return hashlib.blake2b(json.dumps(parts, sort_keys=True, default=str).encode(), digest_size=10).hexdigest()
-
-
-def _cache_root(config: Config) -> str:
-    root = config.reference.cache_dir or os.path.join(config.output_dir, "prepared")
-    return root if is_uri(root) else os.path.abspath(os.path.expanduser(root))
-
-
-def _entry_fs(entry: str) -> tuple[pafs.FileSystem, str]:
-    """(filesystem, path) of a cache entry given as a URI or a local absolute path."""
-    return _filesystem(entry if is_uri(entry) else f"file://{entry}")
-
-
-def _read_manifest(entry: str) -> dict | None:
-    fs, path = _entry_fs(entry)
-    try:
-        with fs.open_input_stream(f"{path}/manifest.json") as f:
-            return json.loads(f.read())
-    except (FileNotFoundError, OSError):
-        return None
-
-
-def _write_manifest(entry: str, manifest: dict) -> None:
-    fs, path = _entry_fs(entry)
-    with fs.open_output_stream(f"{path}/manifest.json") as f:
-        f.write(json.dumps(manifest, indent=2).encode())
-
-
-def _fresh_dir(entry: str) -> None:
-    """Empty a half-written entry so its stale parquet files are not mixed into the new one."""
-    fs, path = _entry_fs(entry)
-    if fs.get_file_info(path).type != pafs.FileType.NotFound:
-        fs.delete_dir(path)
-    fs.create_dir(path)
-
-
 def summarize(entry: str) -> dict[str, Any]:
     """Rows read, valid, skipped (by reason) and truncated, per file and in total, from an encoded entry.
 
     Counted with Arrow group-bys over five small columns: the driver holds no Python object per row, so
     its memory does not grow with the dataset (only the first MAX_EXAMPLES invalid rows become dicts).
     """
-    import pyarrow.dataset as pads
-
-    fs, path = _entry_fs(entry)
-    table = pads.dataset(path, filesystem=fs, format="parquet").to_table(
-        columns=["source_file", "source_row", "skip_reason", "skip_detail", "truncated"]
-    )
+    table = read_table(entry, columns=["source_file", "source_row", "skip_reason", "skip_detail", "truncated"])
     valid = pc.is_null(table["skip_reason"])
     counts = pa.table(
         {
@@ -149,11 +102,8 @@ def summarize(entry: str) -> dict[str, Any]:
     return {**total, "skipped_by_reason": dict(by_reason), "files": files, "invalid_examples": examples}
 
 
-def _row_name(file: str, row: int) -> str:
-    return f"{file}, {'line' if file.endswith(('.jsonl', '.jsonl.gz')) else 'row'} {row}"
-
-
-def _valid_only(table: pa.Table) -> pa.Table:
+def valid_only(table: pa.Table) -> pa.Table:
+    """The rows of an encoded entry's table that validation kept (no skip_reason)."""
     return table.filter(pc.is_null(table["skip_reason"]))
 
 
@@ -161,18 +111,17 @@ def _encode(config: Config, files: list[str], tokenizer, split: str) -> tuple[st
     from hdpo_ray.models import tokenizer_fingerprint
 
     data = config.data
-    key = _hash(
+    key = cache_key(
         PREP_VERSION,
         fingerprint_sources(files),
         tokenizer_fingerprint(tokenizer),
         data.max_length,
         data.max_prompt_length,
     )
-    entry = f"{_cache_root(config)}/encoded-{key}"
-    manifest = _read_manifest(entry)
-    if manifest is None:
+    entry = f"{cache_root(config)}/encoded-{key}"
+
+    def build() -> dict:
         start = time.perf_counter()
-        _fresh_dir(entry)
         encode = encode_rows_fn(
             config.model.name_or_path,
             data.chat_template,
@@ -183,13 +132,14 @@ def _encode(config: Config, files: list[str], tokenizer, split: str) -> tuple[st
         encoded = read_raw_rows(files).map_batches(encode, batch_format="pyarrow", batch_size=256)
         encoded.set_name(f"encode-{split}")  # the stage's name in the Ray dashboard's Data view
         encoded.write_parquet(entry, min_rows_per_file=ROWS_PER_FILE)
-        manifest = {
+        return {
             "key": key,
             "files": files,
             "report": summarize(entry),
             "seconds": round(time.perf_counter() - start, 2),
         }
-        _write_manifest(entry, manifest)
+
+    manifest, _ = build_or_read(entry, build)
     log.info(
         "%s data: %d rows read, %d valid, %d skipped, %d truncated (%s)",
         split,
@@ -224,7 +174,7 @@ def encode_split(config: Config, specs: list[str], split: str) -> EncodedSplit:
         first = report["invalid_examples"][0]
         raise DataError(
             (
-                f"{_row_name(first['file'], first['row'])}: {first['reason']}: {first['detail']} ({report['skipped']} "
+                f"{row_name(first['file'], first['row'])}: {first['reason']}: {first['detail']} ({report['skipped']} "
                 f"invalid rows in {split} data, listed in data_report.json; fix them or set data.on_invalid=skip)"
             ),
             {split: report},
@@ -232,48 +182,6 @@ def encode_split(config: Config, specs: list[str], split: str) -> EncodedSplit:
     if report["valid"] == 0:
         raise DataError(f"no valid pairs in {split} data {specs}: {report['skipped_by_reason']}", {split: report})
     return EncodedSplit(split, entry, manifest)
-
-
-def configure_ray_data() -> None:
-    """This process's Ray Data settings, set before it builds a dataset: no progress bars, warnings only,
-    rows kept in order, and parquet read by Ray Data's V1 reader.
-
-    In order: the cache entries hold the pairs in input order whatever the cluster (the reference pool's
-    actors finish batches in any order), so training sees the same pairs in the same steps anywhere.
-
-    Ray 2.60's V2 parquet reader lists files in a task holding one CPU that starts 32 FooterReader
-    actors, each needing one more CPU to be scheduled. Where little CPU is free (a sweep's trials side
-    by side, each worker reading the eval split, on a cluster the workers fill), the listing tasks hold
-    every free CPU and their footer readers never start: the run hangs. V1 reads with READ_CPUS.
-    """
-    import ray.data
-
-    context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = False
-    context.print_on_execution_start = False
-    context.use_datasource_v2 = False
-    context.execution_options.preserve_order = True
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
-
-
-def read_entry(entry: str, num_blocks: int | None = None, num_cpus: float = READ_CPUS, concurrency: int | None = None):
-    """A cache entry's parquet files as a Ray Dataset, in file order (how training cuts it into
-    blocks: train.trainer.rank_blocks).
-
-    num_blocks: cut the files into about this many blocks as they are read (inside the read tasks); None leaves
-    it to Ray Data. Built after configure_ray_data (the V1 reader)."""
-    import ray.data
-
-    return ray.data.read_parquet(
-        entry, file_extensions=["parquet"], num_cpus=num_cpus, override_num_blocks=num_blocks, concurrency=concurrency
-    )
-
-
-def _parquet_rows(entry: str) -> int:
-    import pyarrow.dataset as pads
-
-    fs, path = _entry_fs(entry)
-    return pads.dataset(path, filesystem=fs, format="parquet", exclude_invalid_files=True).count_rows()
 
 
 def _valid_pairs(config: Config, encoded: EncodedSplit, *, streamed: bool):
@@ -289,7 +197,7 @@ def _valid_pairs(config: Config, encoded: EncodedSplit, *, streamed: bool):
     read_cpus, read_tasks = (0, 1) if streamed else (READ_CPUS, None)
     blocks = max(1, math.ceil(encoded.report["read"] / config.reference.batch_size))
     pairs = read_entry(encoded.entry, num_blocks=blocks, num_cpus=read_cpus, concurrency=read_tasks)
-    return pairs.map_batches(_valid_only, batch_format="pyarrow", num_cpus=read_cpus, concurrency=read_tasks)
+    return pairs.map_batches(valid_only, batch_format="pyarrow", num_cpus=read_cpus, concurrency=read_tasks)
 
 
 def score_split(config: Config, encoded: EncodedSplit, *, stream: bool = True) -> PreparedSplit:
@@ -313,46 +221,40 @@ def score_split(config: Config, encoded: EncodedSplit, *, stream: bool = True) -
         scored.set_name(f"reference-{split}")
         return PreparedSplit(scored, report["valid"], report, report["valid"], None)
 
-    key = _hash(
+    key = cache_key(
         encoded.manifest["key"],
         model_fingerprint(config.model.reference),
         reference_dtype(config),
         config.model.trust_remote_code,
     )
-    entry = f"{_cache_root(config)}/reference-{key}"
-    ref_manifest = _read_manifest(entry)
-    forward_pairs = 0
-    if ref_manifest is None:
+    entry = f"{cache_root(config)}/reference-{key}"
+
+    def build() -> dict:
         start = time.perf_counter()
-        _fresh_dir(entry)
         scored = add_reference_logprobs(valid, config, pad_id)
         scored.set_name(f"reference-{split}")
         scored.write_parquet(entry, min_rows_per_file=ROWS_PER_FILE, ray_remote_args={"num_cpus": READ_CPUS})
-        written = _parquet_rows(entry)
+        written = count_rows(entry)
         if written != report["valid"]:  # e.g. parts written to node-local disks of other nodes
             raise DataError(
                 f"reference pass wrote {written} of {report['valid']} pairs to {entry}; on a multi-node cluster "
                 "reference.cache_dir must be shared storage (a URI or a shared mount)"
             )
-        forward_pairs = report["valid"]
-        ref_manifest = {
+        seconds = round(time.perf_counter() - start, 2)
+        log.info("%s reference log-probs: %d pairs scored in %.1f s -> %s", split, report["valid"], seconds, entry)
+        return {
             "key": key,
             "encoded": encoded.entry,
             "reference": config.model.reference,
-            "pairs": forward_pairs,
-            "seconds": round(time.perf_counter() - start, 2),
+            "pairs": report["valid"],
+            "seconds": seconds,
             "id": uuid.uuid4().hex,
         }
-        _write_manifest(entry, ref_manifest)
-        log.info(
-            "%s reference log-probs: %d pairs scored in %.1f s -> %s",
-            split,
-            forward_pairs,
-            ref_manifest["seconds"],
-            entry,
-        )
-    else:
+
+    _, built = build_or_read(entry, build)
+    if not built:
         log.info("%s reference log-probs: cache hit, no reference forward pass (%s)", split, entry)
+    forward_pairs = report["valid"] if built else 0
     dataset = read_entry(entry)
     return PreparedSplit(dataset, report["valid"], report, forward_pairs, entry)
 

@@ -25,6 +25,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from hdpo_ray.config import DATA_SUFFIXES, is_uri, looks_like_hub_id
+from hdpo_ray.errors import UserError
+from hdpo_ray.storage import filesystem, update_with_file
 
 ROWS_PER_BLOCK = 512
 RAW_SCHEMA = pa.schema(
@@ -32,18 +34,8 @@ RAW_SCHEMA = pa.schema(
 )
 
 
-class SourceError(ValueError):
+class SourceError(UserError, ValueError):
     """A data source that cannot be listed or opened; one line for the user."""
-
-
-def _filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
-    try:
-        return pafs.FileSystem.from_uri(uri)
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-        import fsspec  # protocols Arrow lacks (hf://, http://, ...) go through fsspec
-
-        fs, path = fsspec.core.url_to_fs(uri)
-        return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
 
 
 def _hub_patterns(spec: str) -> list[str]:
@@ -92,7 +84,7 @@ def _expand_remote(uri: str) -> list[str]:
 
             fs, pattern = fsspec.core.url_to_fs(uri)
             return sorted(f"{scheme}://{p}" for p in fs.glob(pattern) if p.endswith(DATA_SUFFIXES))
-        fs, path = _filesystem(uri)
+        fs, path = filesystem(uri)
         info = fs.get_file_info(path)
         if info.type == pafs.FileType.Directory:
             listing = fs.get_file_info(pafs.FileSelector(path, recursive=True))
@@ -104,13 +96,6 @@ def _expand_remote(uri: str) -> list[str]:
         ) from None
 
 
-def update_with_file(digest, path: str | os.PathLike) -> None:
-    """Feed a local file's bytes into a hashlib object, 4 MiB at a time."""
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            digest.update(block)
-
-
 def fingerprint_sources(files: list[str]) -> list[tuple[str, int, str]]:
     """(file, size, content or version token) per file, for cache keys; local files are hashed."""
     import hashlib
@@ -118,7 +103,7 @@ def fingerprint_sources(files: list[str]) -> list[tuple[str, int, str]]:
     out = []
     for file in files:
         if is_uri(file):
-            fs, path = _filesystem(file)
+            fs, path = filesystem(file)
             info = fs.get_file_info(path)
             out.append((file, info.size or 0, str(info.mtime_ns)))
         else:
@@ -130,12 +115,17 @@ def fingerprint_sources(files: list[str]) -> list[tuple[str, int, str]]:
 
 def _open(file: str):
     if is_uri(file):
-        fs, path = _filesystem(file)
+        fs, path = filesystem(file)
         return fs.open_input_stream(path, compression=None)  # bytes as stored: .gz is decompressed by the reader
     return open(file, "rb")
 
 
-def _records(file: str) -> Iterator[tuple[int, str | None, str | None]]:
+def row_name(file: str, row: int) -> str:
+    """How a user finds a row: "FILE, line N" in jsonl files, "FILE, row N" (the record number) in others."""
+    return f"{file}, {'line' if file.endswith(('.jsonl', '.jsonl.gz')) else 'row'} {row}"
+
+
+def file_records(file: str) -> Iterator[tuple[int, str | None, str | None]]:
     """(row number, JSON text or None, read error or None) for every record of one file."""
     if file.endswith(".parquet"):
         import pyarrow.parquet as pq
@@ -170,9 +160,9 @@ def _records(file: str) -> Iterator[tuple[int, str | None, str | None]]:
 
 
 def _records_or_error(file: str) -> Iterator[tuple[int, str | None, str | None]]:
-    """_records, but a file that cannot be opened or decoded ends in one error row (row 0) naming why."""
+    """file_records, but a file that cannot be opened or decoded ends in one error row (row 0) naming why."""
     try:
-        yield from _records(file)
+        yield from file_records(file)
     except (OSError, UnicodeDecodeError, pa.ArrowException) as err:
         yield 0, None, f"file could not be read ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
 

@@ -20,9 +20,10 @@ import jinja2
 import pyarrow as pa
 
 from hdpo_ray.data.validate import InvalidRow, Pair, normalize_pair
+from hdpo_ray.errors import UserError
 
 
-class TemplateError(ValueError):
+class TemplateError(UserError, ValueError):
     """The chat template does not render a prompt as a prefix of its conversation."""
 
 

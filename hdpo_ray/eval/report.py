@@ -8,12 +8,12 @@ Metric names are flat so a sweep can select on them: `{task}/{metric}/t={tempera
 from __future__ import annotations
 
 import json
-import os
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 from hdpo_ray.eval.passk import mean_pass_at_k
+from hdpo_ray.storage import atomic_write, atomic_write_lines
 
 
 def metric_key(task: str, metric: str, temperature: float) -> str:
@@ -135,17 +135,8 @@ def write_results(results: dict[str, Any], samples: list[dict[str, Any]], output
     """results.json, results.md, samples.jsonl and the plots; each file is written whole, then renamed."""
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    partial = out / "samples.jsonl.tmp"
-    with open(partial, "w") as f:  # line by line: a full-size run holds hundreds of thousands of samples
-        for sample in samples:
-            f.write(json.dumps(sample, ensure_ascii=False) + "\n")
-    os.replace(partial, out / "samples.jsonl")
+    # line by line: a full-size run holds hundreds of thousands of samples
+    atomic_write_lines(out / "samples.jsonl", (json.dumps(sample, ensure_ascii=False) for sample in samples))
     results["plots"] = plot_results(results, out)
-    _atomic_write(out / "results.md", results_markdown(results))
-    _atomic_write(out / "results.json", json.dumps(results, indent=1))
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic_write(out / "results.md", results_markdown(results))
+    atomic_write(out / "results.json", json.dumps(results, indent=1))

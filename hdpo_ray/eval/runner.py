@@ -56,7 +56,7 @@ def eval_group(e: EvalConfig) -> Group:
 def plan_eval(config: Config, tasks: list[str]) -> tuple[str, dict[str, Any], dict[str, list]]:
     """What can be checked before any sampling: (backend, {task: Task}, {task: problems}). Reads and validates
     every task's data, so a sweep fails on a bad eval plan before it trains anything."""
-    from hdpo_ray.eval.sampling import choose_backend
+    from hdpo_ray.eval.samplers import choose_backend
     from hdpo_ray.eval.tasks import get_task
 
     e = config.eval
@@ -84,7 +84,7 @@ def run_eval(
     asked for it, and a second request from here would replace the driver's with the autoscaler).
     """
     from hdpo_ray.models import model_fingerprint
-    from hdpo_ray.pipeline import init_ray
+    from hdpo_ray.runtime import init_ray
 
     e = config.eval
     started = time.time()
@@ -115,7 +115,8 @@ def _sample_and_score(
     started: float,
 ) -> dict[str, Any]:
     from hdpo_ray.eval.report import aggregate, flat_metrics, write_results
-    from hdpo_ray.eval.sampling import SamplingPlan, sample_completions
+    from hdpo_ray.eval.samplers import SamplingPlan
+    from hdpo_ray.eval.sampling import sample_completions
 
     e = config.eval
     rows = [

@@ -15,15 +15,11 @@ import torch
 
 def eval_pairs(encoded_entry: str, limit: int) -> dict[str, list]:
     """The first `limit` valid pairs of an encoded cache entry, in (file, row) order."""
-    import pyarrow.dataset as pads
+    from hdpo_ray.data.cache import read_table
+    from hdpo_ray.data.prepare import valid_only
 
-    from hdpo_ray.data.prepare import _entry_fs, _valid_only
-
-    fs, path = _entry_fs(encoded_entry)
-    table = pads.dataset(path, filesystem=fs, format="parquet", exclude_invalid_files=True).to_table(
-        columns=["source_file", "source_row", "skip_reason", "prompt_ids", "chosen_ids"]
-    )
-    table = _valid_only(table).sort_by([("source_file", "ascending"), ("source_row", "ascending")]).slice(0, limit)
+    table = read_table(encoded_entry, columns=["source_file", "source_row", "skip_reason", "prompt_ids", "chosen_ids"])
+    table = valid_only(table).sort_by([("source_file", "ascending"), ("source_row", "ascending")]).slice(0, limit)
     return {"prompt_ids": table["prompt_ids"].to_pylist(), "chosen_ids": table["chosen_ids"].to_pylist()}
 
 

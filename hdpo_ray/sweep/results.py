@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from hdpo_ray.config import Config
+from hdpo_ray.sweep.grid import trial_name
 
 SELECTABLE_METRICS = (
     "eval/policy_accuracy",
@@ -71,8 +72,6 @@ def trial_row(
     status: str,
 ) -> dict[str, Any]:
     """One table row from a trial's grid point, its last logged metrics and its measures (entropy, task metrics)."""
-    from hdpo_ray.sweep.tuner import trial_name
-
     row = {
         "trial": trial_name(params),
         **params,

@@ -18,46 +18,22 @@ import logging
 import math
 import os
 import time
-from itertools import product
 from pathlib import Path
 from typing import Any
 
 from hdpo_ray.capacity import DATA_CPUS, Phase, held
 from hdpo_ray.config import Config, ConfigError, flatten
 from hdpo_ray.shared_storage import check_shared, run_paths
+from hdpo_ray.storage import atomic_write
+from hdpo_ray.sweep.grid import TRIALS_DIR, trial_config, trial_grid, trial_name
 from hdpo_ray.train.trainer import training_phases, worker_group
 
 log = logging.getLogger("hdpo_ray")
 TUNE_DIR = "tune"
-TRIALS_DIR = "trials"
 TRIAL_MEMORY = 256 * 2**20  # bytes Tune reserves for a trial's own process
 SUMMARY = "summary.json"  # written last by a finished trial
 # Keys reported during training that compare across alphas; entropy keys exist only after training.
 EARLY_STOPPING_METRICS = ("eval/policy_accuracy", "eval/logps/chosen", "eval/entropy")
-
-
-def trial_grid(config: Config) -> list[dict[str, float]]:
-    """Every (alpha, beta, lr) of the sweep, alpha varying fastest."""
-    sweep = config.sweep
-    betas, lrs = sweep.betas or [config.loss.beta], sweep.lrs or [config.train.lr]
-    return [{"alpha": a, "beta": b, "lr": lr} for lr, b, a in product(lrs, betas, sweep.alphas)]
-
-
-def trial_name(params: dict[str, float]) -> str:
-    return f"alpha={params['alpha']:g}_beta={params['beta']:g}_lr={params['lr']:g}"
-
-
-def trial_config(base: Config, params: dict[str, float], sweep_dir: str) -> Config:
-    """The base config with this trial's alpha, beta and lr, writing under OUTPUT_DIR/trials/<name>."""
-    tree = base.to_dict()
-    tree["loss"] |= {"alpha": params["alpha"], "beta": params["beta"]}
-    storage = tree["train"]["storage_path"]  # null: checkpoints go under the trial's own output_dir
-    tree["train"] |= {
-        "lr": params["lr"],
-        "storage_path": f"{storage.rstrip('/')}/{TRIALS_DIR}/{trial_name(params)}" if storage else None,
-    }
-    tree["output_dir"] = os.path.join(sweep_dir, TRIALS_DIR, trial_name(params))
-    return Config.model_validate(tree)
 
 
 def concurrent_trials(config: Config, cluster: dict[str, float]) -> int:
@@ -131,8 +107,10 @@ def run_trial(point: dict, shared: dict) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    from hdpo_ray.data.prepare import PreparedSplit, configure_ray_data, read_entry
+    from hdpo_ray.data.cache import read_entry
+    from hdpo_ray.data.prepare import PreparedSplit
     from hdpo_ray.pipeline import last_metrics
+    from hdpo_ray.runtime import configure_ray_data
     from hdpo_ray.sweep.entropy import measure_policy_entropy
     from hdpo_ray.sweep.results import trial_row
     from hdpo_ray.train.trainer import finish, fit, read_run_state, total_optimizer_steps
@@ -195,9 +173,7 @@ def run_trial(point: dict, shared: dict) -> None:
         status="finished",
     )
     row["tokens_per_s"] = _mean_throughput(trial_dir / "metrics.jsonl")
-    partial = summary_file.with_suffix(".partial")
-    partial.write_text(json.dumps(row, indent=2))
-    os.replace(partial, summary_file)  # a summary is complete or absent
+    atomic_write(summary_file, json.dumps(row, indent=2))  # a summary is complete or absent
     ray.tune.report(row)
 
 
@@ -328,9 +304,7 @@ def reference_entropy(config: Config, output_dir: Path, eval_encoded_entry: str)
             torch_threads=train.torch_threads or max(1, int(cpus)),
         )
     )
-    partial = saved.with_suffix(".partial")
-    partial.write_text(json.dumps(entropy, indent=2))
-    os.replace(partial, saved)
+    atomic_write(saved, json.dumps(entropy, indent=2))
     return entropy
 
 
@@ -377,7 +351,7 @@ def _run_trials(config: Config, output_dir: Path, state: dict) -> tuple[Any, Any
 
 def run_sweep(config: Config) -> dict[str, Any]:
     """The whole sweep; returns {"rows", "best", "reference_forward_pairs", "wall_s"} and writes the result files."""
-    from hdpo_ray.pipeline import init_ray
+    from hdpo_ray.runtime import init_ray
     from hdpo_ray.sweep.results import write_results
 
     started = time.time()
@@ -446,9 +420,9 @@ def _trial_rows(config: Config, output_dir: Path, results) -> list[dict[str, Any
 
 def _reference_summary(state: dict, data) -> dict[str, Any]:
     """The sweep's reference pass: pairs, forward passes over all invocations, the cache entries."""
-    from hdpo_ray.data.prepare import _read_manifest
+    from hdpo_ray.data.cache import read_manifest
 
-    cached = [_read_manifest(split.cache_entry) for split in (data.train, data.eval)]
+    cached = [read_manifest(split.cache_entry) for split in (data.train, data.eval)]
     return {
         "pairs": data.train.num_pairs + data.eval.num_pairs,
         "forward_pairs": sum(i["reference_forward_pairs"] for i in state["invocations"]),

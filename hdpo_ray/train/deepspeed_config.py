@@ -6,7 +6,7 @@ import json
 import math
 from typing import Any
 
-from hdpo_ray.config import TrainConfig
+from hdpo_ray.config import Config, ConfigError, TrainConfig
 
 
 def build_deepspeed_config(train: TrainConfig, *, world_size: int) -> dict[str, Any]:
@@ -71,3 +71,13 @@ def lr_factor(step: int, *, total_steps: int, warmup_steps: int, kind: str) -> f
         return 1.0
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
     return 0.5 * (1.0 + math.cos(math.pi * progress)) if kind == "cosine" else 1.0 - progress
+
+
+def check_user_json(config: Config) -> None:
+    """A train.deepspeed_config file that cannot make a DeepSpeed config fails the command before Ray starts,
+    not every worker after the data pass (ConfigError)."""
+    if config.train.deepspeed_config:
+        try:
+            build_deepspeed_config(config.train, world_size=config.train.num_workers)
+        except (ValueError, OSError) as err:
+            raise ConfigError(f"train.deepspeed_config: {str(err).splitlines()[0]}") from None

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from hdpo_ray.config import Config, flatten
+from hdpo_ray.storage import atomic_write_lines
 
 RESTORED_KEY = "restored_from_step"  # in the first report after a restore (train/loop.py)
 
@@ -33,9 +34,7 @@ def drop_rows_from(path: Path, step: int) -> None:
         kept = [
             line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) < step
         ]
-        temporary = path.with_suffix(".tmp")
-        temporary.write_text("".join(line + "\n" for line in kept))
-        os.replace(temporary, path)
+        atomic_write_lines(path, kept)
 
 
 def _clock(seconds: float) -> str:

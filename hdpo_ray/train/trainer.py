@@ -20,13 +20,15 @@ from typing import Any
 
 from hdpo_ray.capacity import DATA_GROUP, Group, Phase, ResourceError, check_fits
 from hdpo_ray.config import Config, is_uri
+from hdpo_ray.errors import Stopped
+from hdpo_ray.storage import atomic_write, filesystem
 from hdpo_ray.train.engine import ADAPTER_DIR, EXPORT_DIR
 from hdpo_ray.train.tracking import end_mlflow_run, make_tracker, start_mlflow_run
 
 log = logging.getLogger("hdpo_ray")
 
 
-class TrainingStopped(RuntimeError):
+class TrainingStopped(Stopped, RuntimeError):
     """The workers stopped the run on purpose (non-finite losses or gradients in a row); one line for the user."""
 
 
@@ -105,9 +107,7 @@ def read_run_state(output_dir: str) -> dict[str, Any] | None:
 
 
 def write_run_state(output_dir: str, state: dict[str, Any]) -> None:
-    temporary = Path(output_dir, "run.json.tmp")
-    temporary.write_text(json.dumps(state))
-    os.replace(temporary, Path(output_dir, "run.json"))  # a reader sees the old state or the new one
+    atomic_write(Path(output_dir, "run.json"), json.dumps(state))  # a reader sees the old state or the new one
 
 
 def _run_state(output_dir: str) -> dict[str, Any]:
@@ -215,7 +215,7 @@ def remove_unregistered_checkpoints(storage: str, name: str) -> list[str]:
     """
     import pyarrow.fs as pafs
 
-    fs, root = pafs.FileSystem.from_uri(storage if is_uri(storage) else f"file://{storage}")
+    fs, root = filesystem(storage)
     run_dir = f"{root.rstrip('/')}/{name}"
     try:
         with fs.open_input_stream(f"{run_dir}/checkpoint_manager_snapshot.json") as f:

@@ -208,7 +208,7 @@ def test_non_finite_losses_are_skipped_then_stop_the_run(ray_address, tmp_path):
 LOCAL_MODE = """
 import json, psutil, ray
 from hdpo_ray.config import load_config
-from hdpo_ray.pipeline import init_ray
+from hdpo_ray.runtime import init_ray
 init_ray(load_config())
 url = ray._private.worker.get_dashboard_url()  # host:port
 port = int(url.rsplit(":", 1)[1])

@@ -7,8 +7,8 @@ import math
 
 import pytest
 
-from hdpo_ray.config import TrainConfig
-from hdpo_ray.train.deepspeed_config import build_deepspeed_config, fill_auto, lr_factor
+from hdpo_ray.config import ConfigError, TrainConfig, load_config
+from hdpo_ray.train.deepspeed_config import build_deepspeed_config, check_user_json, fill_auto, lr_factor
 
 
 @pytest.mark.parametrize("micro, ga, world", [(4, 1, 2), (2, 8, 4), (1, 1, 1), (3, 5, 7)])
@@ -110,6 +110,10 @@ def test_user_json_auto_without_value_raises(tmp_path):
     path.write_text(json.dumps({"train_batch_size": "auto", "optimizer": {"params": {"lr": "auto"}}}))
     with pytest.raises(ValueError, match="lr"):
         build_deepspeed_config(TrainConfig(deepspeed_config=str(path)), world_size=1)
+    # The CLI's check before Ray starts says the same in one line naming the key.
+    config = load_config(overrides=[f"train.deepspeed_config={path}"])
+    with pytest.raises(ConfigError, match=r"^train\.deepspeed_config: .*lr"):
+        check_user_json(config)
 
 
 def test_fill_auto_direct():

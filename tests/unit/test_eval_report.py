@@ -85,4 +85,4 @@ def test_write_results_writes_every_file(tmp_path):
     assert json.loads((tmp_path / "results.json").read_text())["plots"] == ["passk.png", "temperature.png"]
     assert (tmp_path / "samples.jsonl").read_text().count("\n") == 1
     assert all((tmp_path / name).stat().st_size > 5_000 for name in ("passk.png", "temperature.png"))
-    assert not list(tmp_path.glob("*.tmp"))
+    assert not list(tmp_path.glob("*.partial"))

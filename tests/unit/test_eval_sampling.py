@@ -10,8 +10,10 @@ import pytest
 import torch
 
 from hdpo_ray.config import EMBEDDED_SFT_MODEL, ConfigError, load_config
-from hdpo_ray.data.template import encode_prompt
-from hdpo_ray.eval.sampling import HFSampler, SamplingPlan, choose_backend, fit_prompt, row_seed
+from hdpo_ray.data.template import encode_prompt, fit_prompt
+from hdpo_ray.eval.samplers import SamplingPlan, choose_backend
+from hdpo_ray.eval.samplers.common import row_seed
+from hdpo_ray.eval.samplers.hf import HFSampler
 from hdpo_ray.generate import completion_entropy, sample
 from hdpo_ray.models import build_tiny_llama, load_tokenizer
 

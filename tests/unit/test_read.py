@@ -7,7 +7,7 @@ import json
 import pyarrow.parquet as pq
 import pytest
 
-from hdpo_ray.data.read import SourceError, _records, expand_sources, read_file_blocks
+from hdpo_ray.data.read import SourceError, expand_sources, file_records, read_file_blocks
 from hdpo_ray.models import ASSETS
 from tests.conftest import data_file
 
@@ -18,7 +18,7 @@ def test_jsonl_bad_line_keeps_the_rest_readable(tmp_path):
         '{"prompt": "a", "chosen": "b", "rejected": "c"}\n{not json\n\n[1, 2]\n{"prompt": "d", "chosen": "e", '
         '"rejected": "f"}\n'
     )
-    records = list(_records(str(path)))
+    records = list(file_records(str(path)))
     assert [r[0] for r in records] == [1, 2, 4, 5]  # line numbers; the blank line 3 is no row
     assert records[1][1] is None and "not JSON" in records[1][2]
     assert json.loads(records[2][1]) == [1, 2]  # valid JSON, not an object: validation's call
@@ -27,7 +27,7 @@ def test_jsonl_bad_line_keeps_the_rest_readable(tmp_path):
 
 def test_parquet_rows_are_numbered_from_one_and_complete():
     path = ASSETS / "ultrafeedback/train_prefs-900.parquet"
-    records = list(_records(str(path)))
+    records = list(file_records(str(path)))
     assert len(records) == 900 and records[0][0] == 1 and records[-1][0] == 900
     first = json.loads(records[0][1])
     assert first["chosen"][0]["role"] == "user" and first["prompt"] == pq.read_table(path).column("prompt")[0].as_py()
@@ -43,7 +43,7 @@ def test_unreadable_file_becomes_one_error_row(tmp_path):
 
 
 def test_json_array_layout():
-    records = list(_records(str(data_file("llamafactory_dpo/dpo_en_demo-20.json"))))
+    records = list(file_records(str(data_file("llamafactory_dpo/dpo_en_demo-20.json"))))
     assert len(records) == 20 and "conversations" in json.loads(records[0][1])
 
 
@@ -70,4 +70,4 @@ def test_expand_sources(tmp_path):
 def test_uri_through_pyarrow_filesystem(tmp_path):
     path = tmp_path / "p.jsonl"
     path.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n')
-    assert [r[0] for r in _records(f"file://{path}")] == [1]
+    assert [r[0] for r in file_records(f"file://{path}")] == [1]

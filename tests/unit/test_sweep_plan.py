@@ -10,15 +10,13 @@ import math
 import pytest
 
 from hdpo_ray.config import PAPER_ALPHAS, ConfigError, load_config
+from hdpo_ray.sweep.grid import trial_config, trial_grid, trial_name
 from hdpo_ray.sweep.results import select_best, trial_row, write_results
 from hdpo_ray.sweep.tuner import (
     _check_sweep,
     _claim_output_dir,
     concurrent_trials,
     early_stopping_scheduler,
-    trial_config,
-    trial_grid,
-    trial_name,
     without_final_eval,
 )
 

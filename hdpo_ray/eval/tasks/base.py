@@ -15,8 +15,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from hdpo_ray.errors import UserError
 
-class TaskDataError(ValueError):
+
+class TaskDataError(UserError, ValueError):
     """A task's data source is missing, unreadable or lacks a field; one line naming the file and row."""
 
 
@@ -88,8 +90,7 @@ def require(record: dict[str, Any], key: str, where: str, kind: type | tuple[typ
 def read_records(source: str) -> Iterator[tuple[str, dict[str, Any]]]:
     """(where, record) for every record of a task source, where = "file, line N"; raises TaskDataError."""
     from hdpo_ray.config import looks_like_hub_id
-    from hdpo_ray.data.prepare import _row_name
-    from hdpo_ray.data.read import SourceError, _records, expand_sources
+    from hdpo_ray.data.read import SourceError, expand_sources, file_records, row_name
 
     try:
         files = expand_sources([source])
@@ -102,8 +103,8 @@ def read_records(source: str) -> Iterator[tuple[str, dict[str, Any]]]:
         )
     for file in files:
         try:
-            for row, raw, error in _records(file):
-                where = _row_name(file, row)
+            for row, raw, error in file_records(file):
+                where = row_name(file, row)
                 if error is not None:
                     raise TaskDataError(f"{where}: {error}")
                 record = json.loads(raw)

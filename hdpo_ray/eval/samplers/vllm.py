@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from hdpo_ray.data.template import fit_prompt
-from hdpo_ray.eval.sampling import SamplingPlan, _columns, output_rows, row_seed
+from hdpo_ray.eval.samplers.common import SamplingPlan, columns, output_rows, row_seed
 
 GPU_MEMORY_FRACTION = 0.6
 
@@ -83,4 +83,4 @@ class VLLMSampler:
                 for t, h, c in zip(tokens, entropy, result.outputs, strict=True)
             ]
             out.extend(output_rows(row, completions, len(ids), truncated))
-        return _columns(out)
+        return columns(out)

@@ -1,0 +1,67 @@
+"""Ray start-up for the commands: join or start a cluster with the run's environment, and quiet Ray Data."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+from hdpo_ray.config import Config
+
+
+def init_ray(config: Config) -> None:
+    """Join the cluster at RAY_ADDRESS if set (ray job submit, KubeRay), else start a local Ray
+    whose dashboard listens on loopback only."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    wanted = {
+        "DS_ACCELERATOR": "cuda" if config.train.use_gpu else "cpu",
+        "TOKENIZERS_PARALLELISM": "false",
+        # Read by every Ray Train controller this run starts (Tune trials' too), which inherit this runtime env.
+        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": str(config.train.report_poll_s),
+    }
+    # where converted GGUF models live: the driver's choice holds for its workers
+    if os.environ.get("HDPO_RAY_MODEL_CACHE"):
+        wanted["HDPO_RAY_MODEL_CACHE"] = os.environ["HDPO_RAY_MODEL_CACHE"]
+    if os.environ.get("RAY_ADDRESS"):
+        # Ray's State API, used inside the run's actors (Ray Train's placement-group cleaner), finds its cluster
+        # from RAY_ADDRESS, else by looking for a running GCS and failing when a machine runs more than one.
+        wanted["RAY_ADDRESS"] = os.environ["RAY_ADDRESS"]
+    env = {"env_vars": {k: v for k, v in wanted.items() if k not in _job_env_vars()}}
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(runtime_env=env, log_to_driver=True)
+    else:
+        # The dashboard process also serves the State API, which Ray Train's placement-group cleaner needs.
+        ray.init(runtime_env=env, include_dashboard=True, dashboard_host="127.0.0.1", logging_level=logging.WARNING)
+    configure_ray_data()
+
+
+def _job_env_vars() -> dict[str, str]:
+    """The env vars of the runtime env `ray job submit` gave this driver's job. Ray refuses to merge a driver's
+    runtime env that sets one of them again, so the job's values win."""
+    job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}"))
+    return (job.get("runtime_env") or {}).get("env_vars") or {}
+
+
+def configure_ray_data() -> None:
+    """This process's Ray Data settings, set before it builds a dataset: no progress bars, warnings only,
+    rows kept in order, and parquet read by Ray Data's V1 reader.
+
+    In order: the cache entries hold the pairs in input order whatever the cluster (the reference pool's
+    actors finish batches in any order), so training sees the same pairs in the same steps anywhere.
+
+    Ray 2.60's V2 parquet reader lists files in a task holding one CPU that starts 32 FooterReader
+    actors, each needing one more CPU to be scheduled. Where little CPU is free (a sweep's trials side
+    by side, each worker reading the eval split, on a cluster the workers fill), the listing tasks hold
+    every free CPU and their footer readers never start: the run hangs. V1 reads with data.cache.READ_CPUS.
+    """
+    import ray.data
+
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    context.print_on_execution_start = False
+    context.use_datasource_v2 = False
+    context.execution_options.preserve_order = True
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
