@@ -70,6 +70,38 @@ def completion_logprobs(
         CompletionStats with logps (N,), entropy_sum (N,) and num_tokens (N,).
     """
     packed = position_ids is not None
+    _check_layout(input_ids, attention_mask, completion_mask, position_ids, sequence_index)
+    # Packed: no 2D mask, so that transformers reads the sequence boundaries from the restarting position ids.
+    context = {"position_ids": position_ids} if packed else {"attention_mask": attention_mask}
+    hidden = model.base_model(input_ids=input_ids, use_cache=False, **context).last_hidden_state
+
+    # Position t predicts token t+1, so the rows we need are hidden[:, t] where completion_mask[:, t+1]; a packed
+    # sequence starts with a prompt token, so no target crosses from one sequence into the next.
+    target_mask = completion_mask[:, 1:].bool()
+    rows = hidden[:, :-1][target_mask]  # (M, H)
+    targets = input_ids[:, 1:][target_mask]  # (M,)
+    if packed:
+        seq_of_row = sequence_index[:, 1:][target_mask]
+        n = int(sequence_index.max()) + 1
+    else:
+        seq_of_row = (
+            torch.arange(input_ids.shape[0], device=input_ids.device).unsqueeze(1).expand_as(target_mask)[target_mask]
+        )
+        n = input_ids.shape[0]
+
+    token_logps, token_entropy = _chunked_token_stats(model, rows, targets, chunk_tokens, with_entropy, num_chunks)
+    zeros = torch.zeros(n, dtype=torch.float32, device=input_ids.device)
+    if token_logps is None:  # no completion token at all: a zero that still reaches the graph
+        logps, entropy_sum = zeros + 0.0 * hidden.sum(), zeros.clone()
+    else:
+        logps = zeros.index_add(0, seq_of_row, token_logps)
+        entropy_sum = zeros.index_add(0, seq_of_row, token_entropy)
+    return CompletionStats(logps, entropy_sum.detach(), torch.bincount(seq_of_row, minlength=n))
+
+
+def _check_layout(input_ids, attention_mask, completion_mask, position_ids, sequence_index) -> None:
+    """ValueError unless the tensors make one of the two layouts, all of one shape, with a prompt token first."""
+    packed = position_ids is not None
     layout = (input_ids, completion_mask, *((position_ids, sequence_index) if packed else (attention_mask,)))
     if (
         completion_mask is None
@@ -90,24 +122,18 @@ def completion_logprobs(
         )
     if completion_mask[:, 0].any():
         raise ValueError("completion_mask is set on position 0: a completion token needs a prompt token before it")
-    # Packed: no 2D mask, so that transformers reads the sequence boundaries from the restarting position ids.
-    context = {"position_ids": position_ids} if packed else {"attention_mask": attention_mask}
-    hidden = model.base_model(input_ids=input_ids, use_cache=False, **context).last_hidden_state
 
-    # Position t predicts token t+1, so the rows we need are hidden[:, t] where completion_mask[:, t+1]; a packed
-    # sequence starts with a prompt token, so no target crosses from one sequence into the next.
-    target_mask = completion_mask[:, 1:].bool()
-    rows = hidden[:, :-1][target_mask]  # (M, H)
-    targets = input_ids[:, 1:][target_mask]  # (M,)
-    if packed:
-        seq_of_row = sequence_index[:, 1:][target_mask]
-        n = int(sequence_index.max()) + 1
-    else:
-        seq_of_row = (
-            torch.arange(input_ids.shape[0], device=input_ids.device).unsqueeze(1).expand_as(target_mask)[target_mask]
-        )
-        n = input_ids.shape[0]
 
+def _chunked_token_stats(
+    model: torch.nn.Module,
+    rows: torch.Tensor,
+    targets: torch.Tensor,
+    chunk_tokens: int,
+    with_entropy: bool,
+    num_chunks: int | None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """rows (M, H) hidden states, targets (M,) -> log p(target) (M,) and entropy (M,) through the LM head,
+    chunk_tokens rows at a time (num_chunks calls when given); (None, None) when no chunk ran."""
     lm_head = model.get_output_embeddings()
     softcap = getattr(model.config, "final_logit_softcapping", None)
     needed = -(-rows.shape[0] // chunk_tokens)
@@ -130,14 +156,9 @@ def completion_logprobs(
         logps, entropy = checkpoint(_token_stats, *chunk, use_reentrant=False) if recompute else _token_stats(*chunk)
         token_logps.append(logps)
         token_entropy.append(entropy)
-
-    zeros = torch.zeros(n, dtype=torch.float32, device=input_ids.device)
-    if token_logps:
-        logps = zeros.index_add(0, seq_of_row, torch.cat(token_logps))
-        entropy_sum = zeros.index_add(0, seq_of_row, torch.cat(token_entropy))
-    else:
-        logps, entropy_sum = zeros + 0.0 * hidden.sum(), zeros.clone()
-    return CompletionStats(logps, entropy_sum.detach(), torch.bincount(seq_of_row, minlength=n))
+    if not token_logps:
+        return None, None
+    return torch.cat(token_logps), torch.cat(token_entropy)
 
 
 def naive_completion_logprobs(

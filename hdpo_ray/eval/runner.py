@@ -114,7 +114,25 @@ def _sample_and_score(
     node_id: str | None,
     started: float,
 ) -> dict[str, Any]:
-    from hdpo_ray.eval.report import aggregate, flat_metrics, write_results
+    """Sample every (problem, temperature) on the actor pool, score the completions per task, write the results."""
+    from hdpo_ray.eval.report import write_results
+
+    samples = _sample(config, model, backend, problems, node_id)
+    sampling_s = time.time() - started
+    scored, tables, truncated = [], {}, {}
+    for name, task in task_objects.items():
+        records = _score_task(config.eval, task, problems[name], [s for s in samples if s["task"] == name])
+        tables[name], truncated[name] = _task_table(config.eval, task, records)
+        scored.extend(records)
+    results = _results(config.eval, model, fingerprint, backend, task_objects, tables, truncated)
+    results |= {"sampling_s": sampling_s, "scoring_s": time.time() - started - sampling_s}
+    results["wall_s"] = time.time() - started
+    write_results(results, scored, output_dir)
+    return results
+
+
+def _sample(config: Config, model: str, backend: str, problems: dict, node_id: str | None) -> list[dict[str, Any]]:
+    """num_samples completions of every (task, problem, temperature); all of them, or RuntimeError."""
     from hdpo_ray.eval.samplers import SamplingPlan
     from hdpo_ray.eval.sampling import sample_completions
 
@@ -153,37 +171,47 @@ def _sample_and_score(
             f"sampling returned {len(samples)} completions for {len(rows)} prompts x {e.num_samples} samples "
             f"(first incomplete: {short})"
         )
-    sampling_s = time.time() - started
+    return samples
 
-    scored, tables, truncated = [], {}, {}
-    for name, task in task_objects.items():
-        order = {p.id: i for i, p in enumerate(problems[name])}
-        by_id = {p.id: p for p in problems[name]}
-        mine = sorted(
-            (s for s in samples if s["task"] == name),
-            key=lambda s: (order[s["problem_id"]], e.temperatures.index(s["temperature"]), s["sample"]),
-        )
-        scores = task.score_many([(by_id[s["problem_id"]], s["completion"]) for s in mine])
-        records = [
-            dict(
-                s,
-                category=by_id[s["problem_id"]].category,
-                correct=bool(sc.correct),
-                extracted=sc.extracted,
-                details=sc.details,
-            )
-            for s, sc in zip(mine, scores, strict=True)
-        ]
-        tables[name] = {
-            f"{t:g}": aggregate([r for r in records if r["temperature"] == t], e.k, task.summarize)
-            for t in e.temperatures
-        }
-        truncated[name] = sum(
-            r["prompt_truncated"] for r in records if r["sample"] == 0 and r["temperature"] == e.temperatures[0]
-        )
-        scored.extend(records)
 
-    results = {
+def _score_task(e: EvalConfig, task, problems: list, samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One task's samples in (problem, temperature, sample) order, each with its score."""
+    order = {p.id: i for i, p in enumerate(problems)}
+    by_id = {p.id: p for p in problems}
+    mine = sorted(samples, key=lambda s: (order[s["problem_id"]], e.temperatures.index(s["temperature"]), s["sample"]))
+    scores = task.score_many([(by_id[s["problem_id"]], s["completion"]) for s in mine])
+    return [
+        dict(
+            s,
+            category=by_id[s["problem_id"]].category,
+            correct=bool(sc.correct),
+            extracted=sc.extracted,
+            details=sc.details,
+        )
+        for s, sc in zip(mine, scores, strict=True)
+    ]
+
+
+def _task_table(e: EvalConfig, task, records: list[dict[str, Any]]) -> tuple[dict[str, Any], int]:
+    """(pass@k and entropy per temperature, prompts that were truncated) of one task's scored records."""
+    from hdpo_ray.eval.report import aggregate
+
+    table = {
+        f"{t:g}": aggregate([r for r in records if r["temperature"] == t], e.k, task.summarize) for t in e.temperatures
+    }
+    truncated = sum(
+        r["prompt_truncated"] for r in records if r["sample"] == 0 and r["temperature"] == e.temperatures[0]
+    )
+    return table, truncated
+
+
+def _results(
+    e: EvalConfig, model: str, fingerprint: str, backend: str, task_objects: dict, tables: dict, truncated: dict
+) -> dict[str, Any]:
+    """results.json's content: the tables, their flat metrics and the whole sampling plan."""
+    from hdpo_ray.eval.report import flat_metrics
+
+    return {
         "model": model,
         "model_fingerprint": fingerprint,
         "backend": backend,
@@ -199,9 +227,4 @@ def _sample_and_score(
         "seed": e.seed,
         "limit": e.limit,
         "data": {name: e.data.get(name) or task.default_source for name, task in task_objects.items()},
-        "sampling_s": sampling_s,
-        "scoring_s": time.time() - started - sampling_s,
-        "wall_s": time.time() - started,
     }
-    write_results(results, scored, output_dir)
-    return results

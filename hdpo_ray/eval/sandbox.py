@@ -226,7 +226,6 @@ def run_program(code: str, *, timeout_s: float, memory_mb: int) -> ExecResult:
     faults are results, not errors."""
     import secrets
     import shutil
-    import subprocess
     import tempfile
     import time
 
@@ -253,36 +252,9 @@ def run_program(code: str, *, timeout_s: float, memory_mb: int) -> ExecResult:
             "cpu_seconds": int(timeout_s) + 1,
             "drop_to_nobody": int(as_nobody),
         }
-        env = {
-            "PATH": "/usr/bin:/bin",
-            "HOME": workdir,
-            "TMPDIR": workdir,
-            "LANG": "C.UTF-8",
-            "LC_ALL": "C.UTF-8",
-            "OMP_NUM_THREADS": "1",
-            "OPENBLAS_NUM_THREADS": "1",
-            "MKL_NUM_THREADS": "1",
-        }
         with tempfile.TemporaryFile() as stderr:
             started = time.monotonic()
-            # No preexec_fn (unsafe with threads): the launcher sets limits and namespaces after its exec.
-            launcher = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-I",
-                    "-S",
-                    "-B",
-                    os.path.abspath(__file__),
-                    *(str(config[key]) for key in _LAUNCH_ARGS),
-                ],
-                cwd=workdir,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=stderr,
-                pass_fds=(report_write,),
-                start_new_session=True,
-            )
+            launcher = _start_launcher(config, stderr)
             os.close(report_write)
             report_write = -1
             timed_out = not _wait_then_kill_group(launcher, timeout_s)
@@ -300,6 +272,34 @@ def run_program(code: str, *, timeout_s: float, memory_mb: int) -> ExecResult:
         raise SandboxError(f"the sandbox could not start a program: {errors[0]}")
     status, detail = _outcome(launcher.returncode, timed_out, stderr_tail, end_marker)
     return ExecResult(status, detail, round(seconds, 3), tuple(report))
+
+
+def _start_launcher(config: dict, stderr):
+    """A Popen of this file run as the launcher (its __main__ part) with `config` as arguments, in a new session,
+    with a bare environment; stderr goes to the given file."""
+    import subprocess
+
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "HOME": config["workdir"],
+        "TMPDIR": config["workdir"],
+        "LANG": "C.UTF-8",
+        "LC_ALL": "C.UTF-8",
+        "OMP_NUM_THREADS": "1",
+        "OPENBLAS_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+    }
+    # No preexec_fn (unsafe with threads): the launcher sets limits and namespaces after its exec.
+    return subprocess.Popen(
+        [sys.executable, "-I", "-S", "-B", os.path.abspath(__file__), *(str(config[key]) for key in _LAUNCH_ARGS)],
+        cwd=config["workdir"],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=stderr,
+        pass_fds=(config["report_fd"],),
+        start_new_session=True,
+    )
 
 
 def run_programs(

@@ -18,6 +18,7 @@ import logging
 import math
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -96,27 +97,31 @@ def _claim_output_dir(config: Config, output_dir: Path) -> dict:
     return {"config": identity, "invocations": []}
 
 
-def run_trial(point: dict, shared: dict) -> None:
-    """Ray Tune function trainable: one Ray Train run (TorchTrainer) for one point {alpha, beta, lr} of the grid.
+@dataclass(frozen=True)
+class SweepInputs:
+    """What every trial reads, bound to the trainable with tune.with_parameters: the base config, the sweep's
+    output_dir and the prepared cache entries with their pair counts."""
 
-    `shared` (bound with tune.with_parameters): the base config dict, the sweep's output_dir and the
-    prepared cache entries with their pair counts.
-    """
-    import ray
+    config: dict
+    output_dir: str
+    train_entry: str
+    train_pairs: int
+    eval_entry: str
+    eval_pairs: int
+    eval_encoded_entry: str  # the eval split's tokenized pairs: the entropy measures' prompts
+
+
+def run_trial(point: dict, inputs: SweepInputs) -> None:
+    """Ray Tune function trainable: one Ray Train run (TorchTrainer) for one point {alpha, beta, lr} of the
+    grid, then its entropy measures and eval tasks; reports the trial's row and writes it to summary.json."""
     import ray.tune
-    from ray.tune.integration.ray_train import TuneReportCallback
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    from hdpo_ray.data.cache import read_entry
-    from hdpo_ray.data.prepare import PreparedSplit
     from hdpo_ray.pipeline import last_metrics
     from hdpo_ray.runtime import configure_ray_data
-    from hdpo_ray.sweep.entropy import measure_policy_entropy
     from hdpo_ray.sweep.results import trial_row
-    from hdpo_ray.train.trainer import finish, fit, read_run_state, total_optimizer_steps
 
     params = {k: point[k] for k in ("alpha", "beta", "lr")}
-    config = trial_config(Config.model_validate(shared["config"]), params, shared["output_dir"])
+    config = trial_config(Config.model_validate(inputs.config), params, inputs.output_dir)
     trial_dir = Path(config.output_dir)
     trial_dir.mkdir(parents=True, exist_ok=True)
     summary_file = trial_dir / SUMMARY
@@ -125,43 +130,8 @@ def run_trial(point: dict, shared: dict) -> None:
         return
     started = time.time()
     configure_ray_data()  # rows in order: alpha (beta, lr) is what differs between trials
-
-    def split(entry: str, pairs: int) -> PreparedSplit:
-        return PreparedSplit(read_entry(entry), pairs, {}, 0, entry)
-
-    run_state = read_run_state(str(trial_dir)) or {}
-    final = str(trial_dir / "final")
-    if run_state.get("status") == "finished" and Path(final, "config.json").exists():
-        steps = run_state["steps"]  # trained and exported before an interruption: only the measures are missing
-    else:
-        report = _report_to_tune(TuneReportCallback, total_optimizer_steps(config, shared["train_pairs"]))
-        result, steps, state = fit(
-            config,
-            split(shared["train_entry"], shared["train_pairs"]),
-            split(shared["eval_entry"], shared["eval_pairs"]),
-            callbacks=(report,),
-        )
-        final = finish(config, result, steps, state)
-    train, sweep = config.train, config.sweep
-    cpus = train.num_workers * train.cpus_per_worker  # the training workers' share, free again now
-    # On this trial's node, where final/ was just written, and outside the trial's placement group
-    # (Tune sized that for the trial process alone). Soft: a node that cannot hold it (a CPU head node,
-    # the task asking for a GPU) gives way to one that can, which then reads final/ from shared storage.
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
-    measure = ray.remote(measure_policy_entropy).options(
-        num_cpus=cpus, num_gpus=1 if train.use_gpu else 0, scheduling_strategy=here
-    )
-    entropy = ray.get(
-        measure.remote(
-            final,
-            shared["eval_encoded_entry"],
-            num_prompts=sweep.entropy_prompts,
-            max_new_tokens=sweep.entropy_max_new_tokens,
-            seed=sweep.entropy_seed,
-            use_gpu=train.use_gpu,
-            torch_threads=train.torch_threads or max(1, int(cpus)),
-        )
-    )
+    final, steps = _train_trial(config, inputs, trial_dir)
+    entropy = _measure_entropy(config, final, inputs.eval_encoded_entry)
     task_metrics = _evaluate_tasks(config, final, trial_dir) if config.eval.tasks else {}
     row = trial_row(
         params,
@@ -175,6 +145,55 @@ def run_trial(point: dict, shared: dict) -> None:
     row["tokens_per_s"] = _mean_throughput(trial_dir / "metrics.jsonl")
     atomic_write(summary_file, json.dumps(row, indent=2))  # a summary is complete or absent
     ray.tune.report(row)
+
+
+def _train_trial(config: Config, inputs: SweepInputs, trial_dir: Path) -> tuple[str, int]:
+    """(final model directory, steps): the trial's Ray Train run, reporting to Tune, unless an earlier
+    invocation already trained and exported it."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from hdpo_ray.data.cache import read_entry
+    from hdpo_ray.data.prepare import PreparedSplit
+    from hdpo_ray.train.trainer import finish, fit, read_run_state, total_optimizer_steps
+
+    run_state = read_run_state(str(trial_dir)) or {}
+    final = str(trial_dir / "final")
+    if run_state.get("status") == "finished" and Path(final, "config.json").exists():
+        return final, run_state["steps"]  # trained and exported before an interruption: only the measures are missing
+    report = _report_to_tune(TuneReportCallback, total_optimizer_steps(config, inputs.train_pairs))
+    train = PreparedSplit(read_entry(inputs.train_entry), inputs.train_pairs, {}, 0, inputs.train_entry)
+    held_out = PreparedSplit(read_entry(inputs.eval_entry), inputs.eval_pairs, {}, 0, inputs.eval_entry)
+    result, steps, state = fit(config, train, held_out, callbacks=(report,))
+    return finish(config, result, steps, state), steps
+
+
+def _measure_entropy(config: Config, final: str, eval_encoded_entry: str) -> dict[str, float]:
+    """Both entropy measures of the trial's final model, on a Ray task with the training workers' resources."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from hdpo_ray.sweep.entropy import measure_policy_entropy
+
+    train, sweep = config.train, config.sweep
+    cpus = train.num_workers * train.cpus_per_worker  # the training workers' share, free again now
+    # On this trial's node, where final/ was just written, and outside the trial's placement group
+    # (Tune sized that for the trial process alone). Soft: a node that cannot hold it (a CPU head node,
+    # the task asking for a GPU) gives way to one that can, which then reads final/ from shared storage.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    measure = ray.remote(measure_policy_entropy).options(
+        num_cpus=cpus, num_gpus=1 if train.use_gpu else 0, scheduling_strategy=here
+    )
+    return ray.get(
+        measure.remote(
+            final,
+            eval_encoded_entry,
+            num_prompts=sweep.entropy_prompts,
+            max_new_tokens=sweep.entropy_max_new_tokens,
+            seed=sweep.entropy_seed,
+            use_gpu=train.use_gpu,
+            torch_threads=train.torch_threads or max(1, int(cpus)),
+        )
+    )
 
 
 def _evaluate_tasks(config: Config, final: str, trial_dir: Path) -> dict[str, float]:
@@ -220,14 +239,14 @@ def _mean_throughput(path: Path) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
-def _tuner(config: Config, output_dir: Path, shared: dict, concurrency: int, total_steps: int):
+def _tuner(config: Config, output_dir: Path, inputs: SweepInputs, concurrency: int, total_steps: int):
     from ray import tune
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
     # A trial's own process only waits on its TorchTrainer: the workers, Ray Data and the entropy task
     # ask for their resources themselves, so the trial takes no CPU (a CPU held here would starve Ray
     # Data's tasks) and max_concurrent_trials packs them. Tune refuses an empty request: memory.
-    trainable = tune.with_resources(tune.with_parameters(run_trial, shared=shared), {"CPU": 0, "memory": TRIAL_MEMORY})
+    trainable = tune.with_resources(tune.with_parameters(run_trial, inputs=inputs), {"CPU": 0, "memory": TRIAL_MEMORY})
     path = str(output_dir / TUNE_DIR)
     if tune.Tuner.can_restore(path):
         log.info(
@@ -326,15 +345,15 @@ def _run_trials(config: Config, output_dir: Path, state: dict) -> tuple[Any, Any
         {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "reference_forward_pairs": data.reference_forward_pairs}
     )
     (output_dir / "sweep.json").write_text(json.dumps(state, indent=2))
-    shared = {
-        "config": config.to_dict(),
-        "output_dir": str(output_dir),
-        "train_entry": data.train.cache_entry,
-        "train_pairs": data.train.num_pairs,
-        "eval_entry": data.eval.cache_entry,
-        "eval_pairs": data.eval.num_pairs,
-        "eval_encoded_entry": data.eval_encoded.entry,
-    }
+    inputs = SweepInputs(
+        config=config.to_dict(),
+        output_dir=str(output_dir),
+        train_entry=data.train.cache_entry,
+        train_pairs=data.train.num_pairs,
+        eval_entry=data.eval.cache_entry,
+        eval_pairs=data.eval.num_pairs,
+        eval_encoded_entry=data.eval_encoded.entry,
+    )
     grid = trial_grid(config)
     concurrency = concurrent_trials(config, ray.cluster_resources())
     total_steps = total_optimizer_steps(config, data.train.num_pairs)
@@ -346,7 +365,7 @@ def _run_trials(config: Config, output_dir: Path, state: dict) -> tuple[Any, Any
         total_steps,
         data.train.num_pairs + data.eval.num_pairs,
     )
-    return _tuner(config, output_dir, shared, concurrency, total_steps).fit(), data
+    return _tuner(config, output_dir, inputs, concurrency, total_steps).fit(), data
 
 
 def run_sweep(config: Config) -> dict[str, Any]:

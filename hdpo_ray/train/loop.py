@@ -11,7 +11,8 @@ import logging
 import math
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -22,7 +23,7 @@ from hdpo_ray.logprobs import use_packing
 from hdpo_ray.loss import hdpo_loss
 from hdpo_ray.train.engine import build_engine, export_model, load_checkpoint, save_checkpoint
 from hdpo_ray.train.nonfinite import NonFiniteGuard, finite_everywhere, step_engine
-from hdpo_ray.train.tracking import RESTORED_KEY
+from hdpo_ray.train.tracking import CHECKPOINT_ONLY_KEY, RESTORED_KEY
 
 SUMS = (
     "seconds",
@@ -195,109 +196,183 @@ def _quiet_worker_logs() -> None:
     hf_logging.disable_progress_bar()
 
 
-def train_loop_per_worker(loop_config: dict) -> dict:
-    """Ray Train entry point. loop_config: {"config": Config dict, "total_steps", "num_eval_pairs"}."""
-    import ray.train
+@dataclass
+class LoopState:
+    """Where the loop is; saved with every checkpoint (hdpo_state.json) and read back on restore."""
 
-    _quiet_worker_logs()
-    config = Config.model_validate(loop_config["config"])
-    total_steps, num_eval_pairs = loop_config["total_steps"], loop_config["num_eval_pairs"]
-    train = config.train
-    torch.manual_seed(train.seed)
-    torch.set_num_threads(train.torch_threads or max(1, int(train.cpus_per_worker)))
-    context = ray.train.get_context()
-    device = torch.device("cuda", torch.cuda.current_device()) if train.use_gpu else torch.device("cpu")
-    engine = build_engine(config, total_steps=total_steps, world_size=context.get_world_size())
-    packed = use_packing(
-        config.train.packing,
-        engine.module.model,
-        device,
-        config.model.name_or_path,
-        announce=context.get_world_rank() == 0,
-    )
+    step: int = 0  # optimizer steps taken
+    epoch: int = 0
+    micro_batches_in_epoch: int = 0  # this rank's micro-batches of the current epoch already consumed
+    skipped_batches: int = 0  # micro-batches with a non-finite loss (no backward on any rank)
+    skipped_steps: int = 0  # optimizer steps not applied (non-finite gradient)
 
-    state = {"step": 0, "epoch": 0, "micro_batches_in_epoch": 0}
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as directory:
-            state |= load_checkpoint(engine, directory)
-        if context.get_world_rank() == 0:
-            print(
-                f"[hdpo-ray] restoring the checkpoint at step {state['step']}: epoch {state['epoch']}'s first "
-                f"{state['micro_batches_in_epoch']} micro-batches per worker are read again and skipped, the steps "
-                "after the checkpoint are trained again",
-                flush=True,
-            )
-    restored_from = state["step"] if checkpoint else None
-    guard = NonFiniteGuard(state, train.max_consecutive_nonfinite)
+    @classmethod
+    def from_dict(cls, saved: dict) -> LoopState:
+        return cls(**{f.name: int(saved.get(f.name, 0)) for f in fields(cls)})
 
-    def report(metrics: dict, *, save: bool = False, export: bool = False) -> None:
-        nonlocal restored_from
-        if restored_from is not None:  # the driver's tracker replaces the rows of the steps trained again
-            metrics, restored_from = {**metrics, RESTORED_KEY: restored_from}, None
+    def to_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+@dataclass
+class Worker:
+    """What one rank trains with: the config, its DeepSpeed engine and device, and where the loop is."""
+
+    config: Config
+    engine: Any
+    device: torch.device
+    packed: bool  # micro-batches packed without padding (train.packing, where the model allows it)
+    total_steps: int
+    num_eval_pairs: int
+    state: LoopState
+    restored_from: int | None  # the step restored from a checkpoint, until the first report says so
+    clock: float = field(default_factory=time.perf_counter)  # end of the last timed micro-step
+    stage0_grad_norm: float = float("nan")  # ZeRO-0's last gradient norm (DeepSpeed keeps none there)
+
+    def restart_clock(self) -> None:
+        """Throughput counts training time only: eval, checkpoints and skipped micro-batches are left out."""
+        self.clock = time.perf_counter()
+
+    def seconds_since_clock(self) -> float:
+        now = time.perf_counter()
+        seconds, self.clock = now - self.clock, now
+        return seconds
+
+    def report(self, metrics: dict, *, save: bool = False, export: bool = False) -> None:
+        """ray.train.report of this step's metrics, with a checkpoint (and the exported model) when save."""
+        import ray.train
+
+        if set(metrics) <= {"step", "epoch"}:  # a checkpoint with nothing logged: the tracker writes no row for it
+            metrics = {**metrics, CHECKPOINT_ONLY_KEY: True}
+        if self.restored_from is not None:  # the driver's tracker replaces the rows of the steps trained again
+            metrics, self.restored_from = {**metrics, RESTORED_KEY: self.restored_from}, None
         if not save:
             ray.train.report(metrics)
             return
         with tempfile.TemporaryDirectory() as directory:
-            save_checkpoint(engine, directory, state)
+            save_checkpoint(self.engine, directory, self.state.to_dict())
             if export:
-                export_model(engine, config, directory)
+                export_model(self.engine, self.config, directory)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
 
-    window, last, stage0_grad_norm = Window(device), time.perf_counter(), float("nan")
+
+def start_worker(loop_config: dict) -> Worker:
+    """Seed, threads, device, the DeepSpeed engine, and the loop state of the latest checkpoint (if any)."""
+    import ray.train
+
+    config = Config.model_validate(loop_config["config"])
+    train = config.train
+    torch.manual_seed(train.seed)
+    torch.set_num_threads(train.torch_threads or max(1, int(train.cpus_per_worker)))
+    context = ray.train.get_context()
+    rank0 = context.get_world_rank() == 0
+    device = torch.device("cuda", torch.cuda.current_device()) if train.use_gpu else torch.device("cpu")
+    engine = build_engine(config, total_steps=loop_config["total_steps"], world_size=context.get_world_size())
+    packed = use_packing(train.packing, engine.module.model, device, config.model.name_or_path, announce=rank0)
+    state, restored_from = restore(engine, announce=rank0)
+    return Worker(
+        config, engine, device, packed, loop_config["total_steps"], loop_config["num_eval_pairs"], state, restored_from
+    )
+
+
+def restore(engine, *, announce: bool) -> tuple[LoopState, int | None]:
+    """The engine and loop state of Ray Train's latest checkpoint: (state, its step), or (a new state, None)."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if not checkpoint:
+        return LoopState(), None
+    with checkpoint.as_directory() as directory:
+        state = LoopState.from_dict(load_checkpoint(engine, directory))
+    if announce:
+        print(
+            f"[hdpo-ray] restoring the checkpoint at step {state.step}: epoch {state.epoch}'s first "
+            f"{state.micro_batches_in_epoch} micro-batches per worker are read again and skipped, "
+            "the steps after the checkpoint are trained again",
+            flush=True,
+        )
+    return state, state.step
+
+
+def train_loop_per_worker(loop_config: dict) -> dict:
+    """Ray Train entry point. loop_config: {"config": Config dict, "total_steps", "num_eval_pairs"}.
+    Returns the final {"step", "epoch"}, with "stopped" (the reason) when non-finite values stopped the run."""
+    import ray.train
+
+    _quiet_worker_logs()
+    worker = start_worker(loop_config)
+    train, state = worker.config.train, worker.state
+    guard = NonFiniteGuard(state, train.max_consecutive_nonfinite)
     micro_batches = _resumable_micro_batches(ray.train.get_dataset_shard("train"), train.per_device_batch_size, state)
-    while state["step"] < total_steps:
+    window = Window(worker.device)
+    while state.step < worker.total_steps:
+        if not optimizer_step(worker, micro_batches, window, guard):
+            return {"step": state.step, "epoch": state.epoch, "stopped": guard.stop_message()}
+        final = state.step >= worker.total_steps
+        metrics = {}
+        if state.step % train.logging_steps == 0 or final:
+            metrics, window = step_metrics(worker, window, guard), Window(worker.device)
+        if worker.num_eval_pairs and (final or (train.eval_steps and state.step % train.eval_steps == 0)):
+            metrics |= evaluate(worker.engine, worker.config, worker.device, worker.num_eval_pairs, worker.packed)
+        save = final or bool(train.save_steps and state.step % train.save_steps == 0)
+        if metrics or save:
+            worker.report({"step": state.step, "epoch": state.epoch, **metrics}, save=save, export=final)
+            worker.restart_clock()
+    return {"step": state.step, "epoch": state.epoch}
+
+
+def optimizer_step(worker: Worker, micro_batches, window: Window, guard: NonFiniteGuard) -> bool:
+    """Micro-batches (forward, loss, backward) until DeepSpeed takes an optimizer step; state.step follows it.
+    Returns False when non-finite losses or gradients came train.max_consecutive_nonfinite times in a row."""
+    engine, train, state = worker.engine, worker.config.train, worker.state
+    while True:
         batch = next(micro_batches)
         boundary = engine.is_gradient_accumulation_boundary()
         # Entropy costs one more pass over the logits: measure it on the optimizer steps that get logged.
         next_step = engine.global_steps + 1
-        with_entropy = next_step % train.logging_steps == 0 or next_step >= total_steps
-        out, stats, tokens, ref = _forward_loss(engine, batch, config, device, with_entropy, packed)
+        with_entropy = next_step % train.logging_steps == 0 or next_step >= worker.total_steps
+        out, stats, tokens, ref = _forward_loss(
+            engine, batch, worker.config, worker.device, with_entropy, worker.packed
+        )
         if not finite_everywhere(out.loss):  # no backward on any rank: the micro-batch is consumed, not trained on
             guard.skipped_batch()
             if guard.exhausted:
-                return {"step": state["step"], "epoch": state["epoch"], "stopped": guard.stop_message()}
-            last = time.perf_counter()
+                return False
+            worker.restart_clock()
             continue
         engine.backward(out.loss)
         applied, norm = step_engine(engine, boundary=boundary, zero_stage=train.zero_stage)
-        stage0_grad_norm = norm if norm is not None else stage0_grad_norm
-        now = time.perf_counter()
-        window.add(out, stats, len(batch["prompt_ids"]), tokens, now - last, with_entropy, ref_logps=ref)
-        last = now
+        worker.stage0_grad_norm = norm if norm is not None else worker.stage0_grad_norm
+        n = len(batch["prompt_ids"])
+        window.add(out, stats, n, tokens, worker.seconds_since_clock(), with_entropy, ref_logps=ref)
         if not boundary:
             continue
         if not applied:
             guard.skipped_step()
             if guard.exhausted:
-                state["step"] = engine.global_steps
-                return {"step": state["step"], "epoch": state["epoch"], "stopped": guard.stop_message()}
-            if engine.global_steps == state["step"]:  # ZeRO-0: the step did not happen
+                state.step = engine.global_steps
+                return False
+            if engine.global_steps == state.step:  # ZeRO-0: the step did not happen
                 continue
         else:
             guard.applied_step()
-        state["step"] = step = engine.global_steps
-        final = step >= total_steps
-        metrics = {}
-        if step % train.logging_steps == 0 or final:
-            grad_norm = stage0_grad_norm if train.zero_stage == 0 else engine.get_global_grad_norm()
-            metrics = (
-                window.averages()
-                | guard.metrics()
-                | {
-                    "lr": engine.get_lr()[0],
-                    "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-                    "peak_memory_mb": _peak_memory_mb(device),
-                }
-            )
-            window = Window(device)
-        if num_eval_pairs and (final or (train.eval_steps and step % train.eval_steps == 0)):
-            metrics |= evaluate(engine, config, device, num_eval_pairs, packed)
-        save = final or bool(train.save_steps and step % train.save_steps == 0)
-        if metrics or save:
-            report({"step": step, "epoch": state["epoch"], **metrics}, save=save, export=final)
-            last = time.perf_counter()  # throughput counts training time, not eval or checkpointing
-    return {"step": state["step"], "epoch": state["epoch"]}
+        state.step = engine.global_steps
+        return True
+
+
+def step_metrics(worker: Worker, window: Window, guard: NonFiniteGuard) -> dict[str, float]:
+    """A logging step's metrics: the window's averages over all ranks, skips, learning rate, gradient norm, memory."""
+    engine = worker.engine
+    grad_norm = worker.stage0_grad_norm if worker.config.train.zero_stage == 0 else engine.get_global_grad_norm()
+    return (
+        window.averages()
+        | guard.metrics()
+        | {
+            "lr": engine.get_lr()[0],
+            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+            "peak_memory_mb": _peak_memory_mb(worker.device),
+        }
+    )
 
 
 def _peak_memory_mb(device: torch.device) -> float:
@@ -309,8 +384,8 @@ def _peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _resumable_micro_batches(shard, batch_size: int, state: dict):
-    """Micro-batches over endless epochs, keeping state["epoch"] and state["micro_batches_in_epoch"].
+def _resumable_micro_batches(shard, batch_size: int, state: LoopState):
+    """Micro-batches over endless epochs, keeping state.epoch and state.micro_batches_in_epoch.
 
     After a restore, the epoch's stream is replayed and the batches the checkpoint had already
     consumed are skipped (read, not computed), so no pair is trained on twice within an epoch.
@@ -319,11 +394,11 @@ def _resumable_micro_batches(shard, batch_size: int, state: dict):
         seen = 0
         for index, batch in enumerate(_batches(shard, batch_size)):
             seen += 1
-            if index < state["micro_batches_in_epoch"]:
+            if index < state.micro_batches_in_epoch:
                 continue
-            state["micro_batches_in_epoch"] = index + 1
+            state.micro_batches_in_epoch = index + 1
             yield batch
         if seen == 0:
             raise RuntimeError("this worker's shard of the training data is empty")
-        state["epoch"] += 1
-        state["micro_batches_in_epoch"] = 0
+        state.epoch += 1
+        state.micro_batches_in_epoch = 0

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -27,24 +28,21 @@ def finite_everywhere(loss: torch.Tensor) -> bool:
 
 @dataclass
 class NonFiniteGuard:
-    """Counts skips into `state` (saved with every checkpoint) and says when `limit` came in a row: skipped
-    micro-batches and skipped steps with no applied optimizer step between them (with gradient accumulation,
-    non-finite micro-batches of one window count together). The streak itself starts again after a restore."""
+    """Counts skips into `state` (the loop's LoopState, saved with every checkpoint) and says when `limit` came
+    in a row: skipped micro-batches and skipped steps with no applied optimizer step between them (with gradient
+    accumulation, non-finite micro-batches of one window count together). The streak itself starts again after
+    a restore."""
 
-    state: dict
+    state: Any  # has step, skipped_batches and skipped_steps
     limit: int
     in_a_row: int = 0
 
-    def __post_init__(self) -> None:
-        self.state.setdefault("skipped_batches", 0)
-        self.state.setdefault("skipped_steps", 0)
-
     def skipped_batch(self) -> None:
-        self.state["skipped_batches"] += 1
+        self.state.skipped_batches += 1
         self.in_a_row += 1
 
     def skipped_step(self) -> None:
-        self.state["skipped_steps"] += 1
+        self.state.skipped_steps += 1
         self.in_a_row += 1
 
     def applied_step(self) -> None:
@@ -56,14 +54,14 @@ class NonFiniteGuard:
 
     def metrics(self) -> dict[str, float]:
         return {
-            "nonfinite/skipped_batches": float(self.state["skipped_batches"]),
-            "nonfinite/skipped_steps": float(self.state["skipped_steps"]),
+            "nonfinite/skipped_batches": float(self.state.skipped_batches),
+            "nonfinite/skipped_steps": float(self.state.skipped_steps),
         }
 
     def stop_message(self) -> str:
         return (
-            f"training stopped after step {self.state['step']}: {self.in_a_row} non-finite losses or gradients in a "
-            f"row ({self.state['skipped_batches']} micro-batches and {self.state['skipped_steps']} optimizer steps "
+            f"training stopped after step {self.state.step}: {self.in_a_row} non-finite losses or gradients in a "
+            f"row ({self.state.skipped_batches} micro-batches and {self.state.skipped_steps} optimizer steps "
             "skipped in all); the latest checkpoint is kept: lower train.lr, check the data and the model, or raise "
             "train.max_consecutive_nonfinite, then continue with `hdpo-ray train --resume OUTPUT_DIR key=value ...`"
         )

@@ -15,10 +15,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ray.train import UserCallback
+
 from hdpo_ray.config import Config, flatten
 from hdpo_ray.storage import atomic_write_lines
 
 RESTORED_KEY = "restored_from_step"  # in the first report after a restore (train/loop.py)
+CHECKPOINT_ONLY_KEY = "checkpoint_only"  # a report that carries a checkpoint and no metrics
 
 
 def last_logged_step(path: Path) -> int:
@@ -101,147 +104,149 @@ def mlflow_client(uri: str):
     return MlflowClient(tracking_uri=uri)
 
 
-def make_tracker(config: Config, output_dir: str, total_steps: int, mlflow_run_id: str | None):
-    from ray.train import UserCallback
+class RunTracker(UserCallback):
+    """Writes what rank 0 reports (metrics.jsonl, TensorBoard, MLflow, a progress line) and what fails
+    (events.jsonl). Plain Python state: it is built on the driver and pickled to the Train controller."""
 
-    class RunTracker(UserCallback):
-        def __init__(self):
-            self.started = time.time()
-            self.rows = Path(output_dir, "metrics.jsonl")
-            self.last_step = last_logged_step(self.rows)
-            self.first_step: tuple[int, float] | None = None
-            self.failed_at: float | None = None
-            self.tensorboard = None  # writers and clients are made on first use, in the controller (not pickled)
-            self.purge_from: int | None = None  # the next TensorBoard writer hides earlier events from this step on
-            self.writers = 0
-            self.mlflow = None
-            self.sink_errors: set[str] = set()
+    def __init__(self, config: Config, output_dir: str, total_steps: int, mlflow_run_id: str | None):
+        self.config = config
+        self.output_dir = output_dir
+        self.total_steps = total_steps
+        self.mlflow_run_id = mlflow_run_id
+        self.started = time.time()
+        self.rows = Path(self.output_dir, "metrics.jsonl")
+        self.last_step = last_logged_step(self.rows)
+        self.first_step: tuple[int, float] | None = None
+        self.failed_at: float | None = None
+        self.tensorboard = None  # writers and clients are made on first use, in the controller (not pickled)
+        self.purge_from: int | None = None  # the next TensorBoard writer hides earlier events from this step on
+        self.writers = 0
+        self.mlflow = None
+        self.sink_errors: set[str] = set()
 
-        def after_exception(self, run_context, worker_exceptions):
-            self.failed_at = time.time()
-            ranks = sorted(worker_exceptions)
-            errors = {
-                str(rank): (f"{type(e).__name__}: " + (str(e).strip().splitlines() or [""])[0])[:300]
-                for rank, e in sorted(worker_exceptions.items())
-            }
-            self._event({"event": "worker_failure", "ranks": ranks, "last_step": self.last_step, "errors": errors})
-            print(
-                (
-                    f"[hdpo-ray] worker failure on rank {', '.join(map(str, ranks))} after step {self.last_step}; Ray "
-                    "Train restores the latest checkpoint if train.max_failures allows"
-                ),
-                flush=True,
-            )
+    def after_exception(self, run_context, worker_exceptions):
+        self.failed_at = time.time()
+        ranks = sorted(worker_exceptions)
+        errors = {
+            str(rank): (f"{type(e).__name__}: " + (str(e).strip().splitlines() or [""])[0])[:300]
+            for rank, e in sorted(worker_exceptions.items())
+        }
+        self._event({"event": "worker_failure", "ranks": ranks, "last_step": self.last_step, "errors": errors})
+        print(
+            (
+                f"[hdpo-ray] worker failure on rank {', '.join(map(str, ranks))} after step {self.last_step}; Ray "
+                "Train restores the latest checkpoint if train.max_failures allows"
+            ),
+            flush=True,
+        )
 
-        def after_report(self, run_context, metrics, checkpoint):
-            row = dict(metrics[0]) if metrics else {}
-            step = int(row.get("step", 0))
-            if RESTORED_KEY in row:
-                self._restored(int(row.pop(RESTORED_KEY)))
-            elif self.failed_at is not None:  # a new attempt with no checkpoint to restore starts from step 0
-                self._restored(0)
-            if len(row) <= 2:  # a checkpoint-only report
-                return
-            row["time"] = round(time.time() - self.started, 2)
-            if step <= self.last_step:  # a replayed step whose first row was written before the failure
-                drop_rows_from(self.rows, step)
-                self.purge_from = step
-            with open(self.rows, "a") as f:
-                f.write(json.dumps(row) + "\n")
-            self.last_step = step
-            self._guarded("tensorboard", self._tensorboard_scalars, row, step)
-            if mlflow_run_id:
-                self._guarded("mlflow", self._mlflow_scalars, row, step)
-            now = time.time()
-            self.first_step = self.first_step or (step, now)
-            done, since = step - self.first_step[0], now - self.first_step[1]
-            print(
-                progress_line(
-                    row,
-                    total_steps,
-                    now - self.started,
-                    since / done * (total_steps - step) if done > 0 else float("nan"),
-                ),
-                flush=True,
-            )
+    def after_report(self, run_context, metrics, checkpoint):
+        row = dict(metrics[0]) if metrics else {}
+        step = int(row.get("step", 0))
+        if RESTORED_KEY in row:
+            self._restored(int(row.pop(RESTORED_KEY)))
+        elif self.failed_at is not None:  # a new attempt with no checkpoint to restore starts from step 0
+            self._restored(0)
+        if row.pop(CHECKPOINT_ONLY_KEY, False):
+            return
+        row["time"] = round(time.time() - self.started, 2)
+        if step <= self.last_step:  # a replayed step whose first row was written before the failure
+            drop_rows_from(self.rows, step)
+            self.purge_from = step
+        with open(self.rows, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        self.last_step = step
+        self._guarded("tensorboard", self._tensorboard_scalars, row, step)
+        if self.mlflow_run_id:
+            self._guarded("mlflow", self._mlflow_scalars, row, step)
+        now = time.time()
+        self.first_step = self.first_step or (step, now)
+        done, since = step - self.first_step[0], now - self.first_step[1]
+        print(
+            progress_line(
+                row,
+                self.total_steps,
+                now - self.started,
+                since / done * (self.total_steps - step) if done > 0 else float("nan"),
+            ),
+            flush=True,
+        )
 
-        def _restored(self, from_step: int) -> None:
-            event = {
-                "event": "restored",
-                "from_step": from_step,
-                "steps_recomputed": max(0, self.last_step - from_step),
-            }
-            if self.failed_at is not None:
-                # failure noticed -> first step after the restore
-                event["recovery_s"] = round(time.time() - self.failed_at, 2)
-            self._event(event)
-            self.first_step, self.failed_at = None, None  # the ETA restarts from here
-            recovery = f" {event['recovery_s']:.1f} s after the failure" if "recovery_s" in event else ""
-            print(
-                (
-                    f"[hdpo-ray] restored from the checkpoint at step {from_step}{recovery}; steps "
-                    f"{from_step + 1}-{self.last_step} are trained again"
-                ),
-                flush=True,
-            )
+    def _restored(self, from_step: int) -> None:
+        event = {
+            "event": "restored",
+            "from_step": from_step,
+            "steps_recomputed": max(0, self.last_step - from_step),
+        }
+        if self.failed_at is not None:
+            # failure noticed -> first step after the restore
+            event["recovery_s"] = round(time.time() - self.failed_at, 2)
+        self._event(event)
+        self.first_step, self.failed_at = None, None  # the ETA restarts from here
+        recovery = f" {event['recovery_s']:.1f} s after the failure" if "recovery_s" in event else ""
+        print(
+            (
+                f"[hdpo-ray] restored from the checkpoint at step {from_step}{recovery}; steps "
+                f"{from_step + 1}-{self.last_step} are trained again"
+            ),
+            flush=True,
+        )
 
-        def _event(self, event: dict) -> None:
-            with open(Path(output_dir, "events.jsonl"), "a") as f:
-                f.write(json.dumps({"time": round(time.time(), 3), **event}) + "\n")
+    def _event(self, event: dict) -> None:
+        with open(Path(self.output_dir, "events.jsonl"), "a") as f:
+            f.write(json.dumps({"time": round(time.time(), 3), **event}) + "\n")
 
-        def _guarded(self, sink: str, write, row: dict, step: int) -> None:
-            """A TensorBoard or MLflow write that fails (a full disk, an MLflow server away) costs its row, not the
-            run: an exception here would end the Train controller. Said once per sink, and in events.jsonl."""
-            try:
-                write(row, step)
-            except Exception as err:  # noqa: BLE001
-                if sink not in self.sink_errors:
-                    self.sink_errors.add(sink)
-                    self._event({"event": f"{sink}_error", "step": step, "error": f"{type(err).__name__}: {err}"[:300]})
-                    print(
-                        (
-                            f"[hdpo-ray] warning: {sink} logging failed at step {step} ({type(err).__name__}: {err}); "
-                            "training goes on, metrics.jsonl has every row"
-                        ),
-                        flush=True,
-                    )
-
-        @staticmethod
-        def _scalars(row: dict) -> dict[str, float]:
-            return {
-                k: v
-                for k, v in row.items()
-                if k not in ("step", "epoch", "time") and isinstance(v, (int, float)) and math.isfinite(v)
-            }
-
-        def _tensorboard_scalars(self, row: dict, step: int) -> None:
-            if not config.logging.tensorboard:
-                return
-            if self.tensorboard is None or self.purge_from is not None:
-                from tensorboardX import SummaryWriter
-
-                if self.tensorboard is not None:
-                    self.tensorboard.close()
-                # purge_step: TensorBoard hides the earlier events of this logdir from that step on. The suffix keeps
-                # two writers opened in the same second (files are named by the second) from overwriting each other.
-                self.writers += 1
-                suffix = f".{os.getpid()}.{self.writers}"
-                self.tensorboard = SummaryWriter(
-                    logdir=str(Path(output_dir, "tensorboard")), purge_step=self.purge_from, filename_suffix=suffix
+    def _guarded(self, sink: str, write, row: dict, step: int) -> None:
+        """A TensorBoard or MLflow write that fails (a full disk, an MLflow server away) costs its row, not the
+        run: an exception here would end the Train controller. Said once per sink, and in events.jsonl."""
+        try:
+            write(row, step)
+        except Exception as err:  # noqa: BLE001
+            if sink not in self.sink_errors:
+                self.sink_errors.add(sink)
+                self._event({"event": f"{sink}_error", "step": step, "error": f"{type(err).__name__}: {err}"[:300]})
+                print(
+                    (
+                        f"[hdpo-ray] warning: {sink} logging failed at step {step} ({type(err).__name__}: {err}); "
+                        "training goes on, metrics.jsonl has every row"
+                    ),
+                    flush=True,
                 )
-                self.purge_from = None
-            for key, value in self._scalars(row).items():
-                self.tensorboard.add_scalar(key, value, step)
-            self.tensorboard.flush()  # one report every logging_steps: cheap, and the board stays current
 
-        def _mlflow_scalars(self, row: dict, step: int) -> None:
-            from mlflow.entities import Metric
+    @staticmethod
+    def _scalars(row: dict) -> dict[str, float]:
+        return {
+            k: v
+            for k, v in row.items()
+            if k not in ("step", "epoch", "time") and isinstance(v, (int, float)) and math.isfinite(v)
+        }
 
-            self.mlflow = self.mlflow or mlflow_client(config.logging.mlflow_uri)
-            stamp = int(time.time() * 1000)
-            self.mlflow.log_batch(
-                mlflow_run_id,
-                metrics=[Metric(key, float(value), stamp, step) for key, value in self._scalars(row).items()],
+    def _tensorboard_scalars(self, row: dict, step: int) -> None:
+        if not self.config.logging.tensorboard:
+            return
+        if self.tensorboard is None or self.purge_from is not None:
+            from tensorboardX import SummaryWriter
+
+            if self.tensorboard is not None:
+                self.tensorboard.close()
+            # purge_step: TensorBoard hides the earlier events of this logdir from that step on. The suffix keeps
+            # two writers opened in the same second (files are named by the second) from overwriting each other.
+            self.writers += 1
+            suffix = f".{os.getpid()}.{self.writers}"
+            self.tensorboard = SummaryWriter(
+                logdir=str(Path(self.output_dir, "tensorboard")), purge_step=self.purge_from, filename_suffix=suffix
             )
+            self.purge_from = None
+        for key, value in self._scalars(row).items():
+            self.tensorboard.add_scalar(key, value, step)
+        self.tensorboard.flush()  # one report every logging_steps: cheap, and the board stays current
 
-    return RunTracker()
+    def _mlflow_scalars(self, row: dict, step: int) -> None:
+        from mlflow.entities import Metric
+
+        self.mlflow = self.mlflow or mlflow_client(self.config.logging.mlflow_uri)
+        stamp = int(time.time() * 1000)
+        self.mlflow.log_batch(
+            self.mlflow_run_id,
+            metrics=[Metric(key, float(value), stamp, step) for key, value in self._scalars(row).items()],
+        )

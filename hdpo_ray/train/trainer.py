@@ -23,7 +23,7 @@ from hdpo_ray.config import Config, is_uri
 from hdpo_ray.errors import Stopped
 from hdpo_ray.storage import atomic_write, filesystem
 from hdpo_ray.train.engine import ADAPTER_DIR, EXPORT_DIR
-from hdpo_ray.train.tracking import end_mlflow_run, make_tracker, start_mlflow_run
+from hdpo_ray.train.tracking import RunTracker, end_mlflow_run, start_mlflow_run
 
 log = logging.getLogger("hdpo_ray")
 
@@ -183,7 +183,7 @@ def fit(config: Config, train_split, eval_split, callbacks: tuple = ()) -> tuple
             storage_path=storage,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=train.keep_checkpoints),
             failure_config=ray.train.FailureConfig(max_failures=train.max_failures),
-            callbacks=[make_tracker(config, output_dir, total_steps, state["mlflow_run_id"]), *callbacks],
+            callbacks=[RunTracker(config, output_dir, total_steps, state["mlflow_run_id"]), *callbacks],
             worker_runtime_env={"env_vars": {"DS_ACCELERATOR": "cuda" if train.use_gpu else "cpu"}},
         ),
         datasets=datasets,

@@ -7,11 +7,12 @@ import pytest
 import torch
 
 from hdpo_ray.config import load_config
+from hdpo_ray.train.loop import LoopState
 from hdpo_ray.train.nonfinite import NonFiniteGuard, finite_everywhere, step_engine
 
 
 def test_guard_counts_skips_and_stops_after_the_limit_in_a_row():
-    state = {"step": 7}
+    state = LoopState(step=7)
     guard = NonFiniteGuard(state, limit=3)
     guard.skipped_batch()
     guard.skipped_step()
@@ -21,7 +22,7 @@ def test_guard_counts_skips_and_stops_after_the_limit_in_a_row():
     guard.skipped_batch()
     assert not guard.exhausted
     guard.skipped_step()
-    assert guard.exhausted and state["skipped_batches"] == 3 and state["skipped_steps"] == 2
+    assert guard.exhausted and state.skipped_batches == 3 and state.skipped_steps == 2
     message = guard.stop_message()
     assert (
         message.startswith("training stopped after step 7: 3 non-finite")
@@ -30,7 +31,10 @@ def test_guard_counts_skips_and_stops_after_the_limit_in_a_row():
 
 
 def test_guard_keeps_totals_restored_from_a_checkpoint():
-    guard = NonFiniteGuard({"step": 4, "skipped_batches": 2, "skipped_steps": 1}, limit=2)
+    saved = {"step": 4, "epoch": 0, "micro_batches_in_epoch": 3, "skipped_batches": 2, "skipped_steps": 1}
+    state = LoopState.from_dict(saved)  # as hdpo_state.json holds it
+    assert state.to_dict() == saved
+    guard = NonFiniteGuard(state, limit=2)
     guard.skipped_batch()
     assert guard.metrics() == {"nonfinite/skipped_batches": 3.0, "nonfinite/skipped_steps": 1.0} and not guard.exhausted
 
