@@ -18,10 +18,12 @@ import argparse
 import json
 import multiprocessing as mp
 import resource
+import sys
 import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: tests.helpers
 WARMUP_STEPS = 5
 
 
@@ -31,9 +33,10 @@ def plain_loop(cache_entry: str, steps: int, threads: int, batch: int, lr: float
     import torch
 
     from hdpo_ray.data.collate import collate_pairs
-    from hdpo_ray.logprobs import completion_logprobs, naive_completion_logprobs
+    from hdpo_ray.logprobs import completion_logprobs
     from hdpo_ray.loss import hdpo_loss
     from hdpo_ray.models import build_tiny_llama
+    from tests.helpers import naive_completion_logprobs  # the textbook version, kept with the tests
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)

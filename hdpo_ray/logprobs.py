@@ -14,7 +14,6 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 
@@ -159,15 +158,6 @@ def _chunked_token_stats(
     if not token_logps:
         return None, None
     return torch.cat(token_logps), torch.cat(token_entropy)
-
-
-def naive_completion_logprobs(
-    model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_mask: torch.Tensor
-) -> torch.Tensor:
-    """The textbook version (full logits, full log-softmax): the reference the tests and benchmark compare to. (N,)"""
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1].float()
-    token_logps = F.log_softmax(logits, dim=-1).gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
-    return (token_logps * completion_mask[:, 1:]).sum(-1)
 
 
 @torch.no_grad()

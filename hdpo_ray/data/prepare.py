@@ -257,8 +257,3 @@ def score_split(config: Config, encoded: EncodedSplit, *, stream: bool = True) -
     forward_pairs = report["valid"] if built else 0
     dataset = read_entry(entry)
     return PreparedSplit(dataset, report["valid"], report, forward_pairs, entry)
-
-
-def prepare_split(config: Config, specs: list[str], split: str, *, stream: bool = True) -> PreparedSplit:
-    """encode_split then score_split: one split from files to pairs with reference log-probs."""
-    return score_split(config, encode_split(config, specs, split), stream=stream)

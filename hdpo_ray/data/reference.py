@@ -31,10 +31,11 @@ class ReferenceScorer:
         trust_remote_code: bool = False,
         torch_threads: int | None = None,
         packing: bool = True,
+        use_gpu: bool = False,
     ):
         from hdpo_ray.models import load_causal_lm
 
-        self.device = torch.device("cuda" if dtype == "bfloat16" else "cpu")
+        self.device = torch.device("cuda" if use_gpu else "cpu")
         if torch_threads:
             torch.set_num_threads(torch_threads)
         self.model = (
@@ -82,6 +83,7 @@ def add_reference_logprobs(dataset, config: Config, pad_id: int):
             pad_id=pad_id,
             chunk_tokens=config.model.logprob_chunk_tokens,
             dtype=reference_dtype(config),
+            use_gpu=ref.num_gpus_per_actor > 0,
             trust_remote_code=config.model.trust_remote_code,
             torch_threads=threads,
             packing=config.train.packing,

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import REPO, _ray_cli, tensorboard_scalars
+from tests.helpers import REPO, ray_cli, tensorboard_scalars
 
 FAST = ["data.max_length=64", "data.max_prompt_length=32", "train.per_device_batch_size=2", "reference.batch_size=8"]
 """Overrides for tiny end-to-end runs: short pairs, small batches."""
@@ -134,7 +134,7 @@ def ray_job(dashboard_url: str, command: str, *args: str, timeout: int = 180) ->
     env = os.environ | {"RAY_AUTH_MODE": "disabled"}
     env.pop("RAY_ADDRESS", None)
     return subprocess.run(
-        [_ray_cli(), "job", command, "--address", dashboard_url, *args],
+        [ray_cli(), "job", command, "--address", dashboard_url, *args],
         capture_output=True,
         text=True,
         env=env,
@@ -211,3 +211,32 @@ def last_step(out: Path) -> int:
 def events(out: Path) -> list[dict]:
     path = out / "events.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def comparison_args(out: Path, cache: Path, pairs: tuple[Path, Path], *extra: str) -> list[str]:
+    """`hdpo-ray train` arguments: 2 workers, 3 epochs of 6 steps (enough steps after a lost node or worker for
+    Ray Train to notice before the run ends), a checkpoint every 2 steps, eval every 6. A constant learning
+    rate, so that a run cut short (a sweep's trials, max_steps) matches the first steps of the full run."""
+    train, test = pairs
+    return [
+        "train",
+        f"output_dir={out}",
+        f"reference.cache_dir={cache}",
+        f"data.train_files=[{train}]",
+        f"data.eval_files=[{test}]",
+        "train.num_workers=2",
+        "train.cpus_per_worker=0.5",
+        "train.torch_threads=1",
+        "train.zero_stage=2",
+        "train.epochs=3",
+        "train.lr=2e-3",
+        "train.lr_scheduler=constant",
+        "train.warmup_ratio=0",
+        "train.logging_steps=1",
+        "train.save_steps=2",
+        "train.eval_steps=6",
+        "train.keep_checkpoints=2",
+        "train.max_failures=1",
+        *FAST,
+        *extra,
+    ]

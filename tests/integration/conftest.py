@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from hdpo_ray.models import ASSETS
-from tests.integration.checks import FAST, ray_job, submit, wait_for_job
+from tests.integration.checks import comparison_args, ray_job, submit, wait_for_job
 
 
 @pytest.fixture(scope="session")
@@ -24,35 +24,6 @@ def pairs(tmp_path_factory) -> tuple[Path, Path]:
     pq.write_table(pq.read_table(ASSETS / "ultrafeedback/train_prefs-900.parquet").slice(0, 24), train)
     pq.write_table(pq.read_table(ASSETS / "ultrafeedback/test_prefs-100.parquet").slice(0, 6), test)
     return train, test
-
-
-def comparison_args(out: Path, cache: Path, pairs: tuple[Path, Path], *extra: str) -> list[str]:
-    """`hdpo-ray train` arguments: 2 workers, 3 epochs of 6 steps (enough steps after a lost node or worker for
-    Ray Train to notice before the run ends), a checkpoint every 2 steps, eval every 6. A constant learning
-    rate, so that a run cut short (a sweep's trials, max_steps) matches the first steps of the full run."""
-    train, test = pairs
-    return [
-        "train",
-        f"output_dir={out}",
-        f"reference.cache_dir={cache}",
-        f"data.train_files=[{train}]",
-        f"data.eval_files=[{test}]",
-        "train.num_workers=2",
-        "train.cpus_per_worker=0.5",
-        "train.torch_threads=1",
-        "train.zero_stage=2",
-        "train.epochs=3",
-        "train.lr=2e-3",
-        "train.lr_scheduler=constant",
-        "train.warmup_ratio=0",
-        "train.logging_steps=1",
-        "train.save_steps=2",
-        "train.eval_steps=6",
-        "train.keep_checkpoints=2",
-        "train.max_failures=1",
-        *FAST,
-        *extra,
-    ]
 
 
 @pytest.fixture(scope="session")

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import yaml
 
-from tests.conftest import REPO, _ray_cli, free_port, hdpo_ray_exe, kill_processes
+from tests.helpers import REPO, free_port, hdpo_ray_exe, kill_processes, ray_cli
 
 EMPTY_KEYS = (
     "setup_commands",
@@ -83,7 +83,7 @@ class AutoscalingHead:
         # Own temp dir and ports throughout: the default client-server and dashboard-agent ports are the session
         # head's, and a head whose agent cannot bind its port has no job server ("No available agent to submit job").
         command = [
-            _ray_cli(),
+            ray_cli(),
             "start",
             "--head",
             "--num-cpus=0",

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import flat_pair_lines, run_cli
+from tests.helpers import flat_pair_lines, run_cli
 from tests.integration.checks import FAST, metric_rows
 
 

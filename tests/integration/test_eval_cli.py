@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from tests.conftest import run_cli
+from tests.helpers import run_cli
 
 TASKS = ("gsm8k", "humaneval", "ifeval", "mmlu_pro")
 LIMIT, SAMPLES, TEMPERATURES = 3, 2, ("0.3", "1")

@@ -24,6 +24,7 @@ from tests.integration.checks import (
     assert_finished_run,
     checkpoint_step,
     checkpoint_step_so_far,
+    comparison_args,
     events,
     last_step,
     metric_rows,
@@ -34,7 +35,6 @@ from tests.integration.checks import (
     wait_for,
     wait_for_job,
 )
-from tests.integration.conftest import comparison_args
 
 STEPS = 18
 ZERO3 = ["train.zero_stage=3", "model.gradient_checkpointing=true", "model.logprob_chunk_tokens=16"]

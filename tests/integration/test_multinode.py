@@ -19,9 +19,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import free_port, run_cli
+from tests.helpers import free_port, run_cli
 from tests.integration.checks import (
     checkpoint_step_so_far,
+    comparison_args,
     events,
     last_step,
     metric_rows,
@@ -30,7 +31,6 @@ from tests.integration.checks import (
     wait_for,
     wait_for_job,
 )
-from tests.integration.conftest import comparison_args
 from tests.integration.multinode import AutoscalingHead, TimedRun, start_fixed_cluster
 
 pytestmark = pytest.mark.slow

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from hdpo_ray.config import load_config
-from hdpo_ray.data.prepare import DataError, prepare_split
-from tests.conftest import flat_pair_lines
+from hdpo_ray.data.prepare import DataError, PreparedSplit, encode_split, score_split
+from tests.helpers import flat_pair_lines
 
 GOOD = 10
 BAD_LINES = {  # line content -> reason counted in the report
@@ -45,6 +45,11 @@ BAD_LINES = {  # line content -> reason counted in the report
     json.dumps({"prompt": "p", "chosen": [], "rejected": [{"role": "assistant", "content": "r"}]}): "no_assistant_turn",
     json.dumps({"prompt": 3, "chosen": "c", "rejected": "r"}): "bad_type",
 }
+
+
+def prepare_split(config, specs: list[str], split: str, *, stream: bool = True) -> PreparedSplit:
+    """encode_split then score_split: one split from files to pairs with reference log-probs."""
+    return score_split(config, encode_split(config, specs, split), stream=stream)
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ import torch
 
 from hdpo_ray.config import SMOLLM2_MODEL
 from hdpo_ray.models import ASSETS, load_causal_lm, smollm2_gguf
-from tests.conftest import run_cli
+from tests.helpers import assert_packed_equals_padded_on_real_pairs, real_pairs, run_cli
 from tests.integration.checks import metric_rows, registered_checkpoints, trained_state
 
 pytestmark = pytest.mark.slow
@@ -150,7 +150,6 @@ def test_eval_takes_a_gguf_file(ray_address, tmp_path, smollm2_dir):
 
 def test_packed_log_probs_equal_padded_with_grouped_query_attention(smollm2_dir):
     """SmolLM2 has 9 query heads over 3 key-value heads (GQA): packing stays exact on real pairs."""
-    from tests.unit.test_logprobs import assert_packed_equals_padded_on_real_pairs, real_pairs
 
     model = load_causal_lm(SMOLLM2_MODEL).eval()
     assert model.config.num_attention_heads == 9 and model.config.num_key_value_heads == 3

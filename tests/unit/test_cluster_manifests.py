@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from hdpo_ray.config import load_config
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 CLUSTER = REPO / "cluster"
 CRDS = Path(__file__).parents[1] / "data" / "kuberay"

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hdpo_ray.logprobs import completion_logprobs, naive_completion_logprobs
+from hdpo_ray.logprobs import completion_logprobs
+from tests.helpers import assert_packed_equals_padded_on_real_pairs, naive_completion_logprobs, real_pairs
 
 VOCAB = 101
 PAD = 0
@@ -302,37 +303,6 @@ def test_layout_arguments_are_checked(model):
         completion_logprobs(
             model, batch["input_ids"], completion_mask=batch["completion_mask"], position_ids=batch["position_ids"]
         )
-
-
-def real_pairs(model_id: str, count: int, max_length: int) -> tuple[list, int]:
-    """The first `count` shipped UltraFeedback train pairs, tokenized with the model's chat template."""
-    import pyarrow.parquet as pq
-
-    from hdpo_ray.data.template import encode_pair
-    from hdpo_ray.data.validate import normalize_pair
-    from hdpo_ray.models import ASSETS, load_tokenizer
-
-    tokenizer = load_tokenizer(model_id)
-    rows = pq.read_table(ASSETS / "ultrafeedback/train_prefs-900.parquet").slice(0, count).to_pylist()
-    return [
-        encode_pair(normalize_pair(r), tokenizer, max_length=max_length, max_prompt_length=max_length // 2)
-        for r in rows
-    ], tokenizer.pad_token_id
-
-
-def assert_packed_equals_padded_on_real_pairs(model, pairs, pad_id) -> None:
-    """fp32: every sequence's log-prob and entropy within 1e-5 (relative) of the padded
-    layout's; some rows hold several sequences."""
-    from hdpo_ray.data.collate import collate_pairs
-
-    columns = [[getattr(p, k) for p in pairs] for k in ("prompt_ids", "chosen_ids", "rejected_ids")]
-    padded, packed = (collate_pairs(*columns, pad_id, packed=p) for p in (False, True))
-    assert packed["input_ids"].shape[0] < padded["input_ids"].shape[0]  # sequences shared rows
-    with torch.no_grad():
-        a, b = completion_logprobs(model, **padded), completion_logprobs(model, **packed)
-    torch.testing.assert_close(b.logps, a.logps, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(b.entropy_sum, a.entropy_sum, rtol=1e-5, atol=1e-5)
-    assert torch.equal(a.num_tokens, b.num_tokens)
 
 
 def test_packed_equals_padded_on_real_pairs_with_the_embedded_tiny_llama():

@@ -12,7 +12,7 @@ import pytest
 
 from hdpo_ray.data.validate import REASONS, ROLES, InvalidRow, Message, Pair, normalize_pair
 from hdpo_ray.models import ASSETS
-from tests.conftest import data_file, flat_pair_lines
+from tests.helpers import data_file, flat_pair_lines
 
 # The same 1000 real UltraFeedback pairs in two layouts: flat strings (all 1000) and the conversational
 # train_prefs layout (the package's embedded copy holds the first 900).

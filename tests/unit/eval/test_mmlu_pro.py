@@ -10,7 +10,7 @@ import pytest
 
 from hdpo_ray.eval.tasks import TaskDataError, get_task
 from hdpo_ray.eval.tasks.mmlu_pro import LETTERS, MMLUPro, extract_answer, format_prompt
-from tests.conftest import OFFICIAL_SHA256, shipped_eval_bytes
+from tests.helpers import OFFICIAL_SHA256, shipped_eval_bytes
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import pytest
 from hdpo_ray.eval.tasks import TaskDataError, get_task
 from hdpo_ray.eval.tasks.ifeval import CHECKERS, loose_variants
 from hdpo_ray.eval.tasks.ifeval.text import count_words, split_sentences, word_tokenize
-from tests.conftest import OFFICIAL_SHA256, data_file, shipped_eval_bytes
+from tests.helpers import OFFICIAL_SHA256, data_file, shipped_eval_bytes
 
 # (instruction id, kwargs as in input_data.jsonl, a response that follows it, one that does not)
 CASES = [

@@ -26,7 +26,7 @@ from hdpo_ray.eval.sandbox import NOBODY, run_program, run_programs
 from hdpo_ray.eval.tasks import TaskDataError, get_task
 from hdpo_ray.eval.tasks.base import read_records
 from hdpo_ray.eval.tasks.humaneval import HumanEval, build_program, solution_code
-from tests.conftest import OFFICIAL_SHA256, shipped_eval_bytes
+from tests.helpers import OFFICIAL_SHA256, shipped_eval_bytes
 
 GOOD = "assert sum(range(4)) == 6"
 ZERO_FUNCTION = (

@@ -9,7 +9,7 @@ import pytest
 
 from hdpo_ray.data.read import SourceError, expand_sources, file_records, read_file_blocks
 from hdpo_ray.models import ASSETS
-from tests.conftest import data_file
+from tests.helpers import data_file
 
 
 def test_jsonl_bad_line_keeps_the_rest_readable(tmp_path):

@@ -10,7 +10,7 @@ import pytest
 
 from hdpo_ray.eval.tasks import TaskDataError, get_task
 from hdpo_ray.eval.tasks.gsm8k import GSM8K, canonical, extract_answer
-from tests.conftest import OFFICIAL_SHA256, shipped_eval_bytes
+from tests.helpers import OFFICIAL_SHA256, shipped_eval_bytes
 
 
 @pytest.fixture(scope="module")

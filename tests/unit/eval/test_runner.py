@@ -1,0 +1,57 @@
+"""The eval runner's pure steps on GSM8K problems and hand-made completions: ordering, scoring, tables, results."""
+
+from __future__ import annotations
+
+import pytest
+
+from hdpo_ray.config import load_config
+from hdpo_ray.eval.runner import (
+    _results,
+    _score_task,
+    _task_table,
+    eval_output_dir,
+    selectable_task_metrics,
+    tasks_to_run,
+)
+from hdpo_ray.eval.tasks import get_task
+from hdpo_ray.eval.tasks.base import Problem
+
+
+def _sample(problem_id: str, temperature: float, sample: int, completion: str) -> dict:
+    return {"task": "gsm8k", "problem_id": problem_id, "temperature": temperature, "sample": sample,
+            "completion": completion, "entropy": 0.5, "num_tokens": 4, "finished": True,
+            "prompt_tokens": 9, "prompt_truncated": problem_id == "gsm8k/1"}  # fmt: skip
+
+
+PROBLEMS = [Problem("gsm8k/0", "2 + 2?", "4"), Problem("gsm8k/1", "3 + 4?", "7")]
+
+
+def test_samples_are_scored_in_problem_temperature_sample_order_and_tabled_per_temperature():
+    e = load_config(overrides=["eval.temperatures=[1.0]", "eval.k=[1,2]", "eval.num_samples=2"]).eval
+    task = get_task("gsm8k")
+    shuffled = [
+        _sample("gsm8k/1", 1.0, 1, "The answer is 8."),
+        _sample("gsm8k/0", 1.0, 1, "#### 5"),
+        _sample("gsm8k/0", 1.0, 0, "So 2 + 2 = 4. #### 4"),
+        _sample("gsm8k/1", 1.0, 0, "#### 9"),
+    ]
+    records = _score_task(e, task, PROBLEMS, shuffled)
+    assert [(r["problem_id"], r["sample"], r["correct"]) for r in records] == [
+        ("gsm8k/0", 0, True), ("gsm8k/0", 1, False), ("gsm8k/1", 0, False), ("gsm8k/1", 1, False)
+    ]  # fmt: skip
+    table, truncated = _task_table(e, task, records)
+    # gsm8k/0: 1 of 2 correct, gsm8k/1: 0 of 2 -> pass@1 = (1/2 + 0) / 2, pass@2 = (1 + 0) / 2
+    assert table["1"]["pass@1"] == pytest.approx(0.25) and table["1"]["pass@2"] == pytest.approx(0.5)
+    assert truncated == 1  # one problem's prompt, counted once
+    results = _results(e, "my-model", "fp", "hf", {"gsm8k": task}, {"gsm8k": table}, {"gsm8k": truncated})
+    assert results["metrics"]["gsm8k/pass@1/t=1"] == pytest.approx(0.25) and results["backend"] == "hf"
+    assert results["data"] == {"gsm8k": task.default_source} and results["k"] == [1, 2]
+
+
+def test_plan_defaults():
+    config = load_config(overrides=["output_dir=/tmp/run", "eval.tasks=[]", "eval.temperatures=[0.5]", "eval.k=[1]"])
+    assert tasks_to_run(config) == ["gsm8k", "humaneval", "ifeval", "mmlu_pro"]
+    assert eval_output_dir(config) == "/tmp/run/eval"
+    gsm8k = load_config(overrides=["eval.tasks=[gsm8k,gsm8k]", "eval.temperatures=[0.5]", "eval.k=[1]"])
+    assert tasks_to_run(gsm8k) == ["gsm8k"]
+    assert selectable_task_metrics(gsm8k.eval)[:2] == ["gsm8k/pass@1/t=0.5", "gsm8k/entropy/t=0.5"]

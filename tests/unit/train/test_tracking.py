@@ -1,0 +1,73 @@
+"""RunTracker without Ray: what it writes for reports, checkpoint-only reports, failures and restores."""
+
+from __future__ import annotations
+
+import json
+import pickle
+
+import pytest
+
+from hdpo_ray.config import load_config
+from hdpo_ray.train.tracking import CHECKPOINT_ONLY_KEY, RESTORED_KEY, RunTracker, progress_line
+from tests.helpers import tensorboard_scalars
+
+
+def _row(step: int, loss: float) -> dict:
+    return {
+        "step": step,
+        "epoch": 0,
+        "loss": loss,
+        "rewards/accuracies": 0.5,
+        "rewards/margins": 0.1,
+        "tokens_per_s": 10.0,
+    }
+
+
+def _rows(out) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture
+def tracker(tmp_path):
+    config = load_config(overrides=[f"output_dir={tmp_path}"])
+    return pickle.loads(
+        pickle.dumps(RunTracker(config, str(tmp_path), total_steps=6, mlflow_run_id=None))
+    )  # as Ray ships it
+
+
+def test_reports_become_rows_and_checkpoint_only_reports_do_not(tracker, tmp_path, capsys):
+    for step in (1, 2):
+        tracker.after_report(None, [_row(step, {1: 0.6, 2: 0.5}[step])], None)
+    tracker.after_report(None, [{"step": 2, "epoch": 0, CHECKPOINT_ONLY_KEY: True}], "a checkpoint")
+    assert [(r["step"], r["loss"]) for r in _rows(tmp_path)] == [(1, 0.6), (2, 0.5)]
+    assert all("time" in r and CHECKPOINT_ONLY_KEY not in r for r in _rows(tmp_path))
+    tracker.tensorboard.close()  # the writer's thread has written everything
+    assert [v for _, v in tensorboard_scalars(tmp_path / "tensorboard")["loss"]] == pytest.approx([0.6, 0.5])
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and lines[1].startswith("[hdpo-ray] step 2/6 | loss 0.5000")
+
+
+def test_a_restore_replaces_the_rows_of_the_steps_trained_again(tracker, tmp_path, capsys):
+    for step in (1, 2, 3, 4):
+        tracker.after_report(None, [_row(step, 1.0)], None)
+    tracker.after_exception(None, {1: RuntimeError("worker died\nsecond line")})
+    tracker.after_report(None, [_row(3, 0.25) | {RESTORED_KEY: 2}], None)  # the first report after the restore
+    assert [(r["step"], r["loss"]) for r in _rows(tmp_path)] == [(1, 1.0), (2, 1.0), (3, 0.25)]
+    events = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
+    assert events[0]["event"] == "worker_failure" and events[0]["ranks"] == [1] and events[0]["last_step"] == 4
+    assert events[0]["errors"] == {"1": "RuntimeError: worker died"}
+    assert events[1]["event"] == "restored" and events[1]["from_step"] == 2 and events[1]["steps_recomputed"] == 2
+    assert events[1]["recovery_s"] >= 0
+    # TensorBoard shows the new value at step 3, not both
+    tracker.tensorboard.close()
+    assert tensorboard_scalars(tmp_path / "tensorboard")["loss"] == [(1, 1.0), (2, 1.0), (3, 0.25)]
+    assert "steps 3-4 are trained again" in capsys.readouterr().out
+
+
+def test_progress_line_shows_what_was_computed():
+    line = progress_line(_row(3, 0.5) | {"eval/loss": 0.9, "eval/rewards/accuracies": 0.75}, 6, 65.0, 30.0)
+    assert line == (
+        "[hdpo-ray] step 3/6 | loss 0.5000 | acc 0.50 | margin +0.1000 | 10 tok/s | eval loss 0.9000 acc 0.75 | "
+        "elapsed 0:01:05 ETA 0:00:30"
+    )
+    assert progress_line({"step": 1}, 6, 1.0, float("nan")).endswith("step 1/6 | elapsed 0:00:01 ETA --:--")
