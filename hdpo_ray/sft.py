@@ -6,7 +6,7 @@ uniformly (ln 50257 = 10.8 nats per token), so there is nothing for alpha to sha
 well the reference is trained matters too: after one SFT epoch (held-out chosen responses at ~7.6
 nats per token) alpha = 0.8 made the tiny policy flatter; after three (~7.3 nats per token, loss
 6.9) it made it sharper, as the paper reports for Zephyr-7B. The shipped model is three epochs of
-SFT_RECIPE, built here with `python -m hdpo_ray.sft --output DIR` (247 s on 2 CPU cores); shipping
+SFT_RECIPE, built with `python -m hdpo_ray.sft --output DIR` (a few minutes on 2 CPU cores); shipping
 it keeps every machine, and every node of a cluster, on the same weights.
 """
 

@@ -190,7 +190,7 @@ def run_toy(
 
 def _main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m hdpo_ray.toy", description=__doc__.splitlines()[0])
-    parser.add_argument("--output-dir", default="toy_out", help="where toy.png, toy.md and toy.json go")
+    parser.add_argument("--output-dir", default="outputs/toy", help="where toy.png, toy.md and toy.json go")
     parser.add_argument("--d", type=float, default=DEFAULT_D, help="mode positions are -d and +d")
     parser.add_argument("--alphas", default=",".join(f"{a:g}" for a in DEFAULT_ALPHAS), help="comma-separated alphas")
     args = parser.parse_args(argv)

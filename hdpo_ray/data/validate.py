@@ -1,7 +1,7 @@
 """Validate and normalize one raw preference row into a :class:`Pair`.
 
-Pure standard-library module: the data reader calls :func:`normalize_pair` per row
-and counts :class:`InvalidRow` reasons for ``data_report.json``.
+Pure standard-library module: the tokenizing pass (hdpo_ray.data.template.encode_rows_fn) calls
+`normalize_pair` per row; the reasons of `InvalidRow` are counted into data_report.json.
 
 Accepted layouts (detected per row):
 

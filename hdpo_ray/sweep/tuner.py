@@ -406,7 +406,9 @@ def _trial_rows(config: Config, output_dir: Path, results) -> list[dict[str, Any
     from hdpo_ray.sweep.results import trial_row
 
     errors = {trial_name(r.config): r.error for r in results if r.config and r.error}
-    # Tune's own trial states (TERMINATED, ERROR, PENDING, RUNNING, PAUSED) tell an early stop from an interruption.
+    # Tune's own trial states (TERMINATED, ERROR, PENDING, RUNNING, PAUSED) tell an early stop from an interruption,
+    # also for trials of an earlier invocation. ResultGrid has no public accessor for them in Ray 2.60: without it
+    # (a later Ray), an early-stopped trial is reported as interrupted, never lost.
     states = {
         trial_name(t.config): t.status for t in getattr(getattr(results, "_experiment_analysis", None), "trials", [])
     }
@@ -441,7 +443,8 @@ def _reference_summary(state: dict, data) -> dict[str, Any]:
     """The sweep's reference pass: pairs, forward passes over all invocations, the cache entries."""
     from hdpo_ray.data.cache import read_manifest
 
-    cached = [read_manifest(split.cache_entry) for split in (data.train, data.eval)]
+    # A sweep's splits always go through the cache; an entry removed since reads as None and is left out.
+    cached = [m for m in (read_manifest(split.cache_entry) for split in (data.train, data.eval)) if m]
     return {
         "pairs": data.train.num_pairs + data.eval.num_pairs,
         "forward_pairs": sum(i["reference_forward_pairs"] for i in state["invocations"]),

@@ -1,8 +1,8 @@
 """The driver side of training: resources, the TorchTrainer, progress and metrics.jsonl, the export.
 
-`run_training(config)` is what `hdpo-ray train` calls: it prepares the data (read, validate, tokenize,
-reference log-probs), fits a Ray Train TorchTrainer whose workers run `train_loop_per_worker`, and
-copies the exported model from the final Ray Train checkpoint to OUTPUT_DIR/final.
+`fit` and `finish` are what `hdpo-ray train` (hdpo_ray.pipeline.run_training, after the data is prepared)
+and every sweep trial call: `fit` runs a Ray Train TorchTrainer whose workers run `train_loop_per_worker`,
+`finish` copies the exported model from the final Ray Train checkpoint to OUTPUT_DIR/final.
 """
 
 from __future__ import annotations
