@@ -1,14 +1,14 @@
 """The paper's toy: fitting one Gaussian to a two-mode mixture with the H-DPO objective.
 
 H-DPO (arXiv 2411.07595) trains a policy q against a reference p by minimising
-``J(q) = -alpha * H(q) + H(q, p)``, with ``H(q) = -E_q[log q]`` and ``H(q, p) = -E_q[log p]``.
+`J(q) = -alpha * H(q) + H(q, p)`, with `H(q) = -E_q[log q]` and `H(q, p) = -E_q[log p]`.
 At alpha = 1 this is the reverse KL(q || p); alpha < 1 down-weights q's entropy, which pushes q
 towards sharper, mode-seeking solutions. Here p = 1/2 N(-d, 1) + 1/2 N(d, 1) and q = N(mu, sigma^2),
 so every quantity is one-dimensional and the optimum can be found deterministically:
 H(q) is analytic and H(q, p) comes from Gauss-Hermite quadrature, so no sampling noise hides
 where the optimum switches from covering both modes to sitting on one.
 
-Run ``python -m hdpo_ray.toy --output-dir DIR`` to write ``toy.png``, ``toy.md`` and ``toy.json``.
+Run `python -m hdpo_ray.toy --output-dir DIR` to write `toy.png`, `toy.md` and `toy.json`.
 """
 
 from __future__ import annotations

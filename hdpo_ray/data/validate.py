@@ -1,15 +1,15 @@
-"""Validate and normalize one raw preference row into a :class:`Pair`.
+"""Validate and normalize one raw preference row into a `Pair`.
 
 Pure standard-library module: the tokenizing pass (hdpo_ray.data.template.encode_rows_fn) calls
 `normalize_pair` per row; the reasons of `InvalidRow` are counted into data_report.json.
 
 Accepted layouts (detected per row):
 
-1. Conversational (HuggingFaceH4/ultrafeedback_binarized, TRL): ``chosen`` and
-   ``rejected`` are lists of ``{"role", "content"}`` messages ending on the assistant.
-2. Flat: ``prompt``, ``chosen``, ``rejected`` are all strings.
-3. ShareGPT / LLaMA-Factory: ``conversations`` of ``{"from", "value"}`` turns plus
-   ``chosen`` / ``rejected`` single ``{"from": "gpt", "value"}`` turns.
+1. Conversational (HuggingFaceH4/ultrafeedback_binarized, TRL): `chosen` and
+   `rejected` are lists of `{"role", "content"}` messages ending on the assistant.
+2. Flat: `prompt`, `chosen`, `rejected` are all strings.
+3. ShareGPT / LLaMA-Factory: `conversations` of `{"from", "value"}` turns plus
+   `chosen` / `rejected` single `{"from": "gpt", "value"}` turns.
 """
 
 from __future__ import annotations
@@ -42,8 +42,8 @@ _SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
 class InvalidRow(ValueError):
     """A row that cannot be used.
 
-    ``reason`` is a short stable code from :data:`REASONS` (a key in data_report.json);
-    ``detail`` is a human sentence saying what is wrong and, where useful, what to do.
+    `reason` is a short stable code from `REASONS` (a key in data_report.json);
+    `detail` is a human sentence saying what is wrong and, where useful, what to do.
     """
 
     def __init__(self, reason: str, detail: str) -> None:
@@ -54,7 +54,7 @@ class InvalidRow(ValueError):
 
 @dataclass(frozen=True)
 class Message:
-    """One chat turn with a role from :data:`ROLES` and non-blank content."""
+    """One chat turn with a role from `ROLES` and non-blank content."""
 
     role: str
     content: str
@@ -64,9 +64,9 @@ class Message:
 class Pair:
     """A normalized preference pair.
 
-    ``prompt`` is the conversation before the final assistant turn; it is never
-    empty and ends on a user message. ``chosen`` / ``rejected`` are the final
-    assistant texts, kept byte-for-byte (only emptiness is judged on ``strip()``).
+    `prompt` is the conversation before the final assistant turn; it is never
+    empty and ends on a user message. `chosen` / `rejected` are the final
+    assistant texts, kept byte-for-byte (only emptiness is judged on `strip()`).
     """
 
     prompt: tuple[Message, ...]
@@ -74,12 +74,12 @@ class Pair:
     rejected: str
 
     def prompt_messages(self) -> list[dict[str, str]]:
-        """Return the prompt as chat-template style ``[{"role", "content"}, ...]``."""
+        """Return the prompt as chat-template style `[{"role", "content"}, ...]`."""
         return [{"role": m.role, "content": m.content} for m in self.prompt]
 
 
 def _field(obj: Mapping[str, Any], key: str, where: str) -> Any:
-    """Fetch ``obj[key]``, distinguishing absent (missing_field) from None (null_field)."""
+    """Fetch `obj[key]`, distinguishing absent (missing_field) from None (null_field)."""
     if key not in obj:
         raise InvalidRow("missing_field", f"field '{where}' is missing")
     value = obj[key]
@@ -106,7 +106,7 @@ def _list(value: Any, where: str) -> list[Any]:
 
 
 def _messages(value: Any, where: str) -> tuple[Message, ...]:
-    """Validate a list of ``{"role", "content"}`` dicts; extra keys are tolerated."""
+    """Validate a list of `{"role", "content"}` dicts; extra keys are tolerated."""
     out = []
     for i, raw in enumerate(_list(value, where)):
         at = f"{where}[{i}]"
@@ -192,7 +192,7 @@ def _sharegpt(row: Mapping[str, Any]) -> tuple[tuple[Message, ...], str, str]:
 
 
 def normalize_pair(row: object) -> Pair:
-    """Normalize one raw preference row, or raise :class:`InvalidRow` saying why not."""
+    """Normalize one raw preference row, or raise `InvalidRow` saying why not."""
     if not isinstance(row, Mapping):
         raise InvalidRow("not_object", f"row is {type(row).__name__}; expected a JSON object")
     if "conversations" in row:
