@@ -50,7 +50,7 @@ FIRST_STEP_MARK = "step 1/"
 WORKER_MARK, REFERENCE_MARK = "RayTrainWorker", "ReferenceScorer"  # in Ray's process titles: ray::RayTrainWorker, ...
 RSS_GOAL = 1.15
 # Streaming holds workers, reference pool and Ray Data's 1 CPU at once: 3 CPUs with the tiny default's claims.
-# These are the claims hdpo_ray's capacity check suggests for 2 CPUs (tests/unit/test_trainer_plan.py); threads
+# These are the claims hdpo_ray's capacity check suggests for 2 CPUs (tests/unit/train/test_trainer_plan.py); threads
 # stay as they were (reference.torch_threads is 2 in tiny.yaml, a worker gets max(1, int(cpus_per_worker)) = 1).
 STREAM_ON_TWO_CPUS = ["reference.cache_dir=null", "reference.num_cpus_per_actor=0.5", "train.cpus_per_worker=0.25"]
 

@@ -32,6 +32,11 @@ def _parser() -> argparse.ArgumentParser:
         ),
     )
     train.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the run in OUTPUT_DIR (its metrics, events, checkpoints, final model) with a new one",
+    )
+    train.add_argument(
         "overrides", nargs="*", metavar="key=value", help="dotted overrides with YAML values, e.g. loss.alpha=0.9"
     )
     sweep = commands.add_parser(
@@ -176,7 +181,8 @@ def _run(args: argparse.Namespace) -> int:
         return _report_sweep(config, run_sweep(config))
     from hdpo_ray.pipeline import run_training
 
-    return _report_training(run_training(config))
+    resume, overwrite = bool(getattr(args, "resume", None)), getattr(args, "overwrite", False)
+    return _report_training(run_training(config, resume=resume, overwrite=overwrite))
 
 
 def _report_training(result) -> int:

@@ -538,6 +538,17 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def run_identity(tree: dict[str, Any]) -> dict[str, Any]:
+    """The dotted keys that make a run (or a sweep) what it is: all but output_dir, where metrics are also sent
+    (logging.*) and how the cluster is reached (cluster.*). A config.to_dict() or a saved config.json."""
+    return {k: v for k, v in flatten(tree).items() if k != "output_dir" and not k.startswith(("logging.", "cluster."))}
+
+
+def first_difference(saved: dict[str, Any], now: dict[str, Any]) -> str | None:
+    """The first key (sorted) whose value differs between two run_identity dicts, or None."""
+    return next((k for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)), None)
+
+
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node = tree
     *parents, leaf = dotted.split(".")

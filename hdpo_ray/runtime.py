@@ -5,8 +5,18 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
+from pathlib import Path
 
 from hdpo_ray.config import Config
+from hdpo_ray.errors import UserError
+
+log = logging.getLogger("hdpo_ray")
+PROBE_S = 5.0  # how long a cluster's address may take to accept a connection before it counts as gone
+
+
+class ClusterUnreachable(UserError):
+    """RAY_ADDRESS names a cluster that does not answer; one line for the user."""
 
 
 def init_ray(config: Config) -> None:
@@ -16,6 +26,7 @@ def init_ray(config: Config) -> None:
 
     if ray.is_initialized():
         return
+    address = connection_address()
     wanted = {
         "DS_ACCELERATOR": "cuda" if config.train.use_gpu else "cpu",
         "TOKENIZERS_PARALLELISM": "false",
@@ -34,8 +45,60 @@ def init_ray(config: Config) -> None:
         ray.init(runtime_env=env, log_to_driver=True)
     else:
         # The dashboard process also serves the State API, which Ray Train's placement-group cleaner needs.
-        ray.init(runtime_env=env, include_dashboard=True, dashboard_host="127.0.0.1", logging_level=logging.WARNING)
+        ray.init(
+            address=address,
+            runtime_env=env,
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
+            logging_level=logging.WARNING,
+        )
     configure_ray_data()
+
+
+def connection_address() -> str | None:
+    """What the driver passes to ray.init, checked first so that a dead cluster is named, not waited on (Ray
+    itself retries a dead address for minutes): RAY_ADDRESS when it answers, else ClusterUnreachable; without
+    RAY_ADDRESS, None (Ray joins the head the latest `ray start` on this machine recorded) when that head
+    answers or there is none, "local" (a new local Ray, said in one line) when the recorded head is gone."""
+    if os.environ.get("RAY_ADDRESS"):
+        address = os.environ["RAY_ADDRESS"]
+        if not answers(address):
+            raise ClusterUnreachable(
+                f"RAY_ADDRESS={address}: no Ray cluster answers there; start it (`ray start --head`), point "
+                "RAY_ADDRESS at a running one, or unset it to run on a local Ray"
+            )
+        return address
+    recorded = recorded_head()
+    if recorded is None or answers(recorded):
+        return None
+    log.warning(
+        "the Ray head recorded by the latest `ray start` on this machine (%s) does not answer: starting a local "
+        "Ray instead (`ray stop` clears the record; set RAY_ADDRESS to join a cluster)",
+        recorded,
+    )
+    return "local"
+
+
+def recorded_head() -> str | None:
+    """The head address the latest `ray start` on this machine recorded (where ray.init looks without an address)."""
+    try:
+        from ray._common.utils import get_ray_address_file  # Ray's own record: no public accessor in Ray 2.60
+    except ImportError:
+        return None
+    record = Path(get_ray_address_file(None))
+    return (record.read_text().strip() or None) if record.is_file() else None
+
+
+def answers(address: str, timeout_s: float = PROBE_S) -> bool:
+    """Whether a host:port address accepts a TCP connection; other forms (ray://, auto) are left to Ray."""
+    host, _, port = address.rpartition(":")
+    if "://" in address or not port.isdigit():
+        return True
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
 
 
 def _job_env_vars() -> dict[str, str]:

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from hdpo_ray.capacity import DATA_CPUS, Phase, held
-from hdpo_ray.config import Config, ConfigError, flatten
+from hdpo_ray.config import Config, ConfigError, first_difference, run_identity
 from hdpo_ray.shared_storage import check_shared, run_paths
 from hdpo_ray.storage import atomic_write
 from hdpo_ray.sweep.grid import TRIALS_DIR, trial_config, trial_grid, trial_name
@@ -79,18 +79,14 @@ def _claim_output_dir(config: Config, output_dir: Path) -> dict:
     state_file = output_dir / "sweep.json"
     # Tuner.restore keeps the first TuneConfig, concurrency included;
     # where the metrics are also sent is not the sweep's identity
-    identity = {
-        k: v
-        for k, v in flatten(config.to_dict()).items()
-        if k != "output_dir" and not k.startswith(("logging.", "cluster."))
-    }
+    identity = run_identity(config.to_dict())
     if state_file.exists():
         state = json.loads(state_file.read_text())
-        changed = [k for k in sorted(set(identity) | set(state["config"])) if identity.get(k) != state["config"].get(k)]
+        changed = first_difference(state["config"], identity)
         if changed:
             raise ConfigError(
-                f"{output_dir} holds a sweep with a different config ({changed[0]}: "
-                f"{state['config'].get(changed[0])!r} there, {identity.get(changed[0])!r} now); rerun with the "
+                f"{output_dir} holds a sweep with a different config ({changed}: "
+                f"{state['config'].get(changed)!r} there, {identity.get(changed)!r} now); rerun with the "
                 "same config to resume it, or set another output_dir"
             )
         return state
@@ -407,11 +403,8 @@ def _trial_rows(config: Config, output_dir: Path, results) -> list[dict[str, Any
 
     errors = {trial_name(r.config): r.error for r in results if r.config and r.error}
     # Tune's own trial states (TERMINATED, ERROR, PENDING, RUNNING, PAUSED) tell an early stop from an interruption,
-    # also for trials of an earlier invocation. ResultGrid has no public accessor for them in Ray 2.60: without it
-    # (a later Ray), an early-stopped trial is reported as interrupted, never lost.
-    states = {
-        trial_name(t.config): t.status for t in getattr(getattr(results, "_experiment_analysis", None), "trials", [])
-    }
+    # also for trials of an earlier invocation.
+    states = {trial_name(t.config): t.status for t in _tune_trials(results)}
     rows = []
     for params in trial_grid(config):
         trial_dir = output_dir / TRIALS_DIR / trial_name(params)
@@ -437,6 +430,16 @@ def _trial_rows(config: Config, output_dir: Path, results) -> list[dict[str, Any
             )
         )
     return rows
+
+
+def _tune_trials(results) -> list:
+    """The sweep's Tune trials with their states, read from Tune's experiment state (public API)."""
+    from ray.tune import ExperimentAnalysis
+
+    try:
+        return ExperimentAnalysis(results.experiment_path, storage_filesystem=results.filesystem).trials
+    except Exception:  # noqa: BLE001 -- no readable experiment state: every unfinished trial counts as interrupted
+        return []
 
 
 def _reference_summary(state: dict, data) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import flat_pair_lines, run_cli
+from tests.helpers import flat_pair_lines, free_port, run_cli
 from tests.integration.checks import FAST, metric_rows
 
 
@@ -33,6 +33,46 @@ def test_bad_values_exit_2_with_one_line(override, expected, tmp_path):
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert lines == [lines[0]] and lines[0].startswith("hdpo-ray: error: ") and expected in lines[0], result.stderr
     assert "Traceback" not in result.stderr + result.stdout
+
+
+def test_a_dead_cluster_address_exits_2_with_one_line(tmp_path):
+    """RAY_ADDRESS of a head that is gone: named at once (Ray itself would retry it for minutes)."""
+    dead = f"127.0.0.1:{free_port()}"
+    result = run_cli(["train", f"output_dir={tmp_path}", "train.max_steps=1"], ray_address=dead, timeout=120)
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines == [
+        f"hdpo-ray: error: RAY_ADDRESS={dead}: no Ray cluster answers there; start it (`ray start "
+        "--head`), point RAY_ADDRESS at a running one, or unset it to run on a local Ray"
+    ], result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+
+
+def test_a_finished_run_is_kept_and_another_config_refused_unless_overwrite(ray_address, tmp_path):
+    """A second `train` into a run's folder: refused before Ray starts, the run's files untouched; with
+    --overwrite the old run's files go first (here the new run then stops at its invalid data row)."""
+    from hdpo_ray.config import EMBEDDED_DEFAULT, load_config
+
+    out, pairs = tmp_path / "run", tmp_path / "pairs.jsonl"
+    pairs.write_text(flat_pair_lines(1)[0] + "\n" + '{"prompt": "p", "chosen": "c"}\n')
+    args = ["train", f"output_dir={out}", f"data.train_files=[{pairs}]", "data.eval_files=[]", "data.on_invalid=error"]
+    args.append(f"reference.cache_dir={tmp_path / 'cache'}")
+    out.mkdir()
+    saved = load_config(str(EMBEDDED_DEFAULT), args[1:])  # what this command runs with: the embedded default
+    (out / "config.json").write_text(json.dumps(saved.to_dict()))
+    (out / "metrics.jsonl").write_text('{"step": 1, "loss": 0.69}\n')
+    for status, extra, expected in [
+        ("finished", [], f"{out} holds run hdpo-x, finished; set another output_dir, or add --overwrite to replace it"),
+        ("running", ["train.lr=0.5"], f"another config (train.lr: {saved.train.lr!r} there, 0.5 now); continue it as"),
+    ]:
+        (out / "run.json").write_text(json.dumps({"name": "hdpo-x", "status": status}))
+        result = run_cli([*args, *extra], ray_address=None, timeout=120)
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        assert result.returncode == 2 and len(lines) == 1 and expected in lines[0], result.stderr
+        assert (out / "metrics.jsonl").read_text() == '{"step": 1, "loss": 0.69}\n'
+    result = run_cli([*args, "--overwrite"], ray_address, timeout=300)
+    assert result.returncode == 2 and f"{pairs}, line 2: missing_field" in result.stderr, result.stderr[-2000:]
+    assert not (out / "metrics.jsonl").exists() and not (out / "run.json").exists()
 
 
 def test_missing_config_file_exits_2(tmp_path):

@@ -104,8 +104,8 @@ def test_skip_mode_counts_every_reason_and_keeps_the_rest(ray_session, tmp_path,
 
 def test_reference_logprobs_match_the_model_and_cache_hits(ray_session, tmp_path, small_pairs):
     from hdpo_ray.data.collate import collate_pairs
-    from hdpo_ray.logprobs import naive_completion_logprobs
     from hdpo_ray.models import build_tiny_llama
+    from tests.helpers import naive_completion_logprobs
 
     config = _config(tmp_path, [small_pairs], "data.on_invalid=skip")
     first = prepare_split(config, config.data.train_files, "train")

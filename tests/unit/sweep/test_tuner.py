@@ -199,3 +199,26 @@ def test_early_stopping_is_asha_on_the_metric_over_steps_and_never_stops_a_last_
 
     asha.on_trial_add(None, Trial)
     assert asha.on_trial_result(None, Trial, without_final_eval(last, 30)) == "CONTINUE"
+
+
+def _trainable(config: dict) -> None:
+    import ray.tune
+
+    if config["alpha"] > 1:
+        raise RuntimeError("a failing trial")
+    ray.tune.report({"loss": config["alpha"]})
+
+
+def test_trial_states_come_from_tunes_experiment_state(ray_session, tmp_path):
+    """What tells an early-stopped trial from an interrupted one: Tune's states, read through its public API."""
+    from ray import tune
+
+    from hdpo_ray.sweep.tuner import _tune_trials
+
+    tuner = tune.Tuner(
+        _trainable,
+        param_space={"alpha": tune.grid_search([0.8, 1.2])},
+        run_config=tune.RunConfig(storage_path=str(tmp_path), name="states", verbose=0),
+    )
+    states = {t.config["alpha"]: t.status for t in _tune_trials(tuner.fit())}
+    assert states == {0.8: "TERMINATED", 1.2: "ERROR"}
