@@ -1,4 +1,4 @@
-"""Does H-DPO move a real model? The three tables of README's "A real model" section, from finished runs.
+"""Does H-DPO move a real model? The three tables of the SmolLM2 section of docs/results.md, from finished runs.
 
     hdpo-ray train --config jobs/smollm2-135m.yaml                                  # alpha = 1, ~30 min
     hdpo-ray sweep --config jobs/smollm2-135m.yaml train.max_steps=15 output_dir=outputs/smollm2-sweep

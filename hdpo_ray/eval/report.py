@@ -15,23 +15,26 @@ from typing import Any
 from hdpo_ray.eval.passk import mean_pass_at_k
 from hdpo_ray.storage import atomic_write, atomic_write_lines
 
+RESULTS_FILE = "results.json"
+
 
 def metric_key(task: str, metric: str, temperature: float) -> str:
     return f"{task}/{metric}/t={temperature:g}"
 
 
-def aggregate(records: list[dict[str, Any]], ks: list[int], summarize=None) -> dict[str, Any]:
+def aggregate(records: list[dict[str, Any]], ks: list[int], summarize=None, greedy: bool = False) -> dict[str, Any]:
     """Scored samples of one task at one temperature -> pass@k for each k, sample counts, mean entropy/tokens.
 
     records: dicts with problem_id, correct, entropy (mean nats/token of the completion), num_tokens,
     finished; every problem has the same number of samples n. `summarize(records)` adds task metrics.
+    greedy: one completion per problem, and k of them would be k copies: pass@k is pass@1 for every k.
     """
     per_problem: dict[str, list[bool]] = defaultdict(list)
     for r in records:
         per_problem[r["problem_id"]].append(bool(r["correct"]))
     counts = [(len(v), sum(v)) for v in per_problem.values()]
     n = len(records) or 1
-    out: dict[str, Any] = {f"pass@{k}": mean_pass_at_k(counts, k) for k in ks}
+    out: dict[str, Any] = {f"pass@{k}": mean_pass_at_k(counts, 1 if greedy else k) for k in ks}
     out.update(
         problems=len(per_problem),
         samples=len(records),
@@ -68,13 +71,16 @@ def results_markdown(results: dict[str, Any]) -> str:
     lines = [
         f"# Evaluation of {results['model']}",
         "",
-        f"backend {results['backend']}, {results['num_samples']} samples per problem, top_p {results['top_p']}, "
+        f"backend {results['backend']}, {results['num_samples']} samples per problem"
+        + (" (1 at temperature 0: greedy, pass@k = pass@1)" if 0 in results["temperatures"] else "")
+        + f", top_p {results['top_p']}, "
         f"max_new_tokens {results['max_new_tokens']}, seed {results['seed']}, limit {results['limit']}; "
         f"{results['wall_s']:.0f} s (sampling {results['sampling_s']:.0f} s, scoring {results['scoring_s']:.0f} s)",
         "",
         (
-            "entropy: mean over completions of the mean per-token entropy (nats) of the sampling distribution; "
-            "tokens: mean completion length."
+            "entropy: mean over completions of the mean per-token entropy (nats) of the sampling distribution (at "
+            "temperature 0, greedy: the model's own distribution along the greedy completion); tokens: mean "
+            "completion length."
         ),
     ]
     for task, by_t in results["tasks"].items():
@@ -139,4 +145,4 @@ def write_results(results: dict[str, Any], samples: list[dict[str, Any]], output
     atomic_write_lines(out / "samples.jsonl", (json.dumps(sample, ensure_ascii=False) for sample in samples))
     results["plots"] = plot_results(results, out)
     atomic_write(out / "results.md", results_markdown(results))
-    atomic_write(out / "results.json", json.dumps(results, indent=1))
+    atomic_write(out / RESULTS_FILE, json.dumps(results, indent=1))

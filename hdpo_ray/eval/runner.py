@@ -1,7 +1,8 @@
 """`hdpo-ray eval` end to end: load tasks -> sample on a Ray Data actor pool -> score -> tables and plots.
 
-Every (task, problem, temperature) row must come back with eval.num_samples completions and every
-completion gets a score; a shortfall stops the run rather than shrinking a denominator silently.
+Every (task, problem, temperature) row must come back with eval.num_samples completions (one at temperature
+0, greedy) and every completion gets a score; a shortfall stops the run rather than shrinking a denominator
+silently.
 """
 
 from __future__ import annotations
@@ -16,12 +17,34 @@ from typing import Any
 
 from hdpo_ray.capacity import Group, Phase, held, placement_options
 from hdpo_ray.config import EVAL_TASKS, Config, EvalConfig
+from hdpo_ray.errors import UserError
 
 log = logging.getLogger("hdpo_ray")
 
 
-def eval_output_dir(config: Config) -> str:
-    return config.eval.output_dir or str(Path(config.output_dir) / "eval")
+class EvalOutputError(UserError):
+    """The results folder asked for belongs to another model."""
+
+
+def eval_output_dir(config: Config, model: str) -> str:
+    """eval.output_dir, or a folder per model: OUTPUT_DIR/eval/<the model as given, "/" as "__"> (lm-eval-harness's
+    naming), so evaluating a second model never replaces the first one's results. A folder that holds another
+    model's results is refused."""
+    import json
+
+    from hdpo_ray.eval.report import RESULTS_FILE
+
+    name = os.path.normpath(model).lstrip("./").replace("/", "__") or "model"
+    folder = config.eval.output_dir or str(Path(config.output_dir) / "eval" / name)
+    saved = Path(folder) / RESULTS_FILE
+    if saved.is_file():
+        previous = json.loads(saved.read_text()).get("model")
+        if previous not in (model, _local_or_id(model)):
+            raise EvalOutputError(
+                f"eval.output_dir {folder} holds the results of another model ({previous}); give another "
+                "eval.output_dir, or leave it unset for a folder per model"
+            )
+    return folder
 
 
 def tasks_to_run(config: Config) -> list[str]:
@@ -132,8 +155,9 @@ def _sample_and_score(
 
 
 def _sample(config: Config, model: str, backend: str, problems: dict, node_id: str | None) -> list[dict[str, Any]]:
-    """num_samples completions of every (task, problem, temperature); all of them, or RuntimeError."""
+    """num_samples completions of every (task, problem, temperature), one when greedy; all of them, or RuntimeError."""
     from hdpo_ray.eval.samplers import SamplingPlan
+    from hdpo_ray.eval.samplers.common import completions_per_prompt
     from hdpo_ray.eval.sampling import sample_completions
 
     e = config.eval
@@ -158,18 +182,19 @@ def _sample(config: Config, model: str, backend: str, problems: dict, node_id: s
         placement=placement_options(e.resources, e.label_selector),
     )
     drawn = Counter((s["task"], s["problem_id"], s["temperature"], s["sample"]) for s in samples)
+    wanted = {id(r): completions_per_prompt(e.num_samples, r["temperature"]) for r in rows}
     short = next(
         (
             (r["task"], r["problem_id"], r["temperature"])
             for r in rows
-            if any(drawn[(r["task"], r["problem_id"], r["temperature"], i)] != 1 for i in range(e.num_samples))
+            if any(drawn[(r["task"], r["problem_id"], r["temperature"], i)] != 1 for i in range(wanted[id(r)]))
         ),
         None,
     )
-    if short is not None or len(samples) != len(rows) * e.num_samples:
+    if short is not None or len(samples) != sum(wanted.values()):
         raise RuntimeError(
-            f"sampling returned {len(samples)} completions for {len(rows)} prompts x {e.num_samples} samples "
-            f"(first incomplete: {short})"
+            f"sampling returned {len(samples)} completions for {len(rows)} prompts, {sum(wanted.values())} "
+            f"expected (first incomplete: {short})"
         )
     return samples
 
@@ -197,7 +222,8 @@ def _task_table(e: EvalConfig, task, records: list[dict[str, Any]]) -> tuple[dic
     from hdpo_ray.eval.report import aggregate
 
     table = {
-        f"{t:g}": aggregate([r for r in records if r["temperature"] == t], e.k, task.summarize) for t in e.temperatures
+        f"{t:g}": aggregate([r for r in records if r["temperature"] == t], e.k, task.summarize, greedy=t == 0)
+        for t in e.temperatures
     }
     truncated = sum(
         r["prompt_truncated"] for r in records if r["sample"] == 0 and r["temperature"] == e.temperatures[0]
@@ -210,6 +236,7 @@ def _results(
 ) -> dict[str, Any]:
     """results.json's content: the tables, their flat metrics and the whole sampling plan."""
     from hdpo_ray.eval.report import flat_metrics
+    from hdpo_ray.eval.samplers.common import completions_per_prompt
 
     return {
         "model": model,
@@ -219,6 +246,8 @@ def _results(
         "metrics": flat_metrics(tables),
         "truncated_prompts": truncated,
         "num_samples": e.num_samples,
+        "samples_per_problem": {f"{t:g}": completions_per_prompt(e.num_samples, t) for t in e.temperatures},
+        "greedy": "temperature 0 is greedy decoding: one completion per problem, pass@k = pass@1 for every k",
         "k": e.k,
         "temperatures": e.temperatures,
         "top_p": e.top_p,

@@ -131,9 +131,9 @@ def write_results(
         + ".",
         f"- Selection: `{sweep.metric}` ({sweep.mode}); best trial: **{best['trial'] if best else 'none finished'}**"
         + (f" ({sweep.metric} = {_cell(best[sweep.metric])}, model: `{best['final_model']}`)" if best else ""),
-        f"- Entropy: mean nats per token on the first {sweep.entropy_prompts} eval pairs, teacher-forced on the chosen "
-        f"completions and sampled at temperature 1.0 (seed {sweep.entropy_seed}, up to {sweep.entropy_max_new_tokens} "
-        "new tokens)"
+        f"- Entropy: mean nats per token on the first {sweep.entropy_prompts} valid eval pairs (or all, if fewer), "
+        "teacher-forced on the chosen completions and sampled at temperature 1.0 "
+        f"(seed {sweep.entropy_seed}, up to {sweep.entropy_max_new_tokens} new tokens)"
         + (
             "; the reference model on the same prompts: teacher-forced "
             f"{_cell(reference['entropy']['entropy/teacher_forced'])}, "

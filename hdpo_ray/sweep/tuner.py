@@ -164,24 +164,30 @@ def _train_trial(config: Config, inputs: SweepInputs, trial_dir: Path) -> tuple[
 
 
 def _measure_entropy(config: Config, final: str, eval_encoded_entry: str) -> dict[str, float]:
-    """Both entropy measures of the trial's final model, on a Ray task with the training workers' resources."""
+    """Both entropy measures of the trial's final model, on this trial's node."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    from hdpo_ray.sweep.entropy import measure_policy_entropy
-
-    train, sweep = config.train, config.sweep
-    cpus = train.num_workers * train.cpus_per_worker  # the training workers' share, free again now
     # On this trial's node, where final/ was just written, and outside the trial's placement group
     # (Tune sized that for the trial process alone). Soft: a node that cannot hold it (a CPU head node,
     # the task asking for a GPU) gives way to one that can, which then reads final/ from shared storage.
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
-    measure = ray.remote(measure_policy_entropy).options(
-        num_cpus=cpus, num_gpus=1 if train.use_gpu else 0, scheduling_strategy=here
-    )
+    return entropy_on_ray(config, final, eval_encoded_entry, scheduling_strategy=here)
+
+
+def entropy_on_ray(config: Config, model: str, eval_encoded_entry: str, **options) -> dict[str, float]:
+    """measure_policy_entropy of a model on a Ray task sized like a trial's training workers (free again by
+    then), with the sweep's prompts, tokens and seed; options: more Ray task options."""
+    import ray
+
+    from hdpo_ray.sweep.entropy import measure_policy_entropy
+
+    train, sweep = config.train, config.sweep
+    cpus = train.num_workers * train.cpus_per_worker
+    measure = ray.remote(measure_policy_entropy).options(num_cpus=cpus, num_gpus=1 if train.use_gpu else 0, **options)
     return ray.get(
         measure.remote(
-            final,
+            model,
             eval_encoded_entry,
             num_prompts=sweep.entropy_prompts,
             max_new_tokens=sweep.entropy_max_new_tokens,
@@ -298,27 +304,10 @@ def reference_entropy(config: Config, output_dir: Path, eval_encoded_entry: str)
 
     Measured once per sweep directory (reference_entropy.json), on a Ray task sized like a trial's workers.
     """
-    import ray
-
-    from hdpo_ray.sweep.entropy import measure_policy_entropy
-
     saved = output_dir / "reference_entropy.json"
     if saved.exists():
         return json.loads(saved.read_text())
-    train, sweep = config.train, config.sweep
-    cpus = train.num_workers * train.cpus_per_worker
-    measure = ray.remote(measure_policy_entropy).options(num_cpus=cpus, num_gpus=1 if train.use_gpu else 0)
-    entropy = ray.get(
-        measure.remote(
-            config.model.reference,
-            eval_encoded_entry,
-            num_prompts=sweep.entropy_prompts,
-            max_new_tokens=sweep.entropy_max_new_tokens,
-            seed=sweep.entropy_seed,
-            use_gpu=train.use_gpu,
-            torch_threads=train.torch_threads or max(1, int(cpus)),
-        )
-    )
+    entropy = entropy_on_ray(config, config.model.reference, eval_encoded_entry)
     atomic_write(saved, json.dumps(entropy, indent=2))
     return entropy
 

@@ -1,9 +1,10 @@
-"""What a training run leaves to watch it by: metrics.jsonl, TensorBoard, MLflow, events.jsonl, a progress line.
+"""What a training run leaves to watch it by: metrics.jsonl, TensorBoard, MLflow, events.jsonl.
 
 `RunTracker` is a Ray Train UserCallback: it runs in the Train controller (on the driver's node) and
 sees every report of rank 0 and every worker-group failure. After a restore the steps between the
 checkpoint and the failure are trained again; their first rows are replaced, not duplicated, in
 metrics.jsonl and TensorBoard (MLflow keeps both values of such a step: its history is append-only).
+It prints nothing: the driver shows the run from these files (train/progress.py).
 """
 
 from __future__ import annotations
@@ -105,8 +106,8 @@ def mlflow_client(uri: str):
 
 
 class RunTracker(UserCallback):
-    """Writes what rank 0 reports (metrics.jsonl, TensorBoard, MLflow, a progress line) and what fails
-    (events.jsonl). Plain Python state: it is built on the driver and pickled to the Train controller."""
+    """Writes what rank 0 reports (metrics.jsonl, TensorBoard, MLflow) and what fails (events.jsonl). Plain
+    Python state: it is built on the driver and pickled to the Train controller."""
 
     def __init__(self, config: Config, output_dir: str, total_steps: int, mlflow_run_id: str | None):
         self.config = config
@@ -116,7 +117,6 @@ class RunTracker(UserCallback):
         self.started = time.time()
         self.rows = Path(self.output_dir, "metrics.jsonl")
         self.last_step = last_logged_step(self.rows)
-        self.first_step: tuple[int, float] | None = None
         self.failed_at: float | None = None
         self.tensorboard = None  # writers and clients are made on first use, in the controller (not pickled)
         self.purge_from: int | None = None  # the next TensorBoard writer hides earlier events from this step on
@@ -132,13 +132,6 @@ class RunTracker(UserCallback):
             for rank, e in sorted(worker_exceptions.items())
         }
         self._event({"event": "worker_failure", "ranks": ranks, "last_step": self.last_step, "errors": errors})
-        print(
-            (
-                f"[hdpo-ray] worker failure on rank {', '.join(map(str, ranks))} after step {self.last_step}; Ray "
-                "Train restores the latest checkpoint if train.max_failures allows"
-            ),
-            flush=True,
-        )
 
     def after_report(self, run_context, metrics, checkpoint):
         row = dict(metrics[0]) if metrics else {}
@@ -159,18 +152,6 @@ class RunTracker(UserCallback):
         self._guarded("tensorboard", self._tensorboard_scalars, row, step)
         if self.mlflow_run_id:
             self._guarded("mlflow", self._mlflow_scalars, row, step)
-        now = time.time()
-        self.first_step = self.first_step or (step, now)
-        done, since = step - self.first_step[0], now - self.first_step[1]
-        print(
-            progress_line(
-                row,
-                self.total_steps,
-                now - self.started,
-                since / done * (self.total_steps - step) if done > 0 else float("nan"),
-            ),
-            flush=True,
-        )
 
     def _restored(self, from_step: int) -> None:
         event = {
@@ -182,15 +163,7 @@ class RunTracker(UserCallback):
             # failure noticed -> first step after the restore
             event["recovery_s"] = round(time.time() - self.failed_at, 2)
         self._event(event)
-        self.first_step, self.failed_at = None, None  # the ETA restarts from here
-        recovery = f" {event['recovery_s']:.1f} s after the failure" if "recovery_s" in event else ""
-        print(
-            (
-                f"[hdpo-ray] restored from the checkpoint at step {from_step}{recovery}; steps "
-                f"{from_step + 1}-{self.last_step} are trained again"
-            ),
-            flush=True,
-        )
+        self.failed_at = None
 
     def _event(self, event: dict) -> None:
         with open(Path(self.output_dir, "events.jsonl"), "a") as f:
@@ -205,13 +178,6 @@ class RunTracker(UserCallback):
             if sink not in self.sink_errors:
                 self.sink_errors.add(sink)
                 self._event({"event": f"{sink}_error", "step": step, "error": f"{type(err).__name__}: {err}"[:300]})
-                print(
-                    (
-                        f"[hdpo-ray] warning: {sink} logging failed at step {step} ({type(err).__name__}: {err}); "
-                        "training goes on, metrics.jsonl has every row"
-                    ),
-                    flush=True,
-                )
 
     @staticmethod
     def _scalars(row: dict) -> dict[str, float]:

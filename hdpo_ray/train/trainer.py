@@ -23,6 +23,7 @@ from hdpo_ray.config import Config, is_uri
 from hdpo_ray.errors import Stopped
 from hdpo_ray.storage import atomic_write, filesystem
 from hdpo_ray.train.engine import ADAPTER_DIR, EXPORT_DIR
+from hdpo_ray.train.progress import RunDisplay
 from hdpo_ray.train.tracking import RunTracker, end_mlflow_run, start_mlflow_run
 
 log = logging.getLogger("hdpo_ray")
@@ -200,7 +201,8 @@ def fit(config: Config, train_split, eval_split, callbacks: tuple = ()) -> tuple
         storage,
     )
     try:
-        return trainer.fit(), total_steps, state
+        with RunDisplay(output_dir, total_steps):
+            return trainer.fit(), total_steps, state
     except BaseException as err:  # the MLflow run says so; run.json stays "running": the same command resumes
         end_mlflow_run(config, state["mlflow_run_id"], "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
         raise

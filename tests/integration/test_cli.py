@@ -51,14 +51,13 @@ def test_a_dead_cluster_address_exits_2_with_one_line(tmp_path):
 def test_a_finished_run_is_kept_and_another_config_refused_unless_overwrite(ray_address, tmp_path):
     """A second `train` into a run's folder: refused before Ray starts, the run's files untouched; with
     --overwrite the old run's files go first (here the new run then stops at its invalid data row)."""
-    from hdpo_ray.config import EMBEDDED_DEFAULT, load_config
+    from hdpo_ray.config import load_config
 
     out, pairs = tmp_path / "run", tmp_path / "pairs.jsonl"
     pairs.write_text(flat_pair_lines(1)[0] + "\n" + '{"prompt": "p", "chosen": "c"}\n')
-    args = ["train", f"output_dir={out}", f"data.train_files=[{pairs}]", "data.eval_files=[]", "data.on_invalid=error"]
-    args.append(f"reference.cache_dir={tmp_path / 'cache'}")
+    args = ["train", f"output_dir={out}", f"data.train_files=[{pairs}]", f"reference.cache_dir={tmp_path / 'cache'}"]
     out.mkdir()
-    saved = load_config(str(EMBEDDED_DEFAULT), args[1:])  # what this command runs with: the embedded default
+    saved = load_config(None, args[1:])  # what this command runs with: the built-in defaults and the overrides
     (out / "config.json").write_text(json.dumps(saved.to_dict()))
     (out / "metrics.jsonl").write_text('{"step": 1, "loss": 0.69}\n')
     for status, extra, expected in [
@@ -95,9 +94,25 @@ def test_resume_needs_an_unfinished_run(tmp_path):
     )
 
 
-def test_help_config_lists_keys():
-    result = run_cli(["train", "--help-config"], ray_address=None, timeout=120)
-    assert result.returncode == 0 and "loss.alpha = 1.0: H-DPO entropy coefficient" in result.stdout
+@pytest.mark.parametrize("command", ["train", "sweep", "eval"])
+def test_help_config_shows_the_defaults_that_run(command):
+    from hdpo_ray.config import flatten, load_config
+    from hdpo_ray.config_reference import yaml_value
+
+    result = run_cli([command, "--help-config"], ray_address=None, timeout=120)
+    assert result.returncode == 0 and result.stdout.startswith("Built-in defaults (the embedded demo")
+    assert "loss.alpha = 1.0    # float, > 0\n    H-DPO entropy coefficient" in result.stdout
+    shown = dict(line.split("    # ")[0].split(" = ", 1) for line in result.stdout.splitlines() if " = " in line)
+    ran = flatten(load_config().to_dict())  # what `hdpo-ray train` with nothing runs (null defaults resolved)
+    differing = {key: (shown[key], yaml_value(value)) for key, value in ran.items() if shown[key] != yaml_value(value)}
+    # only the keys whose null default is resolved from the rest of the config
+    assert differing == {
+        "data.eval_files": ("null", "[embedded:ultrafeedback/test_prefs-100.parquet]"),
+        "data.on_invalid": ("null", "skip"),
+        "eval.k": ("null", "[1, 2, 4]"),
+        "eval.num_gpus_per_actor": ("null", "0.0"),
+        "reference.num_gpus_per_actor": ("null", "0.0"),
+    }, differing
 
 
 def test_version_and_suggestions():
@@ -135,9 +150,7 @@ def test_invalid_row_stops_the_run_with_one_line(ray_address, tmp_path, small_pa
             "train",
             f"output_dir={tmp_path}/out",
             f"reference.cache_dir={tmp_path}/cache",
-            f"data.train_files=[{small_pairs}]",
-            "data.eval_files=[]",
-            "data.on_invalid=error",
+            f"data.train_files=[{small_pairs}]",  # no --config, no data.on_invalid: your data's default is error
             *FAST,
         ],
         ray_address,
@@ -185,6 +198,41 @@ def test_toy_command(tmp_path):
     assert [r["regime"] for r in rows] == ["single mode", "covers both"]
     bad = run_cli(["toy", "--alphas", "0,1"], ray_address=None, timeout=120)
     assert bad.returncode == 2 and bad.stderr.startswith("hdpo-ray: error: --alphas")
+
+
+def test_a_failing_worker_still_shows_its_traceback_on_a_quiet_terminal(ray_address, tmp_path):
+    """A policy whose weights file is corrupt: the reference (a sound model) scores the pairs, then the training
+    worker fails loading the policy. Ray's output is not shown, but the worker's traceback is, and the status is 1."""
+    import shutil
+
+    from hdpo_ray.config import EMBEDDED_SFT_MODEL
+    from hdpo_ray.models import ASSETS, load_tokenizer
+
+    policy = tmp_path / "policy"
+    load_tokenizer(EMBEDDED_SFT_MODEL, None, False).save_pretrained(policy)
+    shutil.copy(ASSETS / "tiny-llama-sft" / "config.json", policy / "config.json")
+    (policy / "model.safetensors").write_bytes(b"not a safetensors file" * 10)
+    (tmp_path / "pairs.jsonl").write_text("".join(line + "\n" for line in flat_pair_lines(8)))
+    result = run_cli(
+        [
+            "train",
+            f"output_dir={tmp_path / 'out'}",
+            f"reference.cache_dir={tmp_path / 'cache'}",
+            f"data.train_files=[{tmp_path / 'pairs.jsonl'}]",
+            f"model.name_or_path={policy}",
+            f"model.ref_name_or_path={EMBEDDED_SFT_MODEL}",
+            "train.num_workers=1",
+            "train.cpus_per_worker=1",
+            *FAST,
+        ],
+        ray_address,
+    )
+    assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-3000:]
+    assert "worker failure on rank 0 after step 0 (rank 0: SafetensorError" in result.stdout
+    assert "Training failed due to worker errors" in result.stderr and "[Rank 0 Error Snippet]" in result.stderr
+    assert "train/loop.py" in result.stderr and "SafetensorError" in result.stderr.splitlines()[-1]
+    assert all(line.startswith("[hdpo-ray]") for line in result.stdout.splitlines() if line.strip()), result.stdout
+    assert "pid=" not in result.stderr and "Loading weights" not in result.stderr
 
 
 @pytest.mark.slow

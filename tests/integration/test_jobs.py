@@ -64,6 +64,12 @@ def test_job_submit_trains_the_embedded_default(dashboard_url, one_node_run):
         and "[hdpo-ray] done in" in logs.stdout
     ), logs.stdout[-3000:]
     assert "Traceback" not in logs.stdout
+    # Quiet: the driver's own lines only, none of Ray's worker/actor output (weight-loading bars, start-up lines,
+    # Ray Data's notices), whatever `ray job logs` adds around them
+    ours = [line for line in logs.stdout.splitlines() if line.startswith("[hdpo-ray]")]
+    assert len(ours) <= 40 and not [
+        line for line in logs.stdout.splitlines() if "pid=" in line or "Loading weights" in line or "Dataset" in line
+    ], logs.stdout[-3000:]
     listed = ray_job(dashboard_url, "list")
     assert submission_id in listed.stdout and "SUCCEEDED" in listed.stdout
     assert_finished_run(out, steps_per_epoch=6, epochs=3, checkpoints_kept=2)

@@ -23,6 +23,7 @@ from tests.helpers import REPO
 PACKAGE = "hdpo_ray"
 LAYERS = {
     "config": 0,
+    "config_reference": 0,
     "errors": 0,
     "storage": 1,
     "capacity": 1,

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from hdpo_ray.config import Config, ConfigError, LoggingConfig, describe_keys, load_config, parse_overrides
+from hdpo_ray.config import EMBEDDED_EVAL, Config, ConfigError, LoggingConfig, load_config, parse_overrides
 
 REPO = Path(__file__).resolve().parents[2]
 JOBS = REPO / "jobs"
@@ -116,17 +116,6 @@ def test_reference_falls_back_to_policy():
     assert config.model.reference == "some/model"
     config = load_config(overrides=["model.name_or_path=some/model", "model.ref_name_or_path=other/ref"])
     assert config.model.reference == "other/ref"
-
-
-def test_describe_keys():
-    lines = describe_keys()
-    alpha = [line for line in lines if line.startswith("loss.alpha ")]
-    assert len(alpha) == 1
-    assert "entropy coefficient" in alpha[0]
-    assert "1.0" in alpha[0]
-    for key in MUST_EXIST:
-        assert any(line.startswith(key + " ") for line in lines), key
-    assert all("\n" not in line for line in lines)
 
 
 # ---- errors -----------------------------------------------------------------------------------
@@ -264,13 +253,40 @@ def test_job_files_first_line_is_the_command(name):
     assert f"--config jobs/{name}" in first
 
 
-def test_tiny_job_values():
-    config = load_config(str(JOBS / "tiny.yaml"))
-    assert config.model.name_or_path == "hdpo-ray/tiny-llama-sft"
-    assert config.model.reference == "hdpo-ray/tiny-llama-sft"
+def test_tiny_job_file_writes_out_the_built_in_defaults():
+    # `hdpo-ray train` and `hdpo-ray train --config jobs/tiny.yaml` run the same config: one set of defaults
+    assert load_config(str(JOBS / "tiny.yaml")).to_dict() == load_config().to_dict()
+    config = load_config()
+    assert config.model.name_or_path == config.model.reference == "hdpo-ray/tiny-llama-sft"
     assert config.sweep.alphas == [0.8, 1.0, 1.2]
-    assert config.data.on_invalid == "skip"
-    assert config.data.max_prompt_length < config.data.max_length
+
+
+def test_user_data_gets_error_and_no_eval_split_the_shipped_sample_skip_and_its_eval_split(tmp_path):
+    mine = tmp_path / "mine.jsonl"
+    mine.write_text("")
+    demo = load_config().data
+    assert demo.on_invalid == "skip" and demo.eval_files == [EMBEDDED_EVAL]  # the sample has 6 unusable pairs
+    own = load_config(overrides=[f"data.train_files=[{mine}]"]).data
+    assert own.on_invalid == "error" and own.eval_files == []  # not the demo's held-out pairs
+    assert load_config(overrides=[f"data.eval_files={mine}"]).data.on_invalid == "error"  # any user file
+    assert load_config(overrides=[f"data.train_files=[{mine}]", "data.on_invalid=skip"]).data.on_invalid == "skip"
+    assert load_config(overrides=["data.on_invalid=error"]).data.on_invalid == "error"
+    path = tmp_path / "job.yaml"
+    path.write_text(f"data:\n  train_files: [{mine}]\n")
+    assert load_config(str(path)).data.on_invalid == "error"
+
+
+def test_reference_and_eval_actors_follow_training_onto_gpus():
+    cpu = load_config()
+    assert cpu.reference.num_gpus_per_actor == cpu.eval.num_gpus_per_actor == 0
+    gpu = load_config(overrides=["train.use_gpu=true"])
+    assert gpu.reference.num_gpus_per_actor == gpu.eval.num_gpus_per_actor == 1
+    mixed = load_config(
+        overrides=["train.use_gpu=true", "reference.num_gpus_per_actor=0", "eval.num_gpus_per_actor=0.5"]
+    )
+    assert (mixed.reference.num_gpus_per_actor, mixed.eval.num_gpus_per_actor) == (0, 0.5)
+    saved = load_config(overrides=["train.use_gpu=true"]).to_dict()  # config.json holds the resolved values
+    assert saved["reference"]["num_gpus_per_actor"] == saved["eval"]["num_gpus_per_actor"] == 1.0
 
 
 def test_local_mlflow_stores_become_absolute(tmp_path, monkeypatch):

@@ -93,5 +93,5 @@ def test_missing_gguf_file_and_missing_packages_are_one_line(tmp_path, monkeypat
         resolve_model(SMOLLM2_MODEL)
     fresh = tmp_path / "fresh.gguf"
     fresh.write_bytes(b"GGUF not converted before")  # a content hash no conversion has seen
-    with pytest.raises(ModelSourceError, match=r"needs the gguf package: pip install 'hdpo-ray\[gguf\]'"):
+    with pytest.raises(ModelSourceError, match=r"needs the gguf package: pip install gguf"):
         resolve_model(str(fresh))

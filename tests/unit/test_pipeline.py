@@ -55,3 +55,12 @@ def test_a_new_or_foreign_folder_is_free(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     claim_output_dir(load_config(overrides=[f"output_dir={tmp_path}"]), str(tmp_path), resume=False, overwrite=True)
     assert (tmp_path / "notes.txt").exists()
+
+
+def test_a_cpu_reference_pool_beside_gpu_training_is_said_once():
+    from hdpo_ray.pipeline import reference_device_warning
+
+    assert reference_device_warning(load_config()) is None  # CPU training, CPU reference
+    assert reference_device_warning(load_config(overrides=["train.use_gpu=true"])) is None  # a GPU each by default
+    warning = reference_device_warning(load_config(overrides=["train.use_gpu=true", "reference.num_gpus_per_actor=0"]))
+    assert "reference pool runs on CPU" in warning and "\n" not in warning

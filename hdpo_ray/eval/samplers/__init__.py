@@ -25,8 +25,7 @@ def choose_backend(requested: str, num_gpus_per_actor: float) -> str:
     has_vllm = importlib.util.find_spec("vllm") is not None
     if requested == "vllm" and not has_vllm:
         raise ConfigError(
-            "eval.backend=vllm but vllm is not installed: pip install 'hdpo-ray[vllm]' on a GPU machine, or use "
-            "eval.backend=hf"
+            "eval.backend=vllm but vllm is not installed: pip install vllm on a GPU machine, or use eval.backend=hf"
         )
     if requested == "vllm" and num_gpus_per_actor < 1:
         raise ConfigError(

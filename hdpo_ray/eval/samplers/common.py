@@ -42,6 +42,11 @@ class SamplingPlan:
         )
 
 
+def completions_per_prompt(num_samples: int, temperature: float) -> int:
+    """Greedy decoding (temperature 0) has one completion per prompt: more would be copies of it."""
+    return num_samples if temperature else 1
+
+
 def row_seed(seed: int, task: str, problem_id: str, temperature: float) -> int:
     """A 31-bit seed for one (task, problem, temperature), stable across runs, processes and backends."""
     digest = hashlib.blake2b(f"{seed}|{task}|{problem_id}|{temperature!r}".encode(), digest_size=8).digest()

@@ -5,11 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 from hdpo_ray.data.template import fit_prompt
-from hdpo_ray.eval.samplers.common import SamplingPlan, columns, output_rows, row_seed
+from hdpo_ray.eval.samplers.common import SamplingPlan, columns, completions_per_prompt, output_rows, row_seed
 
 
 class HFSampler:
-    """Ray Data actor: Hugging Face `generate`, num_samples completions of one prompt per call."""
+    """Ray Data actor: Hugging Face `generate`, num_samples completions of one prompt per call (one when greedy)."""
 
     rows_per_batch = 1  # each row is its own generate call (its own seed), so batching rows buys nothing
 
@@ -41,7 +41,7 @@ class HFSampler:
             temperature = float(row["temperature"])
             samples = sample(
                 self.model,
-                [ids] * plan.num_samples,
+                [ids] * completions_per_prompt(plan.num_samples, temperature),
                 eos_id=tok.eos_token_id,
                 pad_id=tok.pad_token_id,
                 max_new_tokens=plan.max_new_tokens,

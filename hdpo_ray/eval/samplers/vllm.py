@@ -1,4 +1,4 @@
-"""The vLLM backend (GPU machines, optional extra `hdpo-ray[vllm]`): imported only when chosen.
+"""The vLLM backend (GPU machines, optional extra `.[vllm]`): imported only when chosen.
 
 Same contract as `HFSampler`: rows in, one row per completion out, same prompt encoding, same
 per-row seeds (vLLM's per-request `SamplingParams.seed`) and parameters. vLLM returns sampled tokens,
@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from hdpo_ray.data.template import fit_prompt
-from hdpo_ray.eval.samplers.common import SamplingPlan, columns, output_rows, row_seed
+from hdpo_ray.eval.samplers.common import SamplingPlan, columns, completions_per_prompt, output_rows, row_seed
 
 GPU_MEMORY_FRACTION = 0.6
 
@@ -57,10 +57,10 @@ class VLLMSampler:
             prompts.append(fit_prompt(ids, plan.max_prompt_length, tok.bos_token_id))
             temperature = float(row["temperature"])
             params.append(
-                SamplingParams(
-                    n=plan.num_samples,
+                SamplingParams(  # temperature 0: vLLM's greedy decoding (argmax; top_p set aside), n = 1
+                    n=completions_per_prompt(plan.num_samples, temperature),
                     temperature=temperature,
-                    top_p=plan.top_p,
+                    top_p=plan.top_p if temperature else 1.0,
                     max_tokens=plan.max_new_tokens,
                     seed=row_seed(plan.seed, row["task"], row["problem_id"], temperature),
                     stop_token_ids=[tok.eos_token_id],

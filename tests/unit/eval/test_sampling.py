@@ -87,7 +87,7 @@ def test_completion_entropy_equals_what_generate_recorded():
     """The vLLM backend's entropy path (one forward pass through generate's warpers) on HF-sampled tokens."""
     model = build_tiny_llama().eval()
     prompt = [40, 588, 257, 3290, 13]
-    for temperature, top_p in ((1.0, 1.0), (0.7, 0.9), (1.3, 0.5)):
+    for temperature, top_p in ((1.0, 1.0), (0.7, 0.9), (1.3, 0.5), (0.0, 0.9)):  # 0: greedy, top_p set aside
         drawn = sample(
             model,
             [prompt] * 2,
@@ -106,6 +106,23 @@ def test_completion_entropy_equals_what_generate_recorded():
     assert completion_entropy(model, prompt, [[]], temperature=1.0, top_p=1.0) == [0.0]
 
 
+def test_temperature_0_is_one_greedy_completion_equal_to_generate_without_sampling(sampler):
+    out = sampler(_rows("5+5", "6+6", temperature=0.0))  # the plan asks for 3 samples per problem
+    assert out["sample"] == [0, 0] and out["problem_id"] == ["5+5", "6+6"]
+    tokenizer = load_tokenizer(EMBEDDED_SFT_MODEL)
+    for completion, entropy, question in zip(out["completion"], out["entropy"], ("5+5", "6+6"), strict=True):
+        _, prompt = encode_prompt(tokenizer, [{"role": "user", "content": f"What is {question}?"}])
+        ids = torch.tensor([prompt])
+        greedy = sampler.model.generate(
+            input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=12,
+            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        )[0, len(prompt):].tolist()  # fmt: skip
+        greedy = greedy[: greedy.index(tokenizer.eos_token_id) + 1] if tokenizer.eos_token_id in greedy else greedy
+        assert completion == tokenizer.decode(greedy, skip_special_tokens=True)
+        (total,) = completion_entropy(sampler.model, prompt, [greedy], temperature=0.0, top_p=0.9)
+        assert entropy == pytest.approx(total / len(greedy), rel=1e-4)
+
+
 def test_lower_temperature_samples_from_sharper_distributions(sampler):
     cold, hot = sampler(_rows("4+4", temperature=0.3)), sampler(_rows("4+4", temperature=1.2))
     assert sum(cold["entropy"]) < sum(hot["entropy"])
@@ -121,7 +138,7 @@ def test_backend_choice():
     "override, message",
     [
         ("eval.k=[1,8]", "between 1 and eval.num_samples"),
-        ("eval.temperatures=[0]", "positive"),
+        ("eval.temperatures=[-0.5]", "numbers >= 0"),
         ("eval.data.bogus=x", "eval.data.bogus: not a task"),
         ("eval.top_p=0", "eval.top_p"),
         ("eval.tasks=[squad]", "eval.tasks.0"),

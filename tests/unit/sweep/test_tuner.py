@@ -21,9 +21,11 @@ from hdpo_ray.sweep.tuner import (
 )
 
 
-def test_default_grid_is_the_papers_alphas_at_the_configured_beta_and_lr():
+def test_grid_is_one_trial_per_alpha_at_the_configured_beta_and_lr():
     config = load_config(overrides=["loss.beta=0.05", "train.lr=2e-5"])
-    assert [p["alpha"] for p in trial_grid(config)] == list(PAPER_ALPHAS) == [0.8, 0.9, 0.95, 1.0, 1.1, 1.2]
+    assert [p["alpha"] for p in trial_grid(config)] == [0.8, 1.0, 1.2]  # the demo's; the paper's has 6
+    paper = load_config(overrides=[f"sweep.alphas={list(PAPER_ALPHAS)}"])
+    assert [p["alpha"] for p in trial_grid(paper)] == [0.8, 0.9, 0.95, 1.0, 1.1, 1.2]
     assert {(p["beta"], p["lr"]) for p in trial_grid(config)} == {(0.05, 2e-5)}
 
 
@@ -99,7 +101,16 @@ def test_sweep_checks_the_task_metric_and_the_eval_plan_before_training(tmp_path
     # a task's own metric
     _check_sweep(load_config(overrides=[eval_data, "eval.tasks=[ifeval]", "sweep.metric=ifeval/prompt_loose/t=1"]))
     with pytest.raises(ConfigError, match="nor a metric of eval.tasks"):  # a temperature that is not sampled
-        _check_sweep(load_config(overrides=[eval_data, "eval.tasks=[gsm8k]", "sweep.metric=gsm8k/pass@1/t=0.6"]))
+        _check_sweep(
+            load_config(
+                overrides=[
+                    eval_data,
+                    "eval.tasks=[gsm8k]",
+                    "eval.temperatures=[1.0]",
+                    "sweep.metric=gsm8k/pass@1/t=0.6",
+                ]
+            )
+        )
     with pytest.raises(ConfigError, match="nor a metric of eval.tasks"):  # a task that is not evaluated
         _check_sweep(load_config(overrides=[eval_data, "sweep.metric=gsm8k/pass@1/t=1"]))
     bad = tmp_path / "gsm8k.jsonl"

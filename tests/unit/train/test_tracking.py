@@ -8,6 +8,7 @@ import pickle
 import pytest
 
 from hdpo_ray.config import load_config
+from hdpo_ray.train.progress import RunDisplay
 from hdpo_ray.train.tracking import CHECKPOINT_ONLY_KEY, RESTORED_KEY, RunTracker, progress_line
 from tests.helpers import tensorboard_scalars
 
@@ -36,22 +37,29 @@ def tracker(tmp_path):
 
 
 def test_reports_become_rows_and_checkpoint_only_reports_do_not(tracker, tmp_path, capsys):
+    display = RunDisplay(str(tmp_path), total_steps=6, tty=False)  # the driver's view of the files
     for step in (1, 2):
         tracker.after_report(None, [_row(step, {1: 0.6, 2: 0.5}[step])], None)
+        display.poll()
     tracker.after_report(None, [{"step": 2, "epoch": 0, CHECKPOINT_ONLY_KEY: True}], "a checkpoint")
     assert [(r["step"], r["loss"]) for r in _rows(tmp_path)] == [(1, 0.6), (2, 0.5)]
     assert all("time" in r and CHECKPOINT_ONLY_KEY not in r for r in _rows(tmp_path))
     tracker.tensorboard.close()  # the writer's thread has written everything
     assert [v for _, v in tensorboard_scalars(tmp_path / "tensorboard")["loss"]] == pytest.approx([0.6, 0.5])
+    display.poll()
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 2 and lines[1].startswith("[hdpo-ray] step 2/6 | loss 0.5000")
 
 
 def test_a_restore_replaces_the_rows_of_the_steps_trained_again(tracker, tmp_path, capsys):
+    display = RunDisplay(str(tmp_path), total_steps=6, tty=False)
     for step in (1, 2, 3, 4):
         tracker.after_report(None, [_row(step, 1.0)], None)
+    display.poll()
     tracker.after_exception(None, {1: RuntimeError("worker died\nsecond line")})
+    display.poll()
     tracker.after_report(None, [_row(3, 0.25) | {RESTORED_KEY: 2}], None)  # the first report after the restore
+    display.poll()
     assert [(r["step"], r["loss"]) for r in _rows(tmp_path)] == [(1, 1.0), (2, 1.0), (3, 0.25)]
     events = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
     assert events[0]["event"] == "worker_failure" and events[0]["ranks"] == [1] and events[0]["last_step"] == 4
@@ -61,7 +69,12 @@ def test_a_restore_replaces_the_rows_of_the_steps_trained_again(tracker, tmp_pat
     # TensorBoard shows the new value at step 3, not both
     tracker.tensorboard.close()
     assert tensorboard_scalars(tmp_path / "tensorboard")["loss"] == [(1, 1.0), (2, 1.0), (3, 0.25)]
-    assert "steps 3-4 are trained again" in capsys.readouterr().out
+    shown = capsys.readouterr().out.splitlines()
+    assert [line.split(" | ")[0] for line in shown if " | " in line] == [
+        f"[hdpo-ray] step {s}/6" for s in (1, 2, 3, 4, 3)
+    ]
+    assert "worker failure on rank 1 after step 4 (rank 1: RuntimeError: worker died)" in shown[4]
+    assert "restored from the checkpoint at step 2" in shown[5] and "steps 3-4 are trained again" in shown[5]
 
 
 def test_progress_line_shows_what_was_computed():
@@ -71,3 +84,14 @@ def test_progress_line_shows_what_was_computed():
         "elapsed 0:01:05 ETA 0:00:30"
     )
     assert progress_line({"step": 1}, 6, 1.0, float("nan")).endswith("step 1/6 | elapsed 0:00:01 ETA --:--")
+
+
+def test_the_display_follows_a_run_from_its_files_and_skips_what_an_earlier_driver_showed(tracker, tmp_path, capsys):
+    tracker.after_report(None, [_row(1, 0.7)], None)
+    with RunDisplay(str(tmp_path), total_steps=6, tty=False):  # a resumed run's driver: step 1 was shown before
+        for step in (2, 3):
+            tracker.after_report(None, [_row(step, 0.6)], None)
+    assert [line.split(" | ")[0] for line in capsys.readouterr().out.splitlines()] == [
+        "[hdpo-ray] step 2/6",
+        "[hdpo-ray] step 3/6",
+    ]
