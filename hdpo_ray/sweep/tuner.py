@@ -245,6 +245,9 @@ def _tuner(config: Config, output_dir: Path, inputs: SweepInputs, concurrency: i
     from ray import tune
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
+    from hdpo_ray.runtime import verbose
+    from hdpo_ray.sweep.display import TrialLines
+
     # A trial's own process only waits on its TorchTrainer: the workers, Ray Data and the entropy task
     # ask for their resources themselves, so the trial takes no CPU (a CPU held here would starve Ray
     # Data's tasks) and max_concurrent_trials packs them. Tune refuses an empty request: memory.
@@ -266,14 +269,15 @@ def _tuner(config: Config, output_dir: Path, inputs: SweepInputs, concurrency: i
             trial_name_creator=_tune_trial_name,
             trial_dirname_creator=_tune_trial_name,
         ),
-        # Status tables; per-report lines come from our progress callback. Tune's own result.json and progress.csv per
-        # trial, not its TensorBoard logger (each trial's run writes TensorBoard itself; Tune's warned on every '@'
-        # and '=').
+        # A line per trial start and end (Tune's status tables with --verbose). Tune's own result.json and
+        # progress.csv per trial, not its TensorBoard logger (each trial's run writes TensorBoard itself; Tune's
+        # warned on every '@' and '=').
         run_config=tune.RunConfig(
             name=TUNE_DIR,
             storage_path=str(output_dir),
-            verbose=1,
-            callbacks=[JsonLoggerCallback(), CSVLoggerCallback()],
+            verbose=1 if verbose() else 0,
+            callbacks=[JsonLoggerCallback(), CSVLoggerCallback()]
+            + ([] if verbose() else [TrialLines(config.sweep.metric, len(trial_grid(config)))]),
         ),
     )
 

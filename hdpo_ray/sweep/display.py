@@ -1,0 +1,36 @@
+"""The sweep driver's lines: one when a trial starts, one when it ends with the numbers a user compares (the
+selection metric and both entropy measures). Tune's own status tables are shown with `--verbose` instead."""
+
+from __future__ import annotations
+
+import math
+
+from ray.tune import Callback
+
+SHOWN = ("entropy/teacher_forced", "entropy/sampled")
+
+
+class TrialLines(Callback):
+    def __init__(self, metric: str, total_trials: int):
+        self.metric, self.total_trials, self.ended = metric, total_trials, 0
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        print(f"[hdpo-ray] trial {trial} started", flush=True)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.ended += 1
+        result = trial.last_result or {}
+        figures = ", ".join(
+            f"{key} {result[key]:.4f}"
+            for key in (self.metric, *SHOWN)
+            if isinstance(result.get(key), (int, float)) and math.isfinite(result[key])
+        )
+        print(f"[hdpo-ray] trial {trial} finished ({self.ended}/{self.total_trials}): {figures}", flush=True)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self.ended += 1
+        print(
+            f"[hdpo-ray] trial {trial} failed ({self.ended}/{self.total_trials}); its error is in "
+            f"{trial.path}/error.txt",
+            flush=True,
+        )
