@@ -159,9 +159,12 @@ class DataConfig(_Section):
             "`owner/name:split`."
         ),
     )
-    eval_files: list[str] = Field(
-        default_factory=lambda: [EMBEDDED_EVAL],
-        description="Held-out preference data, evaluated every train.eval_steps and at the end; [] for none.",
+    eval_files: list[str] | None = Field(
+        None,
+        description=(
+            "Held-out preference data, evaluated every train.eval_steps and at the end; [] for none. null: the "
+            "shipped eval sample when data.train_files is the shipped sample, else none."
+        ),
     )
     on_invalid: Literal["error", "skip"] | None = Field(
         None,

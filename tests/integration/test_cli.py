@@ -107,7 +107,7 @@ def test_help_config_shows_the_defaults_that_run(command):
     differing = {key: (shown[key], yaml_value(value)) for key, value in ran.items() if shown[key] != yaml_value(value)}
     # only the keys whose null default is resolved from the rest of the config
     assert differing == {
-        "data.eval_files": ("null", "[embedded:ultrafeedback/test_prefs-100.parquet]"),
+        "data.eval_files": ("null", "['embedded:ultrafeedback/test_prefs-100.parquet']"),
         "data.on_invalid": ("null", "skip"),
         "eval.k": ("null", "[1, 2, 4]"),
         "eval.num_gpus_per_actor": ("null", "0.0"),
@@ -230,7 +230,8 @@ def test_a_failing_worker_still_shows_its_traceback_on_a_quiet_terminal(ray_addr
     assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-3000:]
     assert "worker failure on rank 0 after step 0 (rank 0: SafetensorError" in result.stdout
     assert "Training failed due to worker errors" in result.stderr and "[Rank 0 Error Snippet]" in result.stderr
-    assert "train/loop.py" in result.stderr and "SafetensorError" in result.stderr.splitlines()[-1]
+    last = [line for line in result.stderr.splitlines() if line.strip()][-1]
+    assert "train/loop.py" in result.stderr and last.startswith("safetensors._safetensors_rust.SafetensorError"), last
     assert all(line.startswith("[hdpo-ray]") for line in result.stdout.splitlines() if line.strip()), result.stdout
     assert "pid=" not in result.stderr and "Loading weights" not in result.stderr
 

@@ -149,7 +149,7 @@ def test_killed_worker_stopped_job_and_resume_end_like_the_uninterrupted_run(
     ).stdout[-4000:]
     assert not partial.exists()
     logs = ray_job(dashboard_url, "logs", "hdpo-resumed").stdout
-    assert "resuming run" in logs and f"restoring the checkpoint at step {second_restore}" in logs, logs[-3000:]
+    assert "resuming run" in logs and f"restored from the checkpoint at step {second_restore}" in logs, logs[-3000:]
     kinds = [(e["event"], e.get("from_step")) for e in events(out)]
     assert kinds == [("worker_failure", None), ("restored", first_restore), ("restored", second_restore)], kinds
     assert 0 < restored[0]["recovery_s"] < 180

@@ -68,6 +68,7 @@ def _config(tmp_path, files, *extra):
             f"output_dir={tmp_path}/out",
             f"reference.cache_dir={tmp_path}/cache",
             f"data.train_files={json.dumps([str(f) for f in files])}",
+            "model.name_or_path=hdpo-ray/tiny-llama",  # the random tiny Llama: build_tiny_llama() below
             "data.max_length=64",
             "data.max_prompt_length=32",
             "reference.batch_size=4",
