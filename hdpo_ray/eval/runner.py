@@ -247,7 +247,6 @@ def _results(
         "truncated_prompts": truncated,
         "num_samples": e.num_samples,
         "samples_per_problem": {f"{t:g}": completions_per_prompt(e.num_samples, t) for t in e.temperatures},
-        "greedy": "temperature 0 is greedy decoding: one completion per problem, pass@k = pass@1 for every k",
         "k": e.k,
         "temperatures": e.temperatures,
         "top_p": e.top_p,
@@ -256,4 +255,8 @@ def _results(
         "seed": e.seed,
         "limit": e.limit,
         "data": {name: e.data.get(name) or task.default_source for name, task in task_objects.items()},
-    }
+    } | (
+        {"greedy": "temperature 0: greedy decoding, one completion per problem, pass@k = pass@1"}
+        if 0 in e.temperatures
+        else {}
+    )

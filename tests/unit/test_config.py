@@ -304,3 +304,10 @@ def test_local_mlflow_stores_become_absolute(tmp_path, monkeypatch):
         uri = LoggingConfig(mlflow_uri=given).mlflow_uri
         # and stays so when validated again
         assert uri == expected and LoggingConfig(mlflow_uri=uri).mlflow_uri == uri, given
+
+
+def test_pass_at_k_defaults_to_powers_of_two_up_to_the_samples():
+    assert load_config().eval.k == [1, 2, 4]
+    assert load_config(overrides=["eval.num_samples=1"]).eval.k == [1]  # num_samples alone stays valid
+    assert load_config(overrides=["eval.num_samples=10"]).eval.k == [1, 2, 4, 8]
+    assert load_config(overrides=["eval.num_samples=10", "eval.k=[1,10]"]).eval.k == [1, 10]
