@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import socket
-import sys
 import warnings
 from pathlib import Path
 
@@ -121,9 +120,9 @@ def _job_env_vars() -> dict[str, str]:
 
 
 def configure_ray_data() -> None:
-    """This process's Ray Data settings, set before it builds a dataset: one progress bar on a terminal (the
-    reference pass's), Ray Data's log lines only with `--verbose`, rows kept in order, and parquet read by Ray
-    Data's V1 reader.
+    """This process's Ray Data settings, set before it builds a dataset: no progress bars (the reference pass
+    turns them on, on a terminal), Ray Data's log lines only with `--verbose`, rows kept in order, and parquet
+    read by Ray Data's V1 reader.
 
     In order: the cache entries hold the pairs in input order whatever the cluster (the reference pool's
     actors finish batches in any order), so training sees the same pairs in the same steps anywhere.
@@ -136,8 +135,8 @@ def configure_ray_data() -> None:
     import ray.data
 
     context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = sys.stdout.isatty()
-    context.enable_operator_progress_bars = False
+    context.enable_progress_bars = False  # but for the reference pass on a terminal (data/prepare.py)
+    context.enable_operator_progress_bars = True
     context.print_on_execution_start = False
     context.use_datasource_v2 = False
     context.execution_options.preserve_order = True

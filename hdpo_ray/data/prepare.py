@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 import time
 import uuid
 from collections import defaultdict
@@ -200,6 +201,14 @@ def _valid_pairs(config: Config, encoded: EncodedSplit, *, streamed: bool):
     return pairs.map_batches(valid_only, batch_format="pyarrow", num_cpus=read_cpus, concurrency=read_tasks)
 
 
+def _progress_display(context, shown: bool) -> None:
+    """Ray Data's progress display (each operator's rows, rate and time) for the reference pass, on a terminal
+    only; `context` is the dataset's own copy, taken when it was created."""
+    context.enable_progress_bars = shown
+    context.enable_rich_progress_bars = shown
+    context.use_ray_tqdm = False
+
+
 def score_split(config: Config, encoded: EncodedSplit, *, stream: bool = True) -> PreparedSplit:
     """Attach reference log-probs to the valid pairs of an encoded split, from the cache or the pool.
 
@@ -233,6 +242,7 @@ def score_split(config: Config, encoded: EncodedSplit, *, stream: bool = True) -
         start = time.perf_counter()
         scored = add_reference_logprobs(valid, config, pad_id)
         scored.set_name(f"reference-{split}")
+        _progress_display(scored.context, sys.stdout.isatty())
         scored.write_parquet(entry, min_rows_per_file=ROWS_PER_FILE, ray_remote_args={"num_cpus": READ_CPUS})
         written = count_rows(entry)
         if written != report["valid"]:  # e.g. parts written to node-local disks of other nodes

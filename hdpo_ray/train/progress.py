@@ -74,9 +74,9 @@ class RunDisplay:
         if self.bar is None:
             from tqdm import tqdm
 
-            self.bar = tqdm(
+            self.bar = tqdm(  # from this first step on: the rate leaves out the start-up before it
                 total=self.total_steps,
-                initial=self.seen_steps - 1,
+                initial=row["step"],
                 unit="step",
                 desc="[hdpo-ray] training",
                 ncols=shutil.get_terminal_size((100, 24)).columns or 100,  # a terminal may report 0 columns
