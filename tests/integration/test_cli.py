@@ -49,8 +49,9 @@ def test_a_dead_cluster_address_exits_2_with_one_line(tmp_path):
 
 
 def test_a_finished_run_is_kept_and_another_config_refused_unless_overwrite(ray_address, tmp_path):
-    """A second `train` into a run's folder: refused before Ray starts, the run's files untouched; with
-    --overwrite the old run's files go first (here the new run then stops at its invalid data row)."""
+    """A second `train` into a run's folder: refused before Ray starts, the run's files untouched, unless it is
+    the same config into an unfinished run (taken up); with --overwrite the old run's files go first (here the
+    new run then stops at its invalid data row)."""
     from hdpo_ray.config import load_config
 
     out, pairs = tmp_path / "run", tmp_path / "pairs.jsonl"
@@ -69,6 +70,10 @@ def test_a_finished_run_is_kept_and_another_config_refused_unless_overwrite(ray_
         lines = [line for line in result.stderr.splitlines() if line.strip()]
         assert result.returncode == 2 and len(lines) == 1 and expected in lines[0], result.stderr
         assert (out / "metrics.jsonl").read_text() == '{"step": 1, "loss": 0.69}\n'
+    # The same config into the unfinished run: taken up (it gets as far as the data, whose second row is bad)
+    result = run_cli(args, ray_address, timeout=300)
+    assert result.returncode == 2 and f"{pairs}, line 2: missing_field" in result.stderr, result.stderr[-2000:]
+    assert (out / "metrics.jsonl").read_text() == '{"step": 1, "loss": 0.69}\n'
     result = run_cli([*args, "--overwrite"], ray_address, timeout=300)
     assert result.returncode == 2 and f"{pairs}, line 2: missing_field" in result.stderr, result.stderr[-2000:]
     assert not (out / "metrics.jsonl").exists() and not (out / "run.json").exists()
