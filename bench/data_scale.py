@@ -7,7 +7,7 @@ For each size N the 900 real pairs of hdpo_ray/assets/ultrafeedback/train_prefs-
 rows (real text unchanged, prompt_id made distinct per copy) and written as one parquet file ("one") and as
 1000-row files in a folder ("many"). Each input is trained on by the real CLI, `hdpo-ray train`, in a
 subprocess joined to one Ray head (2 CPUs) that this script starts and kills, for 2 optimizer steps on the
-embedded tiny default (hdpo_ray/assets/tiny.yaml, 2 workers):
+embedded demo's defaults (`hdpo-ray --help-config`, 2 workers):
   - stream: reference.cache_dir=null, the reference pool streams beside the training workers (every size and
     layout; with reference.num_cpus_per_actor=0.5 and train.cpus_per_worker=0.25, so that all fit in 2 CPUs);
   - cached: reference.cache_dir set, the whole reference pass runs first (--reference-pass-sizes, one file):
@@ -51,8 +51,13 @@ WORKER_MARK, REFERENCE_MARK = "RayTrainWorker", "ReferenceScorer"  # in Ray's pr
 RSS_GOAL = 1.15
 # Streaming holds workers, reference pool and Ray Data's 1 CPU at once: 3 CPUs with the tiny default's claims.
 # These are the claims hdpo_ray's capacity check suggests for 2 CPUs (tests/unit/train/test_trainer_plan.py); threads
-# stay as they were (reference.torch_threads is 2 in tiny.yaml, a worker gets max(1, int(cpus_per_worker)) = 1).
-STREAM_ON_TWO_CPUS = ["reference.cache_dir=null", "reference.num_cpus_per_actor=0.5", "train.cpus_per_worker=0.25"]
+# stay as they were measured (2 per reference actor, a worker gets max(1, int(cpus_per_worker)) = 1).
+STREAM_ON_TWO_CPUS = [
+    "reference.cache_dir=null",
+    "reference.num_cpus_per_actor=0.5",
+    "reference.torch_threads=2",
+    "train.cpus_per_worker=0.25",
+]
 
 
 # ---- inputs -------------------------------------------------------------------------------------------------

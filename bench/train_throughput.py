@@ -88,12 +88,11 @@ def run_plain(cache_entry: str, args, naive: bool) -> dict:
 def run_project(workdir: Path, args, workers: int) -> dict:
     """`hdpo-ray train` in-process on a local Ray; throughput from metrics.jsonl after the warm-up window."""
     from hdpo_ray.config import load_config
-    from hdpo_ray.models import ASSETS
     from hdpo_ray.pipeline import run_training
 
     out = workdir / f"project-{workers}w"
     config = load_config(
-        str(ASSETS / "tiny.yaml"),
+        None,  # the built-in defaults: the embedded demo's
         [
             f"output_dir={out}",
             f"reference.cache_dir={workdir}/cache",

@@ -226,11 +226,11 @@ class ReferenceConfig(_Section):
     )
     batch_size: int = Field(16, gt=0, description="Pairs per reference forward pass.")
     torch_threads: int | None = Field(
-        2,
+        None,
         gt=0,
         description=(
-            "Intra-op threads per CPU actor (the pass runs before training, so it may use more than it reserves); "
-            "null derives it from num_cpus_per_actor."
+            "Intra-op threads per CPU actor; null: num_cpus_per_actor, and at least 2 with a cache_dir (the pass "
+            "then runs before training, so it may use more than it reserves)."
         ),
     )
     cache_dir: str | None = Field(
@@ -378,6 +378,7 @@ class LoggingConfig(_Section):
 
 
 PAPER_ALPHAS = (0.8, 0.9, 0.95, 1.0, 1.1, 1.2)
+MIN_SAMPLING_TEMPERATURE = 1e-3  # lowest eval temperature above 0 (greedy)
 """The alphas the H-DPO paper sweeps."""
 
 
@@ -474,7 +475,7 @@ class EvalConfig(_Section):
         default_factory=lambda: [0.2, 0.6, 1.0],
         description=(
             "Sampling temperatures; every problem is sampled at each. 0 is greedy decoding: one completion per "
-            "problem (n = 1 whatever eval.num_samples says), so pass@k there is pass@1."
+            "problem (n = 1 whatever eval.num_samples says), so pass@k there is pass@1. Others are at least 0.001."
         ),
     )
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling threshold (1.0: off).")
@@ -510,7 +511,10 @@ class EvalConfig(_Section):
         None, gt=0, description="HumanEval: programs run at once; null means the CPUs this process may use."
     )
     output_dir: str | None = Field(
-        None, description="Where results.json/md, samples.jsonl and plots go; null means OUTPUT_DIR/eval."
+        None,
+        description=(
+            'Where results.json/md, samples.jsonl and plots go; null: OUTPUT_DIR/eval/<the model, "/" as "__">.'
+        ),
     )
     resources: CustomResources = Field(
         default_factory=dict, description=RESOURCES_HELP.format(who="sampling actor", example="eval")
@@ -537,9 +541,12 @@ class EvalConfig(_Section):
                 "eval.k must be a non-empty list of integers between 1 and eval.num_samples "
                 f"({self.num_samples}); got {self.k}"
             )
-        if not self.temperatures or any(t < 0 for t in self.temperatures):
+        # vLLM decodes greedily below 1e-5 while still drawing n completions: such a temperature would mean
+        # something else on each backend.
+        if not self.temperatures or any(t < 0 or 0 < t < MIN_SAMPLING_TEMPERATURE for t in self.temperatures):
             raise ValueError(
-                f"eval.temperatures must be a non-empty list of numbers >= 0 (got {self.temperatures}); 0 is greedy"
+                f"eval.temperatures must be a non-empty list of 0 (greedy) or numbers >= {MIN_SAMPLING_TEMPERATURE:g} "
+                f"(got {self.temperatures})"
             )
         if len({f"{t:g}" for t in self.temperatures}) < len(self.temperatures) or len(set(self.k)) < len(self.k):
             raise ValueError(

@@ -195,8 +195,10 @@ def use_packing(wanted: bool, model: torch.nn.Module, device: torch.device, name
     if packing_is_exact(model, device):
         return True
     if announce:
-        print(
-            f"[hdpo-ray] train.packing: {name} attends across packed sequences, so its batches are padded instead",
-            flush=True,
-        )
+        print(f"[hdpo-ray] {padding_notice(name)}", flush=True)
     return False
+
+
+def padding_notice(name: str) -> str:
+    """What a user is told when train.packing is on and the model cannot pack exactly."""
+    return f"train.packing: {name} attends across packed sequences, so its batches are padded instead"

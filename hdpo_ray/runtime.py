@@ -44,6 +44,8 @@ def init_ray(config: Config) -> None:
     # where converted GGUF models live: the driver's choice holds for its workers
     if os.environ.get("HDPO_RAY_MODEL_CACHE"):
         wanted["HDPO_RAY_MODEL_CACHE"] = os.environ["HDPO_RAY_MODEL_CACHE"]
+    if verbose():  # the trials' and actors' own Ray Data and logging settings follow --verbose too
+        wanted[VERBOSE_ENV] = "1"
     if os.environ.get("RAY_ADDRESS"):
         # Ray's State API, used inside the run's actors (Ray Train's placement-group cleaner), finds its cluster
         # from RAY_ADDRESS, else by looking for a running GCS and failing when a machine runs more than one.

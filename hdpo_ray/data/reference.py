@@ -70,12 +70,21 @@ def reference_dtype(config: Config) -> str:
     return "bfloat16" if config.reference.num_gpus_per_actor > 0 else "float32"
 
 
+def reference_threads(config: Config) -> int:
+    """reference.torch_threads, or what it derives to: the actor's CPUs, and at least 2 when the pass runs on
+    its own before training (a cache_dir) rather than beside the training workers."""
+    ref = config.reference
+    if ref.torch_threads:
+        return ref.torch_threads
+    return max(2 if ref.cache_dir else 1, int(ref.num_cpus_per_actor))
+
+
 def add_reference_logprobs(dataset, config: Config, pad_id: int):
     """Lazy `map_batches` stage on its own actor pool (reference.num_actors x CPUs/GPUs per actor)."""
     from ray.data import ActorPoolStrategy
 
     ref = config.reference
-    threads = ref.torch_threads or max(1, int(ref.num_cpus_per_actor))
+    threads = reference_threads(config)
     return dataset.map_batches(
         ReferenceScorer,
         fn_constructor_kwargs=dict(

@@ -34,17 +34,29 @@ def eval_output_dir(config: Config, model: str) -> str:
 
     from hdpo_ray.eval.report import RESULTS_FILE
 
-    name = os.path.normpath(model).lstrip("./").replace("/", "__") or "model"
-    folder = config.eval.output_dir or str(Path(config.output_dir) / "eval" / name)
+    folder = config.eval.output_dir or str(Path(config.output_dir) / "eval" / model_folder_name(model))
     saved = Path(folder) / RESULTS_FILE
     if saved.is_file():
         previous = json.loads(saved.read_text()).get("model")
         if previous not in (model, _local_or_id(model)):
+            chosen = (
+                f"eval.output_dir {folder}"
+                if config.eval.output_dir
+                else f"{folder} (the folder named after this model)"
+            )
             raise EvalOutputError(
-                f"eval.output_dir {folder} holds the results of another model ({previous}); give another "
-                "eval.output_dir, or leave it unset for a folder per model"
+                f"{chosen} holds the results of another model ({previous}); set eval.output_dir to another folder"
             )
     return folder
+
+
+def model_folder_name(model: str) -> str:
+    """The model as given as one folder name, "/" as "__"; a path that leaves the working directory ("..")
+    by its absolute path, so that two models' names never differ only by the part left out."""
+    name = os.path.normpath(model)
+    if name == "." or name.startswith(".."):
+        name = os.path.abspath(name)
+    return name.strip("/").replace("/", "__")
 
 
 def tasks_to_run(config: Config) -> list[str]:

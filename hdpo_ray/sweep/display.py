@@ -12,25 +12,31 @@ SHOWN = ("entropy/teacher_forced", "entropy/sampled")
 
 class TrialLines(Callback):
     def __init__(self, metric: str, total_trials: int):
-        self.metric, self.total_trials, self.ended = metric, total_trials, 0
+        self.metric, self.total_trials = metric, total_trials
+
+    @staticmethod
+    def _ended(trials, trial) -> int:
+        """Trials ended so far, this one included (a resumed sweep counts those an earlier invocation ended)."""
+        return 1 + sum(1 for t in trials if t is not trial and t.status in ("TERMINATED", "ERROR"))
 
     def on_trial_start(self, iteration, trials, trial, **info):
         print(f"[hdpo-ray] trial {trial} started", flush=True)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        self.ended += 1
         result = trial.last_result or {}
         figures = ", ".join(
             f"{key} {result[key]:.4f}"
             for key in (self.metric, *SHOWN)
             if isinstance(result.get(key), (int, float)) and math.isfinite(result[key])
         )
-        print(f"[hdpo-ray] trial {trial} finished ({self.ended}/{self.total_trials}): {figures}", flush=True)
+        print(
+            f"[hdpo-ray] trial {trial} finished ({self._ended(trials, trial)}/{self.total_trials}): {figures}",
+            flush=True,
+        )
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self.ended += 1
         print(
-            f"[hdpo-ray] trial {trial} failed ({self.ended}/{self.total_trials}); its error is in "
+            f"[hdpo-ray] trial {trial} failed ({self._ended(trials, trial)}/{self.total_trials}); its error is in "
             f"{trial.path}/error.txt",
             flush=True,
         )

@@ -13,6 +13,7 @@ them: the reference model runs once per pair for the whole sweep.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -203,9 +204,10 @@ def _evaluate_tasks(config: Config, final: str, trial_dir: Path) -> dict[str, fl
     invocation's complete results are reused."""
     import ray
 
+    from hdpo_ray.eval.report import RESULTS_FILE
     from hdpo_ray.eval.runner import run_eval
 
-    done = trial_dir / "eval" / "results.json"  # written last, whole, by run_eval; sweep.json pins the config
+    done = trial_dir / "eval" / RESULTS_FILE  # written last, whole, by run_eval; sweep.json pins the config
     if done.exists():
         return json.loads(done.read_text())["metrics"]
     results = run_eval(
@@ -354,7 +356,27 @@ def _run_trials(config: Config, output_dir: Path, state: dict) -> tuple[Any, Any
         total_steps,
         data.train.num_pairs + data.eval.num_pairs,
     )
-    return _tuner(config, output_dir, inputs, concurrency, total_steps).fit(), data
+    with tune_output_engine():
+        return _tuner(config, output_dir, inputs, concurrency, total_steps).fit(), data
+
+
+@contextlib.contextmanager
+def tune_output_engine():
+    """Tune's current output engine prints its experiment box and result paths whatever RunConfig.verbose says;
+    its previous one (Ray's RAY_AIR_NEW_OUTPUT=0) prints nothing at verbose=0. Quiet unless --verbose, for this
+    fit only."""
+    from hdpo_ray.runtime import verbose
+
+    before = os.environ.get("RAY_AIR_NEW_OUTPUT")
+    if not verbose():
+        os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("RAY_AIR_NEW_OUTPUT", None)
+        else:
+            os.environ["RAY_AIR_NEW_OUTPUT"] = before
 
 
 def run_sweep(config: Config) -> dict[str, Any]:

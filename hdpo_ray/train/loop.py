@@ -19,11 +19,11 @@ import torch.distributed as dist
 
 from hdpo_ray.config import Config
 from hdpo_ray.data.collate import collate_pairs, real_tokens
-from hdpo_ray.logprobs import use_packing
+from hdpo_ray.logprobs import padding_notice, use_packing
 from hdpo_ray.loss import hdpo_loss
 from hdpo_ray.train.engine import build_engine, export_model, load_checkpoint, save_checkpoint
 from hdpo_ray.train.nonfinite import NonFiniteGuard, finite_everywhere, step_engine
-from hdpo_ray.train.tracking import CHECKPOINT_ONLY_KEY, RESTORED_KEY
+from hdpo_ray.train.tracking import CHECKPOINT_ONLY_KEY, NOTICE_KEY, RESTORED_KEY
 
 SUMS = (
     "seconds",
@@ -226,6 +226,7 @@ class Worker:
     num_eval_pairs: int
     state: LoopState
     restored_from: int | None  # the step restored from a checkpoint, until the first report says so
+    notice: str | None = None  # a line for the user, until the first report carries it
     clock: float = field(default_factory=time.perf_counter)  # end of the last timed micro-step
     stage0_grad_norm: float = float("nan")  # ZeRO-0's last gradient norm (DeepSpeed keeps none there)
 
@@ -246,6 +247,8 @@ class Worker:
             metrics = {**metrics, CHECKPOINT_ONLY_KEY: True}
         if self.restored_from is not None:  # the driver's tracker replaces the rows of the steps trained again
             metrics, self.restored_from = {**metrics, RESTORED_KEY: self.restored_from}, None
+        if self.notice is not None:
+            metrics, self.notice = {**metrics, NOTICE_KEY: self.notice}, None
         if not save:
             ray.train.report(metrics)
             return
@@ -268,10 +271,20 @@ def start_worker(loop_config: dict) -> Worker:
     rank0 = context.get_world_rank() == 0
     device = torch.device("cuda", torch.cuda.current_device()) if train.use_gpu else torch.device("cpu")
     engine = build_engine(config, total_steps=loop_config["total_steps"], world_size=context.get_world_size())
-    packed = use_packing(train.packing, engine.module.model, device, config.model.name_or_path, announce=rank0)
+    # Said through rank 0's first report: a worker's own output reaches the driver only with --verbose.
+    packed = use_packing(train.packing, engine.module.model, device, config.model.name_or_path, announce=False)
+    notice = padding_notice(config.model.name_or_path) if train.packing and not packed and rank0 else None
     state, restored_from = restore(engine, announce=rank0)
     return Worker(
-        config, engine, device, packed, loop_config["total_steps"], loop_config["num_eval_pairs"], state, restored_from
+        config,
+        engine,
+        device,
+        packed,
+        loop_config["total_steps"],
+        loop_config["num_eval_pairs"],
+        state,
+        restored_from,
+        notice,
     )
 
 

@@ -10,6 +10,7 @@ failed are printed as lines either way.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 import threading
@@ -26,14 +27,16 @@ class RunDisplay:
     """Shows a run's new metrics rows and events while it trains; `with RunDisplay(...):` around fit()."""
 
     def __init__(self, output_dir: str, total_steps: int, *, tty: bool | None = None):
-        self.metrics, self.events = Path(output_dir, "metrics.jsonl"), Path(output_dir, "events.jsonl")
+        self.metrics = JsonLinesFollower(Path(output_dir, "metrics.jsonl"))
+        self.events = JsonLinesFollower(Path(output_dir, "events.jsonl"))
+        self.events.read()  # an earlier driver of the same run showed these, and the steps below
+        self.seen_steps = max((row.get("step", 0) for row in self.metrics.read()), default=0)
         self.total_steps = total_steps
         self.tty = sys.stdout.isatty() if tty is None else tty
-        self.seen_steps = _last_step(self.metrics)  # an earlier driver of the same run showed these
-        self.events_read = _line_count(self.events)
         self.started = time.time()
         self.first: tuple[int, float] | None = None  # (step, time) the ETA counts from
         self.bar = None
+        self.broken = False
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._follow, name="hdpo-ray-progress", daemon=True)
 
@@ -53,12 +56,22 @@ class RunDisplay:
             self.poll()
 
     def poll(self) -> None:
-        for event in _lines(self.events)[self.events_read :]:
-            self.events_read += 1
+        """Show what was written since the last poll. The display never ends a run: an error here (a file
+        removed under it, a terminal gone) costs the display, and the files keep everything."""
+        if self.broken:
+            return
+        try:
+            self._poll()
+        except Exception as err:  # noqa: BLE001
+            self.broken = True
+            print(f"[hdpo-ray] warning: the progress display stopped ({type(err).__name__}: {err})", flush=True)
+
+    def _poll(self) -> None:
+        for event in self.events.read():
             self._say(_event_line(event))
             if event.get("event") == "restored":
                 self.first, self.seen_steps = None, event.get("from_step", 0)  # the ETA restarts from here
-        for row in _lines(self.metrics):
+        for row in self.metrics.read():
             if row.get("step", 0) > self.seen_steps:
                 self.seen_steps = row["step"]
                 self._show(row)
@@ -117,6 +130,8 @@ def _event_line(event: dict[str, Any]) -> str:
         again = event.get("steps_recomputed", 0)
         replay = f"; steps {event['from_step'] + 1}-{event['from_step'] + again} are trained again" if again else ""
         return f"[hdpo-ray] restored from the checkpoint at step {event['from_step']}{recovery}{replay}"
+    if kind == "notice":
+        return f"[hdpo-ray] {event.get('text', '')}"
     if kind.endswith("_error"):
         return (
             f"[hdpo-ray] warning: {kind.removesuffix('_error')} logging failed at step {event.get('step')} "
@@ -125,18 +140,30 @@ def _event_line(event: dict[str, Any]) -> str:
     return f"[hdpo-ray] {json.dumps(event)}"
 
 
-def _lines(path: Path) -> list[dict[str, Any]]:
-    """The complete JSON lines of a file being appended to (a half-written last line waits for the next poll)."""
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        return []
-    return [json.loads(line) for line in text.split("\n")[:-1] if line.strip()]
+class JsonLinesFollower:
+    """A JSON-lines file being appended to, read from where the last read stopped (its cost does not grow with
+    the run). A rewritten file (metrics.jsonl without the rows of steps trained again: a new inode, or shorter)
+    is read again from its start; a half-written last line waits for the next read, a torn one is skipped."""
 
+    def __init__(self, path: Path):
+        self.path, self.offset, self.inode = path, 0, None
 
-def _line_count(path: Path) -> int:
-    return len(_lines(path))
-
-
-def _last_step(path: Path) -> int:
-    return max((row.get("step", 0) for row in _lines(path)), default=0)
+    def read(self) -> list[dict[str, Any]]:
+        try:
+            with open(self.path, "rb") as f:
+                stat = os.fstat(f.fileno())
+                if stat.st_ino != self.inode or stat.st_size < self.offset:
+                    self.inode, self.offset = stat.st_ino, 0
+                f.seek(self.offset)
+                data = f.read()
+        except FileNotFoundError:
+            return []
+        complete = data[: data.rfind(b"\n") + 1]
+        self.offset += len(complete)
+        rows = []
+        for line in complete.decode("utf-8", errors="replace").splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        return rows

@@ -23,6 +23,7 @@ from hdpo_ray.storage import atomic_write_lines
 
 RESTORED_KEY = "restored_from_step"  # in the first report after a restore (train/loop.py)
 CHECKPOINT_ONLY_KEY = "checkpoint_only"  # a report that carries a checkpoint and no metrics
+NOTICE_KEY = "notice"  # a line for the user from rank 0 (its own output reaches the driver only with --verbose)
 
 
 def last_logged_step(path: Path) -> int:
@@ -109,10 +110,9 @@ class RunTracker(UserCallback):
     """Writes what rank 0 reports (metrics.jsonl, TensorBoard, MLflow) and what fails (events.jsonl). Plain
     Python state: it is built on the driver and pickled to the Train controller."""
 
-    def __init__(self, config: Config, output_dir: str, total_steps: int, mlflow_run_id: str | None):
+    def __init__(self, config: Config, output_dir: str, mlflow_run_id: str | None):
         self.config = config
         self.output_dir = output_dir
-        self.total_steps = total_steps
         self.mlflow_run_id = mlflow_run_id
         self.started = time.time()
         self.rows = Path(self.output_dir, "metrics.jsonl")
@@ -140,6 +140,8 @@ class RunTracker(UserCallback):
             self._restored(int(row.pop(RESTORED_KEY)))
         elif self.failed_at is not None:  # a new attempt with no checkpoint to restore starts from step 0
             self._restored(0)
+        if NOTICE_KEY in row:
+            self._event({"event": "notice", "text": str(row.pop(NOTICE_KEY))})
         if row.pop(CHECKPOINT_ONLY_KEY, False):
             return
         row["time"] = round(time.time() - self.started, 2)
@@ -154,11 +156,11 @@ class RunTracker(UserCallback):
             self._guarded("mlflow", self._mlflow_scalars, row, step)
 
     def _restored(self, from_step: int) -> None:
-        event = {
-            "event": "restored",
-            "from_step": from_step,
-            "steps_recomputed": max(0, self.last_step - from_step),
-        }
+        recomputed = max(0, self.last_step - from_step)
+        if recomputed:  # the rows of the steps trained again go before the event says so (the driver's display)
+            drop_rows_from(self.rows, from_step + 1)
+            self.purge_from, self.last_step = from_step + 1, last_logged_step(self.rows)
+        event = {"event": "restored", "from_step": from_step, "steps_recomputed": recomputed}
         if self.failed_at is not None:
             # failure noticed -> first step after the restore
             event["recovery_s"] = round(time.time() - self.failed_at, 2)

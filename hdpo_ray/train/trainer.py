@@ -184,7 +184,7 @@ def fit(config: Config, train_split, eval_split, callbacks: tuple = ()) -> tuple
             storage_path=storage,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=train.keep_checkpoints),
             failure_config=ray.train.FailureConfig(max_failures=train.max_failures),
-            callbacks=[RunTracker(config, output_dir, total_steps, state["mlflow_run_id"]), *callbacks],
+            callbacks=[RunTracker(config, output_dir, state["mlflow_run_id"]), *callbacks],
             worker_runtime_env={"env_vars": {"DS_ACCELERATOR": "cuda" if train.use_gpu else "cpu"}},
         ),
         datasets=datasets,

@@ -295,6 +295,7 @@ def test_sweep_across_nodes_resumes_shares_one_reference_pass_and_orders_entropy
     # 2. The same command again resumes: finished trials are kept, the rest continue or start.
     result = run_cli(command, cluster.address, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
+    assert "Configuration for experiment" not in result.stdout + result.stderr  # Tune's box only with --verbose
     assert (first_trial / "summary.json").read_text() == first_summary and (
         first_trial / "metrics.jsonl"
     ).read_text() == first_metrics

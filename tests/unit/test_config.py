@@ -143,6 +143,8 @@ def _error(overrides=None, path=None) -> str:
         ("data.max_prompt_length=600", "data.max_prompt_length"),
         ("train.zero_stage=4", "train.zero_stage"),
         ("loss.alpha", "loss.alpha"),
+        ("eval.temperatures=[1e-6]", "eval.temperatures"),  # greedy on vLLM, sampled on hf: refused
+        ("eval.temperatures=[-1]", "eval.temperatures"),
     ],
 )
 def test_errors_are_one_line_naming_the_key(override, key):

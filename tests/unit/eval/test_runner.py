@@ -70,6 +70,16 @@ def test_results_go_to_a_folder_per_model_and_never_over_another_models(tmp_path
     assert eval_output_dir(config, "hdpo-ray/tiny-llama-sft") == "/tmp/run/eval/hdpo-ray__tiny-llama-sft"
     assert eval_output_dir(config, "./outputs/a/final") == "/tmp/run/eval/outputs__a__final"
     assert eval_output_dir(config, "/mnt/runs/b/final/") == "/tmp/run/eval/mnt__runs__b__final"
+    assert eval_output_dir(config, ".cache/m") == "/tmp/run/eval/.cache__m"
+    outside = eval_output_dir(config, "../x/final")  # not the same folder as x/final
+    assert outside.endswith("__x__final") and outside != "/tmp/run/eval/x__final"
+    derived = load_config(overrides=[f"output_dir={tmp_path}"])
+    (tmp_path / "eval" / "a__m").mkdir(parents=True)
+    (tmp_path / "eval" / "a__m" / "results.json").write_text(json.dumps({"model": "a__m"}))
+    with pytest.raises(
+        EvalOutputError, match=r"a__m \(the folder named after this model\) holds .*set eval.output_dir"
+    ):
+        eval_output_dir(derived, "a/m")
     chosen = load_config(overrides=[f"eval.output_dir={tmp_path}"])
     (tmp_path / "results.json").write_text(json.dumps({"model": "some/model"}))
     assert eval_output_dir(chosen, "some/model") == str(tmp_path)  # the same model: evaluated again

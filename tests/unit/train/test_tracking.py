@@ -9,7 +9,7 @@ import pytest
 
 from hdpo_ray.config import load_config
 from hdpo_ray.train.progress import RunDisplay
-from hdpo_ray.train.tracking import CHECKPOINT_ONLY_KEY, RESTORED_KEY, RunTracker, progress_line
+from hdpo_ray.train.tracking import CHECKPOINT_ONLY_KEY, NOTICE_KEY, RESTORED_KEY, RunTracker, progress_line
 from tests.helpers import tensorboard_scalars
 
 
@@ -31,9 +31,7 @@ def _rows(out) -> list[dict]:
 @pytest.fixture
 def tracker(tmp_path):
     config = load_config(overrides=[f"output_dir={tmp_path}"])
-    return pickle.loads(
-        pickle.dumps(RunTracker(config, str(tmp_path), total_steps=6, mlflow_run_id=None))
-    )  # as Ray ships it
+    return pickle.loads(pickle.dumps(RunTracker(config, str(tmp_path), mlflow_run_id=None)))  # as Ray ships it
 
 
 def test_reports_become_rows_and_checkpoint_only_reports_do_not(tracker, tmp_path, capsys):
@@ -75,6 +73,49 @@ def test_a_restore_replaces_the_rows_of_the_steps_trained_again(tracker, tmp_pat
     ]
     assert "worker failure on rank 1 after step 4 (rank 1: RuntimeError: worker died)" in shown[4]
     assert "restored from the checkpoint at step 2" in shown[5] and "steps 3-4 are trained again" in shown[5]
+
+
+def test_a_display_that_polls_between_the_restore_and_the_replayed_steps_shows_each_step_once(
+    tracker, tmp_path, capsys
+):
+    """The restore's event comes with the rows of the steps trained again already gone: a poll right after it
+    neither shows old rows as new nor skips the new ones (here the first report after the restore is a
+    checkpoint-only one)."""
+    display = RunDisplay(str(tmp_path), total_steps=6, tty=False)
+    for step in (1, 2, 3, 4):
+        tracker.after_report(None, [_row(step, 1.0)], None)
+    display.poll()
+    tracker.after_report(None, [{"step": 2, "epoch": 0, CHECKPOINT_ONLY_KEY: True, RESTORED_KEY: 2}], "checkpoint")
+    assert [r["step"] for r in _rows(tmp_path)] == [1, 2]
+    display.poll()
+    for step in (3, 4):
+        tracker.after_report(None, [_row(step, 0.5)], None)
+        display.poll()
+    shown = [line.split(" | ")[:2] for line in capsys.readouterr().out.splitlines() if " | " in line]
+    assert [s for s, _ in shown] == [f"[hdpo-ray] step {s}/6" for s in (1, 2, 3, 4, 3, 4)]
+    assert [loss for _, loss in shown[4:]] == ["loss 0.5000", "loss 0.5000"]
+
+
+def test_a_notice_from_rank_0_is_shown_once_and_is_not_a_metric(tracker, tmp_path, capsys):
+    display = RunDisplay(str(tmp_path), total_steps=6, tty=False)
+    tracker.after_report(None, [_row(1, 1.0) | {NOTICE_KEY: "train.packing: m pads instead"}], None)
+    display.poll()
+    display.poll()
+    assert NOTICE_KEY not in _rows(tmp_path)[0]
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "[hdpo-ray] train.packing: m pads instead" and len(lines) == 2
+
+
+def test_a_torn_line_is_skipped_and_a_display_error_never_ends_the_run(tracker, tmp_path, capsys):
+    display = RunDisplay(str(tmp_path), total_steps=6, tty=False)
+    (tmp_path / "events.jsonl").write_text('{"event": "notice", "te\n{"event": "notice", "text": "kept"}\n')
+    display.poll()
+    assert capsys.readouterr().out.splitlines() == ["[hdpo-ray] kept"]
+    (tmp_path / "metrics.jsonl").write_text('{"step": "one"}\n')  # a row the display cannot order
+    with display:
+        pass
+    out = capsys.readouterr().out
+    assert "warning: the progress display stopped (TypeError" in out and out.count("warning") == 1
 
 
 def test_progress_line_shows_what_was_computed():
