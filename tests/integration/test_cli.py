@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import flat_pair_lines, free_port, run_cli
+from tests.helpers import flat_pair_lines, free_port, kill_processes, ray_cli, run_cli
 from tests.integration.checks import FAST, metric_rows
 
 
@@ -46,6 +46,43 @@ def test_a_dead_cluster_address_exits_2_with_one_line(tmp_path):
         "--head`), point RAY_ADDRESS at a running one, or unset it to run on a local Ray"
     ], result.stderr
     assert "Traceback" not in result.stderr + result.stdout
+
+
+def test_a_killed_head_that_ray_start_recorded_gives_a_local_ray_said_in_one_line(tmp_path, monkeypatch):
+    """`ray start --head`, its processes killed, then `hdpo-ray train` without RAY_ADDRESS: Ray's record (under
+    RAY_TMPDIR, a folder of this test, so the session's own head is left alone) still names the dead head. The
+    driver says so in one line and runs on a local Ray (here up to its data's bad row) instead of retrying it."""
+    import shutil
+    import subprocess
+    import tempfile
+
+    root = Path(tempfile.mkdtemp(prefix="hk", dir="/tmp"))  # short: Ray's socket paths have a length limit
+    monkeypatch.setenv("RAY_TMPDIR", str(root))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    port = free_port()
+    start = [ray_cli(), "start", "--head", "--port", str(port), "--node-ip-address", "127.0.0.1"]
+    try:
+        subprocess.run(
+            [*start, "--num-cpus", "1", "--include-dashboard", "false", "--disable-usage-stats"],
+            check=True,
+            capture_output=True,
+            timeout=180,
+            env=os.environ | {"RAY_AUTH_MODE": "disabled"},
+        )
+        head = (root / "ray" / "ray_current_cluster").read_text().strip()  # the GCS address, host as Ray writes it
+        assert head.endswith(f":{port}")
+        assert kill_processes(str(root)) > 0
+        pairs = tmp_path / "pairs.jsonl"
+        pairs.write_text(flat_pair_lines(1)[0] + "\n" + '{"prompt": "p", "chosen": "c"}\n')
+        args = ["train", f"output_dir={tmp_path / 'run'}", f"data.train_files=[{pairs}]"]
+        result = run_cli([*args, f"reference.cache_dir={tmp_path / 'cache'}"], ray_address=None, timeout=300)
+        assert result.returncode == 2 and f"{pairs}, line 2: missing_field" in result.stderr, result.stderr[-2000:]
+        said = [line for line in result.stderr.splitlines() if head in line]
+        assert len(said) == 1 and "does not answer: starting a local Ray instead" in said[0], result.stderr
+        assert "Failed to connect to GCS" not in result.stderr + result.stdout
+    finally:
+        kill_processes(str(root))
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def test_a_finished_run_is_kept_and_another_config_refused_unless_overwrite(ray_address, tmp_path):
