@@ -59,7 +59,7 @@ def test_a_killed_head_that_ray_start_recorded_gives_a_local_ray_said_in_one_lin
     root = Path(tempfile.mkdtemp(prefix="hk", dir="/tmp"))  # short: Ray's socket paths have a length limit
     monkeypatch.setenv("RAY_TMPDIR", str(root))
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    port = free_port()
+    port, head = free_port(), None
     start = [ray_cli(), "start", "--head", "--port", str(port), "--node-ip-address", "127.0.0.1"]
     try:
         subprocess.run(
@@ -71,7 +71,7 @@ def test_a_killed_head_that_ray_start_recorded_gives_a_local_ray_said_in_one_lin
         )
         head = (root / "ray" / "ray_current_cluster").read_text().strip()  # the GCS address, host as Ray writes it
         assert head.endswith(f":{port}")
-        assert kill_processes(str(root)) > 0
+        assert kill_processes(str(root), f"--address={head}") > 0  # the latter: Ray's client server
         pairs = tmp_path / "pairs.jsonl"
         pairs.write_text(flat_pair_lines(1)[0] + "\n" + '{"prompt": "p", "chosen": "c"}\n')
         args = ["train", f"output_dir={tmp_path / 'run'}", f"data.train_files=[{pairs}]"]
@@ -81,7 +81,7 @@ def test_a_killed_head_that_ray_start_recorded_gives_a_local_ray_said_in_one_lin
         assert len(said) == 1 and "does not answer: starting a local Ray instead" in said[0], result.stderr
         assert "Failed to connect to GCS" not in result.stderr + result.stdout
     finally:
-        kill_processes(str(root))
+        kill_processes(str(root), *([f"--address={head}"] if head else []))
         shutil.rmtree(root, ignore_errors=True)
 
 
