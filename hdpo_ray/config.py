@@ -378,8 +378,8 @@ class LoggingConfig(_Section):
 
 
 PAPER_ALPHAS = (0.8, 0.9, 0.95, 1.0, 1.1, 1.2)
-MIN_SAMPLING_TEMPERATURE = 1e-3  # lowest eval temperature above 0 (greedy)
 """The alphas the H-DPO paper sweeps."""
+MIN_SAMPLING_TEMPERATURE = 1e-3  # lowest eval temperature above 0 (greedy)
 
 
 def _positive(values: list[float] | None, key: str) -> None:

@@ -8,7 +8,7 @@ import torch
 
 from hdpo_ray.config import EMBEDDED_MODEL, load_config
 from hdpo_ray.data.collate import collate_pairs
-from hdpo_ray.data.reference import PAIR_COLUMNS, ReferenceScorer, reference_dtype
+from hdpo_ray.data.reference import PAIR_COLUMNS, ReferenceScorer, reference_dtype, reference_threads
 from hdpo_ray.logprobs import completion_logprobs
 from tests.helpers import real_pairs
 
@@ -32,3 +32,13 @@ def test_scorer_adds_the_reference_log_probs_of_each_pair(packing):
 def test_reference_dtype_is_bf16_on_gpu_actors_only():
     assert reference_dtype(load_config()) == "float32"
     assert reference_dtype(load_config(overrides=["reference.num_gpus_per_actor=1"])) == "bfloat16"
+
+
+def test_reference_threads_follow_the_actors_cpus_and_take_two_when_the_pass_runs_alone():
+    def threads(*overrides: str) -> int:
+        return reference_threads(load_config(overrides=list(overrides)))
+
+    assert threads() == 2  # the demo: 1 CPU per actor, cached (the pass runs before training)
+    assert threads("reference.cache_dir=null") == 1  # streaming beside the workers: what it reserves
+    assert threads("reference.num_cpus_per_actor=16") == 16
+    assert threads("reference.torch_threads=3", "reference.cache_dir=null") == 3
