@@ -1,9 +1,12 @@
 """The sweep driver's lines: one when a trial starts, one when it ends with the numbers a user compares (the
-selection metric and both entropy measures). Tune's own status tables are shown with `--verbose` instead."""
+selection metric and both entropy measures). Tune's own status tables and experiment box are shown with
+`--verbose` instead."""
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 
 from ray.tune import Callback
 
@@ -40,3 +43,22 @@ class TrialLines(Callback):
             f"{trial.path}/error.txt",
             flush=True,
         )
+
+
+@contextlib.contextmanager
+def tune_output_engine():
+    """Tune's current output engine prints its experiment box and result paths whatever RunConfig.verbose says;
+    its previous one (Ray's RAY_AIR_NEW_OUTPUT=0) prints nothing at verbose=0. Quiet unless --verbose, for this
+    fit only."""
+    from hdpo_ray.runtime import verbose
+
+    before = os.environ.get("RAY_AIR_NEW_OUTPUT")
+    if not verbose():
+        os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("RAY_AIR_NEW_OUTPUT", None)
+        else:
+            os.environ["RAY_AIR_NEW_OUTPUT"] = before

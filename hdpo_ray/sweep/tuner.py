@@ -13,7 +13,6 @@ them: the reference model runs once per pair for the whole sweep.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -356,27 +355,10 @@ def _run_trials(config: Config, output_dir: Path, state: dict) -> tuple[Any, Any
         total_steps,
         data.train.num_pairs + data.eval.num_pairs,
     )
+    from hdpo_ray.sweep.display import tune_output_engine
+
     with tune_output_engine():
         return _tuner(config, output_dir, inputs, concurrency, total_steps).fit(), data
-
-
-@contextlib.contextmanager
-def tune_output_engine():
-    """Tune's current output engine prints its experiment box and result paths whatever RunConfig.verbose says;
-    its previous one (Ray's RAY_AIR_NEW_OUTPUT=0) prints nothing at verbose=0. Quiet unless --verbose, for this
-    fit only."""
-    from hdpo_ray.runtime import verbose
-
-    before = os.environ.get("RAY_AIR_NEW_OUTPUT")
-    if not verbose():
-        os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop("RAY_AIR_NEW_OUTPUT", None)
-        else:
-            os.environ["RAY_AIR_NEW_OUTPUT"] = before
 
 
 def run_sweep(config: Config) -> dict[str, Any]:

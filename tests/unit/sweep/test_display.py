@@ -5,8 +5,7 @@ from __future__ import annotations
 import os
 from types import SimpleNamespace
 
-from hdpo_ray.sweep.display import TrialLines
-from hdpo_ray.sweep.tuner import tune_output_engine
+from hdpo_ray.sweep.display import TrialLines, tune_output_engine
 
 
 class _Trial(SimpleNamespace):
